@@ -32,3 +32,28 @@ def ray_local():
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_llava(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from raysal.model.tiny import write_tiny
+
+    return write_tiny(tmp_path_factory.mktemp("tiny") / "llava", "llava")
+
+
+@pytest.fixture(scope="session")
+def tiny_next(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from raysal.model.tiny import write_tiny
+
+    return write_tiny(tmp_path_factory.mktemp("tiny") / "llava_next", "llava_next")
+
+
+@pytest.fixture(scope="session")
+def small_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Shards of 40 small synthetic samples (32 train / 8 val) for model-side tests."""
+    from raysal.data.shards import write_shards
+
+    base = tmp_path_factory.mktemp("small")
+    generate(base / "root", images=40, seed=2, max_side=320)
+    write_shards(base / "root", base / "shards")
+    return base / "shards"

@@ -1,0 +1,149 @@
+"""Memory-efficient attention capture (DESIGN §3.3).
+
+``output_attentions=True`` forces eager attention and keeps every layer's (B, heads, L, L) matrix. Instead we
+register an attention function with transformers' ``AttentionInterface`` that
+
+* computes the layer output with SDPA, exactly as the stock ``sdpa`` implementation, and
+* only in the selected layers, for the selected query heads and only at the requested query rows, computes the
+  exact softmax over all keys (fp32, causal + padding mask, GQA key heads repeated per query head) and keeps the
+  image-key columns: (B, heads_sel, T, I) per layer. Gradients flow through q and k.
+
+Use::
+
+    enable_capture(model)                       # once: switches the language model to this implementation
+    with AttentionCapture(layers, heads, query_pos, key_pos) as cap:
+        out = model(**batch)
+        probs = cap.stacked()                   # (B, n_layers_sel, n_heads_sel, T, I)
+        loss = ...; loss.backward()             # keep the context open through backward (gradient checkpointing
+                                                # re-runs the layer forward, which must capture the same way)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+CAPTURE_IMPL = "raysal_capture"
+
+
+@dataclass
+class _Request:
+    layers: frozenset[int]
+    heads: torch.Tensor  # (h,) long query-head indices
+    query_pos: torch.Tensor  # (B, T) long: sequence positions of the query rows
+    key_pos: torch.Tensor  # (B, I) long: sequence positions of the image tokens
+    out: dict[int, torch.Tensor] = field(default_factory=dict)  # layer → (B, h, T, I)
+
+
+_ACTIVE: ContextVar[_Request | None] = ContextVar("raysal_attention_capture", default=None)
+
+
+def _allowed_keys(attention_mask: torch.Tensor | None, query_pos: torch.Tensor, n_keys: int) -> tuple:
+    """(B, T, L) bool of keys each captured row may attend to, or an additive float mask; from whatever mask
+    transformers built: None (pure causal, no padding), bool (B|1, 1, Q, K) with True = attend, or float additive."""
+    B, T = query_pos.shape
+    if attention_mask is None:
+        keys = torch.arange(n_keys, device=query_pos.device)
+        return keys[None, None, :] <= query_pos[:, :, None], None  # (B, T, L)
+    mask = attention_mask[:, 0, :, :n_keys].expand(B, -1, -1)  # (B, Q, L)
+    rows = mask.gather(1, query_pos[:, :, None].expand(B, T, n_keys))  # (B, T, L)
+    if rows.dtype == torch.bool:
+        return rows, None
+    return None, rows.float()
+
+
+def _image_probs(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, mask, scaling, req: _Request):
+    """Exact attention probabilities of the requested rows over image keys: (B, h, T, I)."""
+    B, n_q_heads, L, D = query.shape
+    groups = n_q_heads // key.shape[1]  # GQA: query head j reads key head j // groups
+    heads = req.heads.to(query.device)
+    T, I = req.query_pos.shape[1], req.key_pos.shape[1]
+    q = query[:, heads]  # (B, h, L, D)
+    q = q.gather(2, req.query_pos[:, None, :, None].expand(B, len(heads), T, D))  # (B, h, T, D): only the rows asked
+    k = key[:, heads // groups]  # (B, h, L, D)
+    scale = scaling if scaling is not None else D**-0.5
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale  # (B, h, T, L) fp32
+    allowed, additive = _allowed_keys(mask, req.query_pos, L)
+    if allowed is None:  # float additive mask: fully masked rows hold a large negative, not -inf
+        allowed = additive > torch.finfo(torch.float32).min / 2
+        scores = scores + additive[:, None]
+    # a row with no allowed key (a padding position as query) would softmax to NaN and poison the backward pass:
+    # let it see everything, then zero it
+    has_key = allowed.any(-1, keepdim=True)  # (B, T, 1)
+    scores = scores.masked_fill(~(allowed | ~has_key)[:, None], float("-inf"))
+    probs = torch.softmax(scores, dim=-1) * has_key[:, None]  # (B, h, T, L)
+    return probs.gather(-1, req.key_pos[:, None, None, :].expand(B, len(heads), T, I))  # (B, h, T, I)
+
+
+def capture_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,  # (B, heads, L, D)
+    key: torch.Tensor,  # (B, kv_heads, L, D)
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """SDPA for the output; the exact probabilities of the requested rows as a side product."""
+    out, _ = sdpa_attention_forward(
+        module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
+    )
+    req = _ACTIVE.get()
+    layer = getattr(module, "layer_idx", None)
+    if req is not None and layer in req.layers:
+        req.out[layer] = _image_probs(module, query, key, attention_mask, scaling, req)
+    return out, None
+
+
+AttentionInterface.register(CAPTURE_IMPL, capture_attention_forward)
+ALL_MASK_ATTENTION_FUNCTIONS.register(CAPTURE_IMPL, sdpa_mask)  # same masks as SDPA: None or bool (B, 1, Q, K)
+
+
+def enable_capture(model: torch.nn.Module) -> None:
+    """Route the language model's attention through `capture_attention_forward` (vision tower keeps its own)."""
+    model.set_attn_implementation({"text_config": CAPTURE_IMPL})
+
+
+class AttentionCapture:
+    """Context manager: capture for ``layers`` × ``heads`` at rows ``query_pos`` over keys ``key_pos``."""
+
+    def __init__(
+        self,
+        layers: Sequence[int],
+        heads: Sequence[int],
+        query_pos: torch.Tensor,  # (B, T) long
+        key_pos: torch.Tensor,  # (B, I) long
+    ) -> None:
+        self.layers = tuple(sorted(layers))
+        self.request = _Request(
+            layers=frozenset(self.layers),
+            heads=torch.as_tensor(list(heads), dtype=torch.long),
+            query_pos=query_pos.long(),
+            key_pos=key_pos.long(),
+        )
+        self._token = None
+
+    def __enter__(self) -> AttentionCapture:
+        self._token = _ACTIVE.set(self.request)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        _ACTIVE.reset(self._token)
+
+    def stacked(self) -> torch.Tensor:
+        """(B, n_layers_sel, n_heads_sel, T, I) in layer order; raises if a layer never ran through the capture."""
+        missing = [i for i in self.layers if i not in self.request.out]
+        if missing:
+            raise RuntimeError(
+                f"attention capture: layers {missing} produced nothing; was enable_capture(model) called and do "
+                "these layers exist in the language model?"
+            )
+        return torch.stack([self.request.out[i] for i in self.layers], dim=1)

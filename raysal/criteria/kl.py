@@ -1,0 +1,32 @@
+"""``kl``: KL(g_t ‖ p_t) between the region distribution and the token's image saliency (seed default)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from raysal.criteria.inputs import EPS, CriterionInputs, per_image_mean, target_distribution
+
+
+@dataclass
+class KLCriterion:
+    weight: float = 0.5
+    layers: str | list[int] = "late"
+    heads: str | list[int] = "all"
+    query_offset: int = 0
+    per_layer: bool = False  # True: the loss of each layer's map, averaged; False: the loss of the layer-mean map
+    smoothing: float = 0.0
+    name: str = "kl"
+    needs: ClassVar[frozenset[str]] = frozenset({"image_attention"})
+    replaces_lm: ClassVar[bool] = False
+
+    def __call__(self, x: CriterionInputs) -> torch.Tensor:
+        assert x.targets is not None
+        p = x.saliency(self.layers, self.heads)  # (B, ℓ, T, I)
+        if not self.per_layer:
+            p = p.mean(1, keepdim=True)
+        g = target_distribution(x.targets, self.smoothing)[:, None]  # (B, 1, T, I)
+        kl = (g * (torch.log(g + EPS) - torch.log(p + EPS))).sum(-1)  # (B, ℓ, T)
+        return per_image_mean(kl.mean(1), x.targets.token_valid)

@@ -1,0 +1,68 @@
+"""What the attention criteria and the grounding metrics compare against, derived once per batch.
+
+For each grounded caption token t (a label token that names ≥ 1 segment): its query row (t, or t − 1 = the position
+that predicts it), the image-token positions of its sequence, and its region coverage
+``r_t(i) = min(1, Σ_{s ∈ A_t} C[i, s])`` over image tokens i (DESIGN §4). Tokens whose region is invisible
+(cropped away: Σ_i r_t(i) = 0) are not grounded; they are counted in ``n_invisible``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from raysal.preprocess.encode import IGNORE
+
+
+@dataclass
+class GroundingTargets:
+    token_pos: torch.Tensor  # (B, T) long: the grounded token's own position
+    query_pos: torch.Tensor  # (B, T) long: the row whose attention is judged (token_pos + offset)
+    token_valid: torch.Tensor  # (B, T) bool: False for padding slots
+    key_pos: torch.Tensor  # (B, I) long: positions of the image tokens, in coverage-row order
+    key_valid: torch.Tensor  # (B, I) bool: False for padding (NeXT images with fewer tokens)
+    region: torch.Tensor  # (B, T, I) float in [0, 1]
+    n_invisible: int  # grounded tokens dropped because their region is outside the model's view
+
+
+def _pad_positions(rows: list[torch.Tensor], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    n = max([len(r) for r in rows] + [1])
+    pos = torch.zeros(len(rows), n, dtype=torch.long, device=device)
+    valid = torch.zeros(len(rows), n, dtype=torch.bool, device=device)
+    for b, r in enumerate(rows):
+        pos[b, : len(r)] = r
+        valid[b, : len(r)] = True
+    return pos, valid
+
+
+def grounding_targets(batch: dict, image_token_id: int, query_offset: int = 0) -> GroundingTargets:
+    if query_offset not in (0, -1):
+        raise ValueError(
+            f"query_offset must be 0 (the token's own row) or -1 (the row that predicts it), got {query_offset}"
+        )
+    ids, labels, segs = batch["input_ids"], batch["labels"], batch["token_segments"]  # (B, L), (B, L), (B, L, K)
+    device = ids.device
+    key_pos, key_valid = _pad_positions([torch.nonzero(r == image_token_id).squeeze(1) for r in ids], device)
+    grounded = (segs >= 0).any(-1) & (labels != IGNORE)  # (B, L)
+    token_pos, token_valid = _pad_positions([torch.nonzero(g).squeeze(1) for g in grounded], device)
+
+    # region: which of the image's segments each token names, times coverage
+    tok_segs = segs.gather(1, token_pos[:, :, None].expand(-1, -1, segs.shape[-1]))  # (B, T, K)
+    seg_ids = batch["segment_ids"].to(device)  # (B, S), −1 pad
+    names = ((tok_segs[..., None] == seg_ids[:, None, None, :]) & (tok_segs[..., None] >= 0)).any(2)  # (B, T, S)
+    cov = batch["coverage"].to(device)  # (B, I, S), rows in image-token order
+    region = torch.bmm(names.float(), cov.float().transpose(1, 2)).clamp(max=1.0)  # (B, T, I)
+    region = region * token_valid[:, :, None] * key_valid[:, None, :]
+    visible = region.sum(-1) > 0
+    n_invisible = int((token_valid & ~visible).sum())
+    token_valid = token_valid & visible
+    return GroundingTargets(
+        token_pos=token_pos,
+        query_pos=(token_pos + query_offset).clamp(min=0),
+        token_valid=token_valid,
+        key_pos=key_pos,
+        key_valid=key_valid,
+        region=region,
+        n_invisible=n_invisible,
+    )

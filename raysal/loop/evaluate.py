@@ -1,0 +1,61 @@
+"""Validation: LM loss on caption tokens + grounding metrics on a fixed protocol.
+
+The protocol (layers, heads, query offset) is the same for every trial of a search, independent of what a trial
+trains on, so that trials are comparable (DESIGN §5).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable
+
+import torch
+
+from raysal.attention.capture import AttentionCapture
+from raysal.criteria.inputs import renormalise
+from raysal.criteria.lm import next_token_ce
+from raysal.criteria.targets import grounding_targets
+from raysal.loop.step import CapturePlan
+from raysal.metrics.grounding import GroundingMeter
+from raysal.model.build import ModelInfo
+from raysal.preprocess.collate import model_inputs
+from raysal.preprocess.encode import IGNORE
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module,
+    batches: Iterable[dict],
+    info: ModelInfo,
+    protocol: CapturePlan,
+    *,
+    device: torch.device | str = "cpu",
+    autocast: contextlib.AbstractContextManager | None = None,
+    theta: float = 0.5,
+) -> dict[str, float]:
+    """→ {"lm_loss", "amr", "ap", "nss", "pointing", "images", "tokens"} (un-namespaced; the caller prefixes)."""
+    was_training = model.training
+    model.eval()
+    meter = GroundingMeter(theta=theta)
+    ce_sum, ce_n, images = 0.0, 0, 0
+    try:
+        for batch in batches:
+            batch = {k: v.to(device) for k, v in batch.items()}
+            t = grounding_targets(batch, info.image_token_id, protocol.query_offset)
+            with AttentionCapture(protocol.layers, protocol.heads, t.query_pos, t.key_pos) as cap:
+                with autocast or contextlib.nullcontext():
+                    out = model(**model_inputs(batch))
+                att = cap.stacked()  # (B, ℓ, h, T, I)
+            ce = next_token_ce(out.logits, batch["labels"])
+            ce_sum += float(ce.sum())
+            ce_n += int((batch["labels"][:, 1:] != IGNORE).sum())
+            p = renormalise(att.float().mean((1, 2)), t.key_valid)  # (B, T, I) mean over protocol layers × heads
+            B, T, I = p.shape
+            image_ids = (torch.arange(B, device=p.device) + images)[:, None].expand(B, T)
+            v = t.token_valid
+            meter.update(p[v], t.region[v], t.key_valid[:, None, :].expand(B, T, I)[v], image_ids[v])
+            images += B
+    finally:
+        model.train(was_training)
+    scores = meter.compute()
+    return {"lm_loss": ce_sum / max(ce_n, 1), **scores, "images": float(images)}

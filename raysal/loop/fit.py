@@ -1,0 +1,178 @@
+"""The training loop: AdamW, warmup + cosine, gradient accumulation, clipping, bf16 autocast on CUDA, periodic
+evaluation, checkpoints, and a ``report(metrics, checkpoint_dir)`` callable.
+
+``report`` is how the same loop runs under Ray Train (it wraps ``ray.train.report``), in a plain process, and in
+tests. Metrics are namespaced: ``train/loss``, ``train/loss/<criterion>``, ``train/lr``, ``val/lm_loss``,
+``val/amr``, ``val/ap``, ``val/nss``, ``val/pointing``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from raysal.attention.capture import CAPTURE_IMPL, enable_capture
+from raysal.attention.selection import resolve_heads, resolve_layers
+from raysal.loop.checkpoint import Progress, load_checkpoint, save_checkpoint
+from raysal.loop.evaluate import evaluate
+from raysal.loop.schedule import make_scheduler
+from raysal.loop.step import CapturePlan, capture_plan, needs_eager, train_step, validate_criteria
+from raysal.model.build import model_info, param_groups
+
+Report = Callable[[dict[str, float], Path | None], None]
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    max_steps: int
+    lr: float = 2e-4
+    projector_lr: float | None = None
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
+    grad_accum: int = 1
+    max_grad_norm: float | None = 1.0
+    eval_every: int = 100
+    bf16: bool = True  # autocast to bf16 on CUDA; ignored on CPU
+    seed: int = 0
+    keep_checkpoints: int | None = None  # local checkpoints kept (None: all; Ray Train keeps its own copies)
+    # the fixed evaluation protocol: the same for every trial of a search
+    eval_layers: str | list[int] = "all"
+    eval_heads: str | list[int] = "all"
+    eval_query_offset: int = 0
+    eval_theta: float = 0.5
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.max_steps < 1 or self.grad_accum < 1 or self.eval_every < 1:
+            raise ValueError("max_steps, grad_accum and eval_every must be >= 1")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+
+
+def _autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextManager:
+    if device.type == "cuda" and bf16:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def fit(
+    model: torch.nn.Module,
+    criteria: Sequence[Any],
+    train_batches: Callable[[int], Iterable[dict]],
+    val_batches: Callable[[], Iterable[dict]] | None,
+    cfg: FitConfig,
+    *,
+    report: Report | None = None,
+    checkpoint_dir: Path | str | None = None,
+    resume_from: Path | str | None = None,
+    device: torch.device | str = "cpu",
+) -> dict[str, float]:
+    """Train until ``cfg.max_steps`` optimizer steps; returns the last reported metrics.
+
+    ``train_batches(epoch)`` must yield the same batches in the same order for the same epoch (seeded shuffling):
+    a resumed run skips the micro-batches its checkpoint already consumed.
+    """
+    device = torch.device(device)
+    info = model_info(model)
+    validate_criteria(criteria)
+    plan = capture_plan(criteria, info)
+    protocol = CapturePlan(
+        resolve_layers(cfg.eval_layers, info.n_layers),
+        resolve_heads(cfg.eval_heads, info.n_heads),
+        cfg.eval_query_offset,
+    )
+    train_attn = "eager" if needs_eager(criteria) else CAPTURE_IMPL
+    enable_capture(model)
+
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.lr, cfg.projector_lr, cfg.weight_decay))
+    scheduler = make_scheduler(optimizer, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
+    if resume_from is not None:
+        progress = load_checkpoint(resume_from, model, optimizer, scheduler)
+    else:
+        torch.manual_seed(cfg.seed)
+        progress = Progress()
+    autocast = _autocast(device, cfg.bf16)
+    ckpt_root = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    sums: dict[str, float] = defaultdict(float)
+    n_micro, pending, t_last = 0, 0, time.perf_counter()
+    last: dict[str, float] = {}
+
+    def boundary() -> dict[str, float]:
+        nonlocal n_micro, t_last
+        metrics = {f"train/{k}": v / max(n_micro, 1) for k, v in sums.items()}
+        metrics.update(
+            {"train/step": float(progress.step), "train/epoch": float(progress.epoch),
+             "train/lr": optimizer.param_groups[0]["lr"],
+             "train/sec_per_step": (time.perf_counter() - t_last) / max(n_micro / cfg.grad_accum, 1)}
+        )  # fmt: skip
+        if val_batches is not None:
+            model.set_attn_implementation({"text_config": CAPTURE_IMPL})
+            val = evaluate(model, val_batches(), info, protocol, device=device, autocast=autocast, theta=cfg.eval_theta)
+            model.set_attn_implementation({"text_config": train_attn})
+            metrics.update({f"val/{k}": v for k, v in val.items()})
+        path = None
+        if ckpt_root is not None:
+            path = save_checkpoint(ckpt_root / f"step_{progress.step:07d}", model, optimizer, scheduler, progress)
+            _prune(ckpt_root, cfg.keep_checkpoints)
+        if report is not None:
+            report(metrics, path)
+        sums.clear()
+        n_micro, t_last = 0, time.perf_counter()
+        return metrics
+
+    model.train()
+    model.set_attn_implementation({"text_config": train_attn})
+    optimizer.zero_grad(set_to_none=True)
+    while progress.step < cfg.max_steps:
+        seen = 0
+        for i, batch in enumerate(train_batches(progress.epoch)):
+            seen += 1
+            if i < progress.micro:
+                continue  # consumed before the checkpoint this run resumed from
+            batch = {k: v.to(device) for k, v in batch.items()}
+            m = train_step(
+                model, batch, criteria, plan, info, step=progress.step, loss_scale=1 / cfg.grad_accum, autocast=autocast
+            )
+            for k, v in m.items():
+                sums[k] += v
+            n_micro += 1
+            pending += 1
+            progress.micro = i + 1
+            if pending < cfg.grad_accum:
+                continue
+            if cfg.max_grad_norm is not None:
+                norm = torch.nn.utils.clip_grad_norm_(
+                    [p for g in optimizer.param_groups for p in g["params"]], cfg.max_grad_norm
+                )
+                sums["grad_norm"] += float(norm) * cfg.grad_accum  # averaged per micro-batch in `boundary`
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            pending = 0
+            progress.step += 1
+            if progress.step % cfg.eval_every == 0 or progress.step == cfg.max_steps:
+                last = boundary()
+            if progress.step >= cfg.max_steps:
+                break
+        else:
+            if seen == 0:
+                raise RuntimeError(f"train_batches({progress.epoch}) yielded no batch")
+            progress.epoch += 1
+            progress.micro = 0
+    return last
+
+
+def _prune(root: Path, keep: int | None) -> None:
+    if keep is None:
+        return
+    for old in sorted(root.glob("step_*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,118 @@
+"""One forward + backward with every criterion: ``total = Σ_c weight_c · L_c`` (``lm`` is a criterion too).
+
+The capture context stays open through ``backward`` so that gradient checkpointing, which re-runs layer forwards
+during backward, captures the same way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from raysal.attention.capture import AttentionCapture
+from raysal.attention.selection import resolve_heads, resolve_layers
+from raysal.criteria.inputs import NEEDS, CriterionInputs
+from raysal.criteria.targets import grounding_targets
+from raysal.model.build import ModelInfo
+from raysal.preprocess.collate import model_inputs
+
+
+class NonFiniteLossError(FloatingPointError):
+    pass
+
+
+@dataclass(frozen=True)
+class CapturePlan:
+    """Which layers × heads are captured, at which query rows (offset 0: the token; −1: the row predicting it)."""
+
+    layers: tuple[int, ...]
+    heads: tuple[int, ...]
+    query_offset: int = 0
+
+
+def validate_criteria(criteria: Sequence[Any]) -> None:
+    """Fail at set-up, with the reason, on a combination the step cannot run."""
+    if not criteria:
+        raise ValueError("no criterion configured (use at least `lm`)")
+    names = [c.name for c in criteria]
+    if len(set(names)) != len(names):
+        raise ValueError(f"criterion names must be unique, got {names}")
+    for c in criteria:
+        unknown = set(c.needs) - NEEDS
+        if unknown:
+            raise ValueError(f"criterion {c.name!r} needs {sorted(unknown)}; the step supplies {sorted(NEEDS)}")
+    if sum(c.replaces_lm for c in criteria) and "lm" in names:
+        raise ValueError(f"{[c.name for c in criteria if c.replaces_lm]} replace the LM loss: drop `lm` from the run")
+    offsets = {c.query_offset for c in criteria if "image_attention" in c.needs or "attentions" in c.needs}
+    if len(offsets) > 1:
+        raise ValueError(f"attention criteria of one run must share query_offset, got {sorted(offsets)}")
+
+
+def capture_plan(criteria: Sequence[Any], info: ModelInfo) -> CapturePlan | None:
+    """The union of the attention criteria's layers × heads, or None when no criterion needs image attention."""
+    attn = [c for c in criteria if "image_attention" in c.needs]
+    if not attn:
+        return None
+    layers = sorted({i for c in attn for i in resolve_layers(c.layers, info.n_layers)})
+    heads = sorted({i for c in attn for i in resolve_heads(c.heads, info.n_heads)})
+    return CapturePlan(tuple(layers), tuple(heads), attn[0].query_offset)
+
+
+def needs_eager(criteria: Sequence[Any]) -> bool:
+    return any("attentions" in c.needs for c in criteria)
+
+
+def train_step(
+    model: torch.nn.Module,
+    batch: dict,
+    criteria: Sequence[Any],
+    plan: CapturePlan | None,
+    info: ModelInfo,
+    *,
+    step: int,
+    loss_scale: float = 1.0,
+    autocast: contextlib.AbstractContextManager | None = None,
+) -> dict[str, float]:
+    """Forward, every criterion, backward of ``loss_scale · total``. Returns the unscaled values as floats."""
+    offset = plan.query_offset if plan else next((c.query_offset for c in criteria if hasattr(c, "query_offset")), 0)
+    grounded = any(c.needs & {"image_attention", "attentions"} for c in criteria)
+    targets = grounding_targets(batch, info.image_token_id, offset) if grounded else None
+    eager = needs_eager(criteria)
+    with contextlib.ExitStack() as stack:
+        cap = None
+        if plan is not None:
+            assert targets is not None
+            cap = stack.enter_context(AttentionCapture(plan.layers, plan.heads, targets.query_pos, targets.key_pos))
+        with autocast or contextlib.nullcontext():
+            out = model(**model_inputs(batch), output_attentions=eager)
+        inputs = CriterionInputs(
+            batch=batch,
+            logits=out.logits,
+            targets=targets,
+            n_layers=info.n_layers,
+            n_heads=info.n_heads,
+            image_attention=cap.stacked() if cap is not None else None,
+            captured_layers=plan.layers if plan else (),
+            captured_heads=plan.heads if plan else (),
+            attentions=out.attentions if eager else None,
+            model=model if any("model" in c.needs for c in criteria) else None,
+        )
+        terms = {c.name: c(inputs) for c in criteria}
+        for name, value in terms.items():
+            if not torch.isfinite(value):
+                raise NonFiniteLossError(f"step {step}: loss term {name!r} is {value.item()} (not finite); stopping")
+        total = sum(c.weight * terms[c.name] for c in criteria)
+        (total * loss_scale).backward()
+    metrics = {"loss": float(total.detach())}
+    metrics.update({f"loss/{k}": float(v.detach()) for k, v in terms.items()})
+    if targets is not None:
+        metrics["grounded_tokens"] = float(targets.token_valid.sum())
+        metrics["invisible_tokens"] = float(targets.n_invisible)
+    if not math.isfinite(metrics["loss"]):
+        raise NonFiniteLossError(f"step {step}: total loss is {metrics['loss']}")
+    return metrics

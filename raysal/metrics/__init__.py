@@ -1,0 +1,1 @@
+"""Evaluation metrics (plain PyTorch): grounding of caption tokens in image-token attention."""

@@ -1,0 +1,128 @@
+"""Build LLaVA-1.5 / LLaVA-NeXT for saliency-aligned LoRA finetuning.
+
+The same code path loads ``llava-hf/llava-1.5-7b-hf``, ``llava-hf/llava-v1.6-mistral-7b-hf`` or a local folder
+(the tiny checkpoints of `raysal.model.tiny` included): ``from_pretrained`` by hub id or path, nothing tiny-only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForImageTextToText, AutoProcessor, PreTrainedModel
+
+SUPPORTED = ("llava", "llava_next")
+ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP = ("gate_proj", "up_proj", "down_proj")
+LORA_TARGETS = {"qv": ("q_proj", "v_proj"), "qkvo": ATTENTION, "all-linear": ATTENTION + MLP}
+PROJECTOR = "multi_modal_projector"
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the step needs to know about the language model."""
+
+    image_token_id: int
+    n_layers: int
+    n_heads: int  # query heads
+    n_kv_heads: int
+
+
+def model_info(model: torch.nn.Module) -> ModelInfo:
+    cfg = model.config
+    text = cfg.text_config
+    return ModelInfo(
+        image_token_id=int(cfg.image_token_id),
+        n_layers=int(text.num_hidden_layers),
+        n_heads=int(text.num_attention_heads),
+        n_kv_heads=int(getattr(text, "num_key_value_heads", None) or text.num_attention_heads),
+    )
+
+
+def resolve_dtype(dtype: str, device: torch.device | str) -> torch.dtype:
+    """'auto' = bf16 on CUDA, fp32 elsewhere (CPU bf16 matmuls are slow and imprecise)."""
+    if dtype == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    try:
+        return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[dtype]
+    except KeyError:
+        raise ValueError(f"dtype must be auto, bfloat16, float16 or float32, got {dtype!r}") from None
+
+
+def load_model(
+    name_or_path: str,
+    *,
+    dtype: str = "auto",
+    device: torch.device | str = "cpu",
+    gradient_checkpointing: bool = False,
+) -> PreTrainedModel:
+    """LLaVA or LLaVA-NeXT with SDPA attention (the capture switches the language model later)."""
+    model = AutoModelForImageTextToText.from_pretrained(
+        name_or_path, dtype=resolve_dtype(dtype, device), attn_implementation="sdpa"
+    )
+    if model.config.model_type not in SUPPORTED:
+        raise ValueError(f"{name_or_path}: model_type {model.config.model_type!r} is not one of {SUPPORTED}")
+    model.to(device)
+    if gradient_checkpointing:
+        # non-reentrant: works with frozen inputs (LoRA) and with the capture context kept open through backward
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    return model
+
+
+def load_processor(name_or_path: str):
+    return AutoProcessor.from_pretrained(name_or_path)
+
+
+def lora_target_regex(targets: str | Sequence[str]) -> str:
+    """Module-name regex for peft: language-model linears only (never the vision tower, projector or lm_head)."""
+    names = LORA_TARGETS.get(targets) if isinstance(targets, str) else tuple(targets)
+    if names is None:
+        raise ValueError(f"lora targets: unknown preset {targets!r} (expected {sorted(LORA_TARGETS)} or a list)")
+    unknown = sorted(set(names) - set(ATTENTION + MLP))
+    if unknown:
+        raise ValueError(f"lora targets: {unknown} are not language-model linears {ATTENTION + MLP}")
+    return rf".*language_model\.layers\.\d+\.(self_attn|mlp)\.({'|'.join(names)})"
+
+
+def apply_lora(
+    model: PreTrainedModel,
+    *,
+    rank: int = 8,
+    alpha: float = 16,
+    dropout: float = 0.05,
+    targets: str | Sequence[str] = "qv",
+    train_projector: bool = False,
+) -> PeftModel:
+    """Freeze the base, add LoRA to the language model; optionally train the projector (saved with the adapter)."""
+    if rank < 1:
+        raise ValueError(f"lora rank must be >= 1, got {rank}")
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=lora_target_regex(targets),
+        modules_to_save=[PROJECTOR] if train_projector else None,
+        bias="none",
+    )
+    return get_peft_model(model, config)
+
+
+def param_groups(
+    model: torch.nn.Module, lr: float, projector_lr: float | None = None, weight_decay: float = 0.0
+) -> list[dict]:
+    """Trainable parameters: LoRA at ``lr``, the projector (if trained) at ``projector_lr`` (LLaVA: lr / 10)."""
+    lora, projector = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (projector if PROJECTOR in name else lora).append(p)
+    if not lora and not projector:
+        raise ValueError("no trainable parameters: did apply_lora run?")
+    groups = [{"params": lora, "lr": lr, "weight_decay": weight_decay, "name": "lora"}]
+    if projector:
+        groups.append(
+            {"params": projector, "lr": projector_lr or lr, "weight_decay": weight_decay, "name": "projector"}
+        )
+    return groups

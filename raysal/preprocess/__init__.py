@@ -1,0 +1,1 @@
+"""Model-specific preprocessing: coverage of image tokens by segments, encoding, collation."""

@@ -1,0 +1,132 @@
+"""Criteria that need the model (lm, cal, seed_kl) and the step that combines them, on the tiny LLaVA."""
+
+import pytest
+import torch
+
+from raysal.attention.capture import CAPTURE_IMPL, enable_capture
+from raysal.criteria.cal import CALCriterion, smooth3
+from raysal.criteria.kl import KLCriterion
+from raysal.criteria.lm import LMCriterion
+from raysal.criteria.mse import MSECriterion
+from raysal.criteria.seed_kl import SeedKLCriterion
+from raysal.loop.step import NonFiniteLossError, capture_plan, train_step, validate_criteria
+from raysal.model.build import apply_lora, load_model, load_processor, model_info
+from raysal.preprocess.batches import batch_factory, load_encoded
+from raysal.preprocess.collate import model_inputs
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_llava, small_shards):
+    proc = load_processor(str(tiny_llava))
+    samples = load_encoded(small_shards, "val2017", proc, limit=3)
+    batch = next(batch_factory(samples, 3, proc.tokenizer.pad_token_id, shuffle=False)(0))
+    return tiny_llava, batch
+
+
+def fresh(ckpt):
+    torch.manual_seed(0)
+    model = apply_lora(load_model(str(ckpt), dtype="float32"), rank=4, targets="qkvo")
+    enable_capture(model)
+    return model
+
+
+def test_lm_equals_transformers_loss(setup):
+    ckpt, batch = setup
+    model = fresh(ckpt)
+    out = model(**model_inputs(batch), labels=batch["labels"])
+    plan = capture_plan([LMCriterion()], model_info(model))
+    m = train_step(model, batch, [LMCriterion()], plan, model_info(model), step=0)
+    assert m["loss/lm"] == pytest.approx(float(out.loss.detach()), rel=1e-5)
+
+
+def test_weight_scales_linearly_and_terms_are_logged(setup):
+    ckpt, batch = setup
+    info = None
+    results = []
+    for w in (0.5, 1.0):
+        model = fresh(ckpt)
+        info = model_info(model)
+        crits = [LMCriterion(), KLCriterion(weight=w, layers="late")]
+        m = train_step(model, batch, crits, capture_plan(crits, info), info, step=0)
+        grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+        results.append((m, grads))
+    (m1, g1), (m2, g2) = results
+    assert m1["loss/kl"] == pytest.approx(m2["loss/kl"], rel=1e-6)
+    assert m1["loss"] - m1["loss/lm"] == pytest.approx(0.5 * m1["loss/kl"], rel=1e-5)
+    assert m2["loss"] - m2["loss/lm"] == pytest.approx(1.0 * m2["loss/kl"], rel=1e-5)
+    model = fresh(ckpt)
+    m0 = train_step(model, batch, [LMCriterion()], None, info, step=0)
+    g0 = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+    assert torch.allclose(g2 - g0, 2 * (g1 - g0), atol=1e-6)  # the kl gradient scales with its weight
+    assert m1["grounded_tokens"] > 0 and m0.keys() == {"loss", "loss/lm"}
+
+
+def test_seed_kl_on_eager_equals_kl_on_capture(setup):
+    ckpt, batch = setup
+    model = fresh(ckpt)
+    info = model_info(model)
+    kl = [KLCriterion(weight=1.0, layers="all", heads="all", query_offset=-1)]
+    a = train_step(model, batch, kl, capture_plan(kl, info), info, step=0)
+    model.set_attn_implementation({"text_config": "eager"})
+    seed = [SeedKLCriterion(weight=1.0, layers="all", query_offset=-1)]
+    assert capture_plan(seed, info) is None
+    b = train_step(model, batch, seed, None, info, step=0)
+    assert b["loss/seed_kl"] == pytest.approx(a["loss/kl"], rel=1e-5)
+    model.set_attn_implementation({"text_config": CAPTURE_IMPL})
+
+
+def test_cal_masks_images_in_a_no_grad_forward(setup, monkeypatch):
+    ckpt, batch = setup
+    model = fresh(ckpt)
+    info = model_info(model)
+    calls = []
+    original = model.forward
+
+    def spy(*args, **kwargs):
+        calls.append((kwargs["attention_mask"].clone(), torch.is_grad_enabled()))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", spy)
+    cal = CALCriterion()
+    m = train_step(model, batch, [cal], None, info, step=0)
+    assert len(calls) == 2
+    (mask_main, grad_main), (mask_blind, grad_blind) = calls
+    image = batch["input_ids"] == info.image_token_id
+    assert grad_main and not grad_blind
+    assert mask_blind[image].eq(0).all() and torch.equal(mask_blind[~image], mask_main[~image])
+    assert mask_main[image].eq(1).all()
+    assert torch.isfinite(torch.tensor(m["loss/cal"]))
+    with pytest.raises(ValueError, match="replace the LM loss"):
+        validate_criteria([LMCriterion(), CALCriterion()])
+
+
+def test_smooth3_per_sequence_and_flat():
+    w = torch.tensor([[1.0, 2.0, 3.0, 0.0], [4.0, 5.0, 0.0, 0.0]])
+    valid = torch.tensor([[True, True, True, False], [True, True, False, False]])
+    per = smooth3(w, valid, per_sequence=True)
+    assert torch.allclose(per, torch.tensor([[1.5, 2.0, 2.5, 0.0], [4.5, 4.5, 0.0, 0.0]]))
+    flat = smooth3(w, valid, per_sequence=False)  # 1 2 3 4 5 as one sequence
+    assert torch.allclose(flat, torch.tensor([[1.5, 2.0, 3.0, 0.0], [4.0, 4.5, 0.0, 0.0]]))
+
+
+def test_non_finite_loss_names_step_and_term(setup):
+    ckpt, batch = setup
+    model = fresh(ckpt)
+    info = model_info(model)
+
+    class Exploding(MSECriterion):
+        def __call__(self, x):
+            return super().__call__(x) * float("inf")
+
+    crits = [LMCriterion(), Exploding(name="boom")]
+    with pytest.raises(NonFiniteLossError, match=r"step 7: loss term 'boom'"):
+        train_step(model, batch, crits, capture_plan(crits, info), info, step=7)
+
+
+def test_config_errors_are_named():
+    with pytest.raises(ValueError, match="share query_offset"):
+        validate_criteria([KLCriterion(query_offset=0), MSECriterion(query_offset=-1)])
+    with pytest.raises(ValueError, match="unique"):
+        validate_criteria([LMCriterion(), LMCriterion()])
+    with pytest.raises(ValueError, match="no criterion"):
+        validate_criteria([])
