@@ -58,7 +58,7 @@ class CALCriterion:
         valid = labels != IGNORE
         with torch.no_grad():
             inputs = model_inputs(batch)
-            image_id = x.model.config.image_token_id
+            image_id = getattr(x.model, "module", x.model).config.image_token_id  # DDP hides .config
             inputs["attention_mask"] = inputs["attention_mask"] * (batch["input_ids"] != image_id)
             blind = x.model(**inputs).logits[:, :-1].float()  # (B, L − 1, V)
             gold = labels.clamp_min(0)[..., None]

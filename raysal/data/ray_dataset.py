@@ -8,10 +8,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import ray.data
 
 from raysal.data.decode import decode_row
+from raysal.data.holdout import in_holdout
 from raysal.data.shards import shard_files
+
+
+def _read_rows(item: dict) -> list[dict]:
+    return pq.read_table(item["path"]).to_pylist()
 
 
 def coconut_dataset(
@@ -20,16 +26,31 @@ def coconut_dataset(
     *,
     decode: bool = True,
     num_cpus_per_decode: float = 1.0,
+    num_cpus_per_read: float = 0.25,
+    holdout: float = 0.0,
+    part: str = "all",
+    limit: int | None = None,
 ) -> ray.data.Dataset:
     """Read one split of a shard folder (written by `raysal.data.shards`) as a Ray Dataset.
 
     Rows hold ``image_id``, ``caption``, spans, segment/category ids, ``height``/``width``; with ``decode=True``
     also ``image`` (H, W, 3) uint8 and ``segment_map`` (H, W) int32 instead of the stored bytes.
+    ``part`` = "train" / "val" keeps the image ids outside / inside the ``holdout`` fraction (`in_holdout`);
+    ``limit`` caps the rows (evaluation sets).
     """
+    if part not in ("all", "train", "val"):
+        raise ValueError(f"part must be all, train or val, got {part!r}")
     files = shard_files(shard_dir, split)
     if not files:
         raise ValueError(f"{shard_dir}: split {split!r} has no rows (every sample was skipped? see manifest.json)")
-    ds = ray.data.read_parquet([str(f) for f in files], file_extensions=["parquet"])
+    # One row per shard file, read by a task of a fraction of a CPU: reading parquet is I/O, and Ray's
+    # read_parquet plans a file-listing task of a whole CPU that can starve a small machine whose other CPU trains.
+    ds = ray.data.from_items([{"path": str(f)} for f in files]).flat_map(_read_rows, num_cpus=num_cpus_per_read)
+    if part != "all" and holdout > 0:
+        keep_val = part == "val"
+        ds = ds.filter(lambda row: in_holdout(row["image_id"], holdout) == keep_val)
+    if limit is not None:
+        ds = ds.limit(limit)
     if decode:
         ds = ds.map(decode_row, num_cpus=num_cpus_per_decode)
     return ds

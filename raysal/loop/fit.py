@@ -30,6 +30,10 @@ from raysal.model.build import model_info, param_groups
 Report = Callable[[dict[str, float], Path | None], None]
 
 
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return getattr(model, "module", model)
+
+
 @dataclass(frozen=True)
 class FitConfig:
     max_steps: int
@@ -82,7 +86,8 @@ def fit(
     a resumed run skips the micro-batches its checkpoint already consumed.
     """
     device = torch.device(device)
-    info = model_info(model)
+    core = unwrap(model)  # DDP (Ray Train, several workers) hides the HF/peft model behind .module
+    info = model_info(core)
     validate_criteria(criteria)
     plan = capture_plan(criteria, info)
     protocol = CapturePlan(
@@ -91,12 +96,12 @@ def fit(
         cfg.eval_query_offset,
     )
     train_attn = "eager" if needs_eager(criteria) else CAPTURE_IMPL
-    enable_capture(model)
+    enable_capture(core)
 
     optimizer = torch.optim.AdamW(param_groups(model, cfg.lr, cfg.projector_lr, cfg.weight_decay))
     scheduler = make_scheduler(optimizer, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
     if resume_from is not None:
-        progress = load_checkpoint(resume_from, model, optimizer, scheduler)
+        progress = load_checkpoint(resume_from, core, optimizer, scheduler)
     else:
         torch.manual_seed(cfg.seed)
         progress = Progress()
@@ -115,13 +120,13 @@ def fit(
              "train/sec_per_step": (time.perf_counter() - t_last) / max(n_micro / cfg.grad_accum, 1)}
         )  # fmt: skip
         if val_batches is not None:
-            model.set_attn_implementation({"text_config": CAPTURE_IMPL})
-            val = evaluate(model, val_batches(), info, protocol, device=device, autocast=autocast, theta=cfg.eval_theta)
-            model.set_attn_implementation({"text_config": train_attn})
+            core.set_attn_implementation({"text_config": CAPTURE_IMPL})
+            val = evaluate(core, val_batches(), info, protocol, device=device, autocast=autocast, theta=cfg.eval_theta)
+            core.set_attn_implementation({"text_config": train_attn})
             metrics.update({f"val/{k}": v for k, v in val.items()})
         path = None
         if ckpt_root is not None:
-            path = save_checkpoint(ckpt_root / f"step_{progress.step:07d}", model, optimizer, scheduler, progress)
+            path = save_checkpoint(ckpt_root / f"step_{progress.step:07d}", core, optimizer, scheduler, progress)
             _prune(ckpt_root, cfg.keep_checkpoints)
         if report is not None:
             report(metrics, path)
@@ -130,7 +135,7 @@ def fit(
         return metrics
 
     model.train()
-    model.set_attn_implementation({"text_config": train_attn})
+    core.set_attn_implementation({"text_config": train_attn})
     optimizer.zero_grad(set_to_none=True)
     while progress.step < cfg.max_steps:
         seen = 0

@@ -1,0 +1,13 @@
+"""A deterministic validation hold-out by image id (PanCap has captions for COCO train2017 only)."""
+
+from __future__ import annotations
+
+
+def holdout_fraction_of(image_id: int) -> float:
+    """Map an image id to [0, 1) with a fixed multiplicative hash: the same on every machine, run and Ray worker."""
+    return ((int(image_id) * 2654435761) % 2**32) / 2**32
+
+
+def in_holdout(image_id: int, fraction: float) -> bool:
+    """True for the ~``fraction`` of image ids that form the validation hold-out."""
+    return holdout_fraction_of(image_id) < fraction

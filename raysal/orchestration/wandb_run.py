@@ -1,0 +1,45 @@
+"""W&B for a single run, rank 0 only (``setup_wandb`` misbehaves in Train V2 workers). Never writes the API key."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+
+def has_api_key() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    netrc = Path.home() / ".netrc"
+    return netrc.exists() and "api.wandb.ai" in netrc.read_text(errors="ignore")
+
+
+def resolve_mode(mode: str) -> str:
+    if mode not in ("auto", "online", "offline", "disabled"):
+        raise ValueError(f"wandb.mode must be auto, online, offline or disabled, got {mode!r}")
+    if mode == "auto":
+        return "online" if has_api_key() else "offline"
+    return mode
+
+
+def run_id(name: str) -> str:
+    """A stable W&B run id from the run name, so a resumed run continues the same W&B run."""
+    return re.sub(r"[^A-Za-z0-9_-]", "-", name)[:120]
+
+
+def init_wandb(cfg: dict[str, Any], name: str, directory: Path, config: dict[str, Any]):
+    import wandb
+
+    mode = resolve_mode(cfg["mode"])
+    if mode == "disabled":
+        return None
+    directory.mkdir(parents=True, exist_ok=True)
+    return wandb.init(
+        project=cfg["project"], entity=cfg.get("entity"), group=cfg.get("group"), name=name, id=run_id(name),
+        resume="allow", dir=str(directory), mode=mode, config=config, tags=cfg.get("tags") or None,
+    )  # fmt: skip
+
+
+def sync_hint(directory: Path) -> str:
+    return f"W&B ran offline: upload with `wandb sync {directory}/wandb/offline-run-*` (after `wandb login`)"

@@ -1,0 +1,81 @@
+"""The Ray Train worker function: builds the model, wraps the core loop's ``report`` around ``ray.train.report``.
+
+Every rank trains on its shard of "train" and evaluates the whole "val" set (so rank 0's metrics, the only ones
+Tune sees, are complete); rank 0 writes checkpoints and logs to W&B.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import ray.train
+import ray.train.torch
+import torch
+
+from raysal.loop.fit import fit
+from raysal.model.build import apply_lora, load_model, load_processor
+from raysal.orchestration.data import iter_collated
+from raysal.orchestration.spec import RunSpec
+
+
+def wandb_dir(spec: RunSpec) -> Path:
+    if spec.wandb.get("dir"):
+        return Path(spec.wandb["dir"])
+    if "://" not in spec.storage_path:
+        return Path(spec.storage_path) / spec.name
+    return Path(os.environ.get("RAYSAL_CACHE", Path.home() / ".cache" / "raysal")) / "wandb" / spec.name
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    spec: RunSpec = config["spec"]
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(spec.seed)
+
+    processor = load_processor(spec.model["name_or_path"])
+    pad_id = processor.tokenizer.pad_token_id
+    model = load_model(
+        spec.model["name_or_path"], dtype=spec.model["dtype"], device=device,
+        gradient_checkpointing=spec.model["gradient_checkpointing"],
+    )  # fmt: skip
+    model = apply_lora(model, **spec.lora)
+    model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True})
+
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val")
+    padding = spec.model.get("padding_side", "right")
+
+    def train_batches(epoch: int):
+        return iter_collated(train_shard, spec.batch_size, pad_id, padding, shuffle_seed=spec.seed * 1000 + epoch)
+
+    def val_batches():
+        return iter_collated(val_shard, spec.batch_size, pad_id, padding)
+
+    run = None
+    if rank == 0:
+        from raysal.orchestration.wandb_run import init_wandb
+
+        run = init_wandb(spec.wandb, spec.name, wandb_dir(spec), spec.config)
+
+    def report(metrics: dict[str, float], path: Path | None) -> None:
+        if run is not None:
+            run.log(metrics, step=int(metrics["train/step"]))
+        checkpoint = ray.train.Checkpoint.from_directory(str(path)) if path is not None else None
+        ray.train.report(metrics, checkpoint=checkpoint)  # collective: every rank calls it at the same boundary
+
+    restored = ray.train.get_checkpoint()
+    with tempfile.TemporaryDirectory() as local:
+        resume_dir = None
+        if restored is not None:
+            resume_dir = Path(local) / "resume"
+            restored.to_directory(str(resume_dir))
+        fit(
+            model, spec.criteria, train_batches, val_batches, spec.fit, report=report,
+            checkpoint_dir=Path(local) / "checkpoints" if rank == 0 else None, resume_from=resume_dir, device=device,
+        )  # fmt: skip
+    if run is not None:
+        run.finish()
