@@ -11,14 +11,13 @@ import logging
 import os
 import sys
 import time
-from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
 from raysal.orchestration.assets import ensure_data, ensure_model
+from raysal.orchestration.compose import CONFIG_DIR
 
-CONFIG_DIR = os.environ.get("RAYSAL_CONFIGS", str(Path(__file__).resolve().parents[1] / "configs"))
 log = logging.getLogger("raysal.train")
 
 

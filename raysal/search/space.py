@@ -403,7 +403,42 @@ _Loader.yaml_implicit_resolvers = {
 }
 
 
-def load_search_space(path: str | Path) -> SearchSpec:
+_PROFILE_KEYS = ("num_samples", "max_concurrent_trials", "seed", "scheduler", "resources", "base_overrides", "space")
+
+
+def _apply_profile(path: Path, raw: Any, profile: str | None) -> Any:
+    """Merge ``profiles.<profile>`` over the top level: mappings (scheduler, resources, space) key-wise,
+    base_overrides appended.
+
+    A file is sized for a GPU cluster; its ``profiles.demo`` (selected by ``experiment=demo``) sizes the same
+    search for a laptop. A profile the file does not define changes nothing.
+    """
+    if not isinstance(raw, dict) or "profiles" not in raw:
+        return raw
+    raw = dict(raw)
+    profiles = raw.pop("profiles")
+    if not isinstance(profiles, dict):
+        raise SearchSpaceError(path, "profiles", "expected a mapping of profile name → settings")
+    for name, body in profiles.items():
+        if not isinstance(body, dict):
+            raise SearchSpaceError(path, f"profiles.{name}", "expected a mapping")
+        unknown = [k for k in body if k not in _PROFILE_KEYS]
+        if unknown:
+            raise SearchSpaceError(
+                path, f"profiles.{name}.{unknown[0]}", f"unknown key (known: {', '.join(_PROFILE_KEYS)})"
+            )
+    for key, value in (profiles.get(profile) or {}).items():
+        if key == "base_overrides":  # a profile's override replaces the file's override of the same key
+            mine = {str(o).split("=", 1)[0] for o in value}
+            raw[key] = [o for o in raw.get(key) or [] if str(o).split("=", 1)[0] not in mine] + list(value)
+        elif isinstance(value, dict) and isinstance(raw.get(key), dict):
+            raw[key] = {**raw[key], **value}
+        else:
+            raw[key] = value
+    return raw
+
+
+def load_search_space(path: str | Path, profile: str | None = None) -> SearchSpec:
     """Read and check a search-space file; every problem is a SearchSpaceError naming the file and key."""
     path = Path(path)
     try:
@@ -416,7 +451,7 @@ def load_search_space(path: str | Path) -> SearchSpec:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else "(yaml)"
         raise SearchSpaceError(path, where, f"YAML does not parse: {exc}") from exc
-    return _Parser(path).spec(raw)
+    return _Parser(path).spec(_apply_profile(path, raw, profile))
 
 
 def _where(requires: tuple[tuple[str, Any], ...], key: str) -> str:

@@ -1,0 +1,19 @@
+"""Compose the Hydra config outside ``@hydra.main`` (the Tune driver and its trials use overrides lists)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig
+
+CONFIG_DIR = os.environ.get("RAYSAL_CONFIGS", str(Path(__file__).resolve().parents[2] / "configs"))
+
+
+def compose_cfg(overrides: list[str], config_dir: str = CONFIG_DIR) -> DictConfig:
+    """The config ``python -m raysal.train <overrides>`` would run with."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
+        return compose("config", overrides=list(overrides))

@@ -1,0 +1,285 @@
+"""A search: ``python -m raysal.tune SPACE.yaml [hydra overrides] [resume=auto|true|false]``.
+
+Each trial is a Tune function that composes the run config from the file's base overrides + the CLI overrides +
+the sampled parameters, and runs a Ray Train `TorchTrainer` (Train V2: ``Tuner(TorchTrainer)`` is not allowed)
+with ``TuneReportCallback``. Optuna (TPE, define-by-run for conditional spaces) samples into a persistent SQLite
+study; ASHA stops weak trials on the worker-reported step. At the end: a table of the top trials with replay
+commands, and the best trial's best checkpoint exported as a peft adapter + ``best.json``.
+
+Running the same command again continues an interrupted search (``Tuner.restore``): finished trials are kept,
+unfinished ones resume from their Train checkpoints, the Optuna study continues.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from raysal.orchestration.compose import compose_cfg
+from raysal.search.space import (
+    SearchSpaceError,
+    SearchSpec,
+    format_override,
+    load_search_space,
+    params_to_overrides,
+    validate_against,
+)
+
+log = logging.getLogger("raysal.tune")
+DRIVER_RESOURCE = "TRAIN_DRIVER"  # custom resource of the head node (cluster.yaml): trial drivers run there
+
+
+def resource_overrides(spec: SearchSpec) -> list[str]:
+    """The file's per-trial resources, as the `scaling` config of every trial's Train run."""
+    r = spec.resources
+    return [
+        f"scaling.num_workers={r.num_workers}",
+        f"scaling.use_gpu={str(r.use_gpu).lower()}",
+        f"scaling.cpus_per_worker={r.cpus_per_worker}",
+        f"scaling.gpus_per_worker={r.gpus_per_worker}",
+    ]
+
+
+def trial_overrides(base: list[str], params: dict[str, Any]) -> list[str]:
+    return [*base, *(format_override(k, v) for k, v in params_to_overrides(params).items())]
+
+
+def run_trial(config: dict[str, Any], *, base: list[str], trials_dir: str) -> None:
+    """The Tune trainable: one Train run per trial, named after the Tune trial id (stable across restore)."""
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from raysal.orchestration.spec import spec_from_cfg
+    from raysal.orchestration.trainer import build_trainer
+
+    trial_id = ray.tune.get_context().get_trial_id()
+    overrides = [
+        *trial_overrides(base, config),
+        f"name={trial_id}",
+        f"storage_path={trials_dir}",
+        "wandb.mode=disabled",
+    ]
+    spec = spec_from_cfg(compose_cfg(overrides))  # W&B for trials: WandbLoggerCallback on the Tune side
+    build_trainer(spec, callbacks=[TuneReportCallback()]).fit()
+
+
+def trial_dirname(trial: Any) -> str:
+    return trial.trial_id  # the default packs every sampled value into the folder name
+
+
+def leaked_placement_groups() -> int:
+    """Placement groups still alive after the search (trials stopped by ASHA must release theirs)."""
+    from ray.util import placement_group_table
+
+    return sum(
+        1 for pg in placement_group_table().values() if pg.get("state") in ("CREATED", "PENDING", "RESCHEDULING")
+    )
+
+
+def _max_concurrent(spec: SearchSpec) -> int | None:
+    import ray
+
+    if spec.max_concurrent_trials:
+        return spec.max_concurrent_trials
+    r = spec.resources
+    total = ray.cluster_resources()
+    if r.use_gpu:
+        per = r.num_workers * r.gpus_per_worker
+        n = int(total.get("GPU", 0) // per) if per else 0
+    else:
+        n = int(total.get("CPU", 0) // max(r.num_workers * r.cpus_per_worker, 1))
+    return n or None  # 0: the GPUs are not up yet (autoscaling) — let Tune queue trials
+
+
+def _parse_cli(argv: list[str]) -> tuple[Path, list[str], str]:
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        sys.exit(0 if argv else 2)
+    resume = "auto"
+    overrides = []
+    for a in argv[1:]:
+        if a.startswith("resume="):
+            resume = a.split("=", 1)[1].lower()
+            if resume not in ("auto", "true", "false"):
+                raise SearchSpaceError(argv[0], "resume", f"must be auto, true or false, got {resume!r}")
+        else:
+            overrides.append(a)
+    return Path(argv[0]), overrides, resume
+
+
+def summarise(result_grid: Any, spec: SearchSpec, base: list[str], search_dir: str, top: int = 10) -> dict:
+    """Print the top trials with replay commands; export the best trial's best checkpoint."""
+    import ray.train
+
+    from raysal.orchestration.trainer import export_adapter
+
+    metric, mode = spec.objectives[0].metric, spec.objectives[0].mode
+    rows = []
+    for r in result_grid:
+        if r.metrics and metric in r.metrics:
+            rows.append({"trial_id": r.metrics.get("trial_id"), "metrics": r.metrics, "config": r.config})
+    rows.sort(key=lambda x: x["metrics"][metric], reverse=mode == "max")
+    lines = [f"| rank | trial | {metric} | step | sampled parameters | replay |", "|---|---|---|---|---|---|"]
+    for i, row in enumerate(rows[:top]):
+        params = params_to_overrides(row["config"])
+        shown = " ".join(format_override(k, v) for k, v in params.items())
+        replay = "python -m raysal.train " + " ".join(trial_overrides(base, row["config"]))
+        row["replay"] = replay
+        lines.append(
+            f"| {i + 1} | {row['trial_id']} | {row['metrics'][metric]:.4g} | "
+            f"{row['metrics'].get('train/step', float('nan')):.0f} | {shown} | `{replay}` |"
+        )
+    table = "\n".join(lines)
+    summary: dict[str, Any] = {
+        "search": spec.name,
+        "metric": metric,
+        "mode": mode,
+        "trials": len(result_grid),
+        "reported": len(rows),
+        "table": table,
+    }
+    if rows:
+        best = rows[0]
+        run = ray.train.Result.from_path(f"{search_dir}/trials/{best['trial_id']}")
+        ckpt = run.get_best_checkpoint(metric, mode)
+        if ckpt is not None:
+            metrics = next(m for c, m in run.best_checkpoints if c.path == ckpt.path)
+            summary["best"] = {"trial_id": best["trial_id"], "replay": best["replay"], "checkpoint": ckpt.path}
+            export_adapter(ckpt, f"{search_dir}/best_adapter", {**metrics, **summary["best"]})
+            summary["best_adapter"] = f"{search_dir}/best_adapter"
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        path, cli, resume = _parse_cli(list(sys.argv[1:] if argv is None else argv))
+        profile = next((o.split("=", 1)[1] for o in cli if o.startswith("experiment=")), None)
+        spec = load_search_space(path, profile)
+        base = [*spec.base_overrides, *resource_overrides(spec), *cli]
+        validate_against(spec, compose_cfg)  # every key and option must exist: fail before any trial starts
+        from raysal.orchestration.spec import spec_from_cfg
+
+        run_spec = spec_from_cfg(compose_cfg(base))
+    except (SearchSpaceError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return _search(spec, base, run_spec, resume)
+
+
+def _search(spec: SearchSpec, base: list[str], run_spec: Any, resume: str) -> int:
+    import optuna
+    import ray
+    from ray import tune
+    from ray.air.integrations.wandb import WandbLoggerCallback
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    from raysal.orchestration.assets import ensure_data, ensure_model
+    from raysal.orchestration.wandb_run import resolve_mode, sync_hint
+    from raysal.search.space import define_by_run
+
+    ensure_model(run_spec.model)  # once, here, rather than racing in concurrent trials
+    ensure_data(run_spec.data)
+    storage = run_spec.storage_path
+    search_dir = f"{storage}/{spec.name}"
+    if not ray.is_initialized():
+        if os.environ.get("RAY_ADDRESS"):
+            ray.init(address=os.environ["RAY_ADDRESS"])
+        else:  # a local cluster: advertise the trial-driver resource the head node has on a real cluster
+            ray.init(resources={DRIVER_RESOURCE: 64})
+    # SIGTERM (a preempted head, `kill`) stops the search the way Ctrl-C does: Tune saves its state first
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+
+    trainable = tune.with_resources(
+        partial(run_trial, base=base, trials_dir=f"{search_dir}/trials"),
+        {"CPU": 0, DRIVER_RESOURCE: 1} if DRIVER_RESOURCE in ray.cluster_resources() else {"CPU": 0},
+    )
+    wandb_mode = resolve_mode(run_spec.wandb["mode"])
+    if wandb_mode == "offline":
+        os.environ["WANDB_MODE"] = "offline"  # Ray's callback insists on an API key unless W&B itself is offline
+    # restorable = Tune wrote its experiment state there (a folder left by a search that failed to start is not)
+    restore = resume != "false" and "://" not in search_dir and any(Path(search_dir).glob("experiment_state-*.json"))
+    if resume == "true" and not restore:
+        print(f"error: resume=true but there is no search to restore in {search_dir}", file=sys.stderr)
+        return 2
+    t0 = time.perf_counter()
+    if restore:
+        log.info("resuming the search in %s", search_dir)
+        tuner = tune.Tuner.restore(search_dir, trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        db = Path(run_spec.config["cache_dir"]) / "optuna" if "://" in search_dir else Path(search_dir)
+        db.mkdir(parents=True, exist_ok=True)
+        searcher = OptunaSearch(
+            space=define_by_run(spec), metric=spec.metric, mode=spec.mode,
+            sampler=optuna.samplers.TPESampler(seed=spec.seed),
+            storage=optuna.storages.RDBStorage(f"sqlite:///{db / 'optuna.db'}"), study_name=spec.name,
+        )  # fmt: skip
+        s = spec.scheduler
+        scheduler = (
+            ASHAScheduler(
+                time_attr=s.time_attr,
+                metric=spec.metric,
+                mode=spec.mode,
+                max_t=s.max_t,
+                grace_period=s.grace_period,
+                reduction_factor=s.reduction_factor,
+            )
+            if s.type == "asha"
+            else FIFOScheduler()
+        )
+        callbacks = []
+        if wandb_mode != "disabled":
+            callbacks.append(
+                WandbLoggerCallback(
+                    project=run_spec.wandb["project"],
+                    entity=run_spec.wandb.get("entity"),
+                    group=spec.name,
+                    mode=wandb_mode,
+                    dir=str(Path(search_dir) if "://" not in search_dir else Path.cwd()),
+                    tags=run_spec.wandb.get("tags") or None,
+                )
+            )
+        tuner = tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(
+                search_alg=searcher,
+                scheduler=scheduler,
+                num_samples=spec.num_samples,
+                max_concurrent_trials=_max_concurrent(spec),
+                trial_dirname_creator=trial_dirname,
+            ),
+            run_config=tune.RunConfig(name=spec.name, storage_path=storage, callbacks=callbacks),
+        )
+    try:
+        grid = tuner.fit()
+    except KeyboardInterrupt:
+        print(f"search interrupted; run the same command again to continue it ({search_dir})", file=sys.stderr)
+        return 130
+    summary = summarise(grid, spec, base, search_dir)
+    time.sleep(2)  # placement groups of the last trial are removed asynchronously
+    summary["leaked_placement_groups"] = leaked_placement_groups()
+    if summary["leaked_placement_groups"]:
+        log.warning("%d placement group(s) still alive after the search", summary["leaked_placement_groups"])
+    if "://" not in search_dir:
+        Path(search_dir, "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    print(summary["table"])
+    best = summary.get("best")
+    w = sync_hint(Path(search_dir)) if resolve_mode(run_spec.wandb["mode"]) == "offline" else ""
+    print(
+        f"raysal: search {spec.name} finished in {time.perf_counter() - t0:.0f}s — {summary['reported']}/"
+        f"{summary['trials']} trials reported; best {best['trial_id'] if best else None}; adapter: "
+        f"{summary.get('best_adapter')}; folder: {search_dir}. {w}"
+    )
+    return 0 if grid.num_errors == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

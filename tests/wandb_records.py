@@ -1,0 +1,58 @@
+"""Read an offline W&B run file (``run-*.wandb``) without W&B's servers: its history rows and its group.
+
+The file is a LevelDB-style log (a 7-byte ``:W&B`` header, 32 KiB blocks, records with a 7-byte header:
+crc32 4, length 2, type 1 — full/first/middle/last) of protobuf ``Record`` messages.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+from wandb.proto import wandb_internal_pb2
+
+BLOCK = 32768
+FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
+
+
+def _payloads(data: bytes):
+    assert data[:4] == b":W&B", "not a W&B run file"
+    pos, buf = 7, b""
+    while pos + 7 <= len(data):
+        left = BLOCK - pos % BLOCK
+        if left < 7:  # block trailer: too small for a header
+            pos += left
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        if kind == 0 and length == 0:
+            pos += left
+            continue
+        chunk = data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind == FULL:
+            yield chunk
+        elif kind == FIRST:
+            buf = chunk
+        elif kind == MIDDLE:
+            buf += chunk
+        elif kind == LAST:
+            yield buf + chunk
+            buf = b""
+
+
+def read_run(path: Path | str) -> dict:
+    """{"group": str, "history": [row dicts], "config": {key: value}} of one offline run file."""
+    out: dict = {"group": None, "history": [], "config": {}}
+    for payload in _payloads(Path(path).read_bytes()):
+        rec = wandb_internal_pb2.Record()
+        rec.ParseFromString(payload)
+        kind = rec.WhichOneof("record_type")
+        if kind == "history":
+            out["history"].append(
+                {(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in rec.history.item}
+            )
+        elif kind == "run":
+            out["group"] = rec.run.run_group
+            out["config"].update({u.key: json.loads(u.value_json) for u in rec.run.config.update})
+    return out
