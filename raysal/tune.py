@@ -195,8 +195,9 @@ def _search(spec: SearchSpec, base: list[str], run_spec: Any, resume: str) -> in
             ray.init(address=os.environ["RAY_ADDRESS"])
         else:  # a local cluster: advertise the trial-driver resource the head node has on a real cluster
             ray.init(resources={DRIVER_RESOURCE: 64})
-    # SIGTERM (a preempted head, `kill`) stops the search the way Ctrl-C does: Tune saves its state first
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    # SIGTERM (a preempted head, `kill`) stops the search the way Ctrl-C does: Tune's SIGINT handler stops the
+    # trials and saves the experiment state, so the same command resumes it
+    signal.signal(signal.SIGTERM, lambda *_: os.kill(os.getpid(), signal.SIGINT))
 
     trainable = tune.with_resources(
         partial(run_trial, base=base, trials_dir=f"{search_dir}/trials"),
@@ -262,6 +263,11 @@ def _search(spec: SearchSpec, base: list[str], run_spec: Any, resume: str) -> in
         grid = tuner.fit()
     except KeyboardInterrupt:
         print(f"search interrupted; run the same command again to continue it ({search_dir})", file=sys.stderr)
+        return 130
+    unfinished = [t.trial_id for t in grid._experiment_analysis.trials if t.status not in ("TERMINATED", "ERROR")]
+    if unfinished or len(grid) < spec.num_samples:
+        print(f"search interrupted with {len(unfinished)} unfinished trial(s); run the same command again to "
+              f"continue it ({search_dir})", file=sys.stderr)  # fmt: skip
         return 130
     summary = summarise(grid, spec, base, search_dir)
     time.sleep(2)  # placement groups of the last trial are removed asynchronously

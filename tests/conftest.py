@@ -29,6 +29,7 @@ def ray_local():
     """A local Ray for integration tests: 2 CPUs, no dashboard, shut down at the end of the session."""
     ray = pytest.importorskip("ray")
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
     yield ray
     ray.shutdown()

