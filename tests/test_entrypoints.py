@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from peft import PeftModel
 from wandb_records import read_run
 
@@ -77,6 +76,7 @@ def test_train_run_checkpoints_metrics_and_offline_wandb(tmp_path, cache):
                "name=itrain"], cache)  # fmt: skip
     assert res.returncode == 0, res.stderr[-3000:]
     first, second = wandb_runs(run_dir)  # offline W&B writes one file per process; online they are one run
+    assert [h["train/step"] for h in first["history"]] == [2, 4]
     assert [h["train/step"] for h in second["history"]] == [6], "resumed at step 4: only step 6 is new"
 
 
@@ -108,7 +108,7 @@ def test_tune_search_asha_adapter_wandb_groups(tmp_path, cache):
 def test_killed_search_resumes_without_rerunning_finished_trials(tmp_path, cache):
     import optuna
 
-    space = space_file(tmp_path, 4, "iresume")
+    space = space_file(tmp_path, 3, "iresume")
     cmd = [sys.executable, "-m", "raysal.tune", str(space), *SMALL, f"storage_path={tmp_path}"]
     proc = subprocess.Popen(cmd, env={**ENV, "RAYSAL_CACHE": str(cache)}, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)  # fmt: skip
@@ -135,10 +135,10 @@ def test_killed_search_resumes_without_rerunning_finished_trials(tmp_path, cache
     assert res.returncode == 0, res.stderr[-3000:]
     assert "resuming the search" in res.stderr
     summary = json.loads((tmp_path / "iresume" / "summary.json").read_text())
-    assert summary["trials"] == 4 and summary["reported"] == 4
+    assert summary["trials"] == 3 and summary["reported"] == 3
     study = optuna.load_study(study_name="iresume", storage=db)
     numbers = [t.number for t in study.trials]
-    assert len(numbers) == 4 == len(set(numbers)), [(t.number, t.state) for t in study.trials]
+    assert len(numbers) == 3 == len(set(numbers)), [(t.number, t.state) for t in study.trials]
     assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
     # the trial that had completed was not run again: its checkpoints are exactly the ones it had
     finished_first = {d.name for d in trials_dir.iterdir()} & set(before)
@@ -146,4 +146,3 @@ def test_killed_search_resumes_without_rerunning_finished_trials(tmp_path, cache
         ckpts = sorted(p.name for p in (trials_dir / name).glob("checkpoint_2*"))
         if before[name] and len(before[name]) == len(ckpts):
             assert ckpts == before[name]
-    assert torch.cuda.is_available() or True

@@ -1,0 +1,315 @@
+"""What a saliency step costs: plain SDPA LoRA step vs the seed's eager ``output_attentions`` method vs raysal's
+capture, side by side in one run. No download: the model is built from a config with random weights.
+
+    python scripts/bench_attention.py --preset cpu-small --json bench_attention_cpu.json
+    python scripts/bench_attention.py --preset llava-1.5-7b --json a.json      # GPU (bf16)
+    python scripts/bench_attention.py --preset llava-next-7b --json b.json     # GPU (bf16), 640×480 → 2340 image tokens
+
+Each method runs in its own subprocess so that its peak memory is its own: CUDA ``max_memory_allocated`` on a GPU,
+the peak-RSS increase over the built model (``ru_maxrss``) on a CPU. Times: forward + backward + optimizer step,
+after warm-up, median and 10/90 % quantiles over the repetitions. A method that runs out of memory is recorded as
+``oom``. Needs torch/transformers/peft only (no Ray), so it runs on a bare GPU machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from raysal.attention.capture import enable_capture
+from raysal.criteria.kl import KLCriterion
+from raysal.criteria.lm import LMCriterion
+from raysal.criteria.seed_kl import SeedKLCriterion
+from raysal.loop.step import capture_plan, train_step
+from raysal.model.build import apply_lora, model_info
+
+H100_BF16_PEAK = 989e12  # dense bf16 FLOP/s of an H100 SXM (NVIDIA datasheet); A100: 312e12
+
+
+@dataclass(frozen=True)
+class Preset:
+    arch: str
+    text: dict
+    vision: dict
+    batch: int
+    caption_tokens: int
+    prompt_tokens: int = 24
+    gpu_only: bool = False
+
+
+CLIP_L = {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16}
+PRESETS = {
+    # fits this project's 2-core CPU machine: 8 layers, hidden 512, the real 576-token image grid
+    "cpu-small": Preset("llava", {"hidden_size": 512, "intermediate_size": 1376, "num_hidden_layers": 8,
+                        "num_attention_heads": 8, "num_key_value_heads": 8, "vocab_size": 8192},
+                        {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2},
+                        batch=2, caption_tokens=96),
+    "llava-1.5-7b": Preset("llava", {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+                           "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32064},
+                           CLIP_L, batch=4, caption_tokens=160, gpu_only=True),
+    "llava-next-7b": Preset("llava_next", {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+                            "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 32064},
+                            CLIP_L, batch=2, caption_tokens=160, gpu_only=True),
+}  # fmt: skip
+
+
+def methods(n_layers: int) -> dict[str, list]:
+    """(a) plain, (b) the seed's eager method, (c) raysal capture at several selections."""
+    last2 = [n_layers - 2, n_layers - 1]
+    return {
+        "plain_sdpa": [LMCriterion()],
+        "seed_eager": [LMCriterion(), SeedKLCriterion(weight=0.5, layers="all")],
+        "capture_kl_2layers": [LMCriterion(), KLCriterion(weight=0.5, layers=last2, heads="all")],
+        "capture_kl_2layers_8heads": [LMCriterion(), KLCriterion(weight=0.5, layers=last2, heads=list(range(8)))],
+        "capture_kl_all_layers": [LMCriterion(), KLCriterion(weight=0.5, layers="all", heads="all")],
+    }
+
+
+def build(preset: Preset, device: torch.device, dtype: torch.dtype):
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        MistralConfig,
+    )
+
+    from raysal.model.tiny import PINPOINTS
+
+    vision = CLIPVisionConfig(image_size=336, patch_size=14, projection_dim=768, **preset.vision)
+    common = {"max_position_embeddings": 8192, "tie_word_embeddings": False, "pad_token_id": 0}
+    if preset.arch == "llava":
+        cfg = LlavaConfig(vision_config=vision, text_config=LlamaConfig(**preset.text, **common), image_token_id=3,
+                          vision_feature_layer=-2, vision_feature_select_strategy="default")  # fmt: skip
+        cls = LlavaForConditionalGeneration
+    else:
+        text = MistralConfig(**preset.text, sliding_window=None, **common)
+        cfg = LlavaNextConfig(vision_config=vision, text_config=text, image_token_id=3, vision_feature_layer=-2,
+                              vision_feature_select_strategy="default", image_grid_pinpoints=PINPOINTS)  # fmt: skip
+        cls = LlavaNextForConditionalGeneration
+    with torch.device(device):
+        model = cls(cfg).to(dtype)
+    model.config._attn_implementation = "sdpa"
+    model.set_attn_implementation("sdpa")
+    return model
+
+
+def make_batch(preset: Preset, device: torch.device, dtype: torch.dtype, seed: int = 0) -> dict:
+    """A batch with the real image-token layout (from the real image processor geometry) and random text."""
+    from transformers import AutoProcessor
+
+    from raysal.model.tiny import write_tiny
+
+    with tempfile.TemporaryDirectory() as d:
+        proc = AutoProcessor.from_pretrained(write_tiny(Path(d) / "t", preset.arch))
+    img = np.zeros((480, 640, 3), np.uint8)
+    enc = proc(text="<image>", images=img, return_tensors="pt")
+    n_image = int((enc["input_ids"] == proc.tokenizer.convert_tokens_to_ids("<image>")).sum())
+    g = torch.Generator().manual_seed(seed)
+    B, P, T = preset.batch, preset.prompt_tokens, preset.caption_tokens
+    vocab = preset.text["vocab_size"]
+    text = torch.randint(10, vocab, (B, P + T), generator=g)
+    ids = torch.cat([text[:, :P], torch.full((B, n_image), 3), text[:, P:]], 1)  # (B, L)
+    L = ids.shape[1]
+    labels = torch.full_like(ids, -100)
+    labels[:, P + n_image :] = ids[:, P + n_image :]
+    S = 6
+    segs = torch.full((B, L, 1), -1, dtype=torch.int32)
+    named = torch.rand(B, T, generator=g) < 0.6  # ~60 % of caption tokens name a segment
+    segs[:, P + n_image :, 0] = torch.where(named, torch.randint(1, S + 1, (B, T), generator=g), -1).int()
+    cov = torch.rand(B, n_image, S, generator=g)
+    cov = cov / cov.sum(-1, keepdim=True)  # (B, I, S)
+    batch = {
+        "input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels, "token_segments": segs,
+        "pixel_values": enc["pixel_values"].expand(B, *enc["pixel_values"].shape[1:]).clone().to(dtype),
+        "coverage": cov, "segment_ids": torch.arange(1, S + 1).expand(B, S).int(),
+    }  # fmt: skip
+    if "image_sizes" in enc:
+        batch["image_sizes"] = enc["image_sizes"].expand(B, 2).clone()
+    return {k: v.to(device) for k, v in batch.items()}, n_image
+
+
+class RSSPeak:
+    """Samples this process's resident set every 2 ms in a thread: the peak RSS of a code region on a CPU
+    (ru_maxrss is a process-lifetime high-water mark, which model building would dominate)."""
+
+    def __init__(self) -> None:
+        import os
+        import threading
+
+        self.page = os.sysconf("SC_PAGE_SIZE")
+        self.peak = self.current()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def current(self) -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * self.page
+
+    def _run(self) -> None:
+        while not self.stop.wait(0.002):
+            self.peak = max(self.peak, self.current())
+
+    def __enter__(self) -> RSSPeak:
+        self.base = self.current()
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
+
+
+def _steps(model, batch, criteria, plan, info, opt, autocast, device, warmup: int, reps: int, times: list) -> None:
+    for i in range(warmup + reps):
+        t0 = time.perf_counter()
+        train_step(model, batch, criteria, plan, info, step=i, autocast=autocast)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+
+
+def run_one(preset_name: str, method: str, reps: int, warmup: int, device_name: str, checkpointing: bool) -> dict:
+    preset = PRESETS[preset_name]
+    device = torch.device(device_name)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    torch.manual_seed(0)
+    base = build(preset, device, dtype)
+    if checkpointing:  # as the 7B configs train: the layer inputs are kept, the rest is recomputed in backward
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = apply_lora(base, rank=16, alpha=32, targets="qv")
+    criteria = methods(preset.text["num_hidden_layers"])[method]
+    info = model_info(model)
+    plan = capture_plan(criteria, info)
+    if method == "seed_eager":
+        model.set_attn_implementation({"text_config": "eager"})
+    else:
+        enable_capture(model)
+    batch, n_image = make_batch(preset, device, dtype)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else None
+    model.train()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base_mem = torch.cuda.memory_allocated()
+    times = []
+    rss = RSSPeak()
+    try:
+        with rss:
+            _steps(model, batch, criteria, plan, info, opt, autocast, device, warmup, reps, times)
+    except torch.OutOfMemoryError:
+        return {"status": "oom"}
+    if device.type == "cuda":
+        peak, kind = torch.cuda.max_memory_allocated() - base_mem, "cuda_max_allocated_over_model"
+        peak_total = torch.cuda.max_memory_allocated()
+    else:
+        peak, kind, peak_total = rss.peak - rss.base, "rss_peak_increase_over_model_sampled", rss.peak
+    lm = model.base_model.model.model.language_model
+    n_params = sum(p.numel() for n, p in lm.named_parameters() if "embed" not in n and "lora" not in n)
+    n_vision = sum(p.numel() for p in model.base_model.model.model.vision_tower.parameters())
+    q = np.quantile(times, [0.1, 0.9]).tolist()
+    return {
+        "status": "ok", "median_s": statistics.median(times), "p10_s": q[0], "p90_s": q[1], "reps": reps,
+        "peak_mem_bytes": peak, "peak_total_bytes": peak_total, "mem_kind": kind,
+        "tokens": int(batch["input_ids"].numel()), "image_tokens": n_image, "lm_params": n_params,
+        "vision_params": n_vision,
+    }  # fmt: skip
+
+
+def ratio(a: dict, b: dict, key: str) -> float | None:
+    if a.get("status") != "ok" or b.get("status") != "ok" or not b[key]:
+        return None
+    return a[key] / b[key]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="cpu-small")
+    ap.add_argument("--json", type=Path, help="write the results here")
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--no-checkpointing", dest="checkpointing", action="store_false",
+                    help="disable gradient checkpointing (on by default, as in the 7B model configs)")  # fmt: skip
+    ap.add_argument("--method", help=argparse.SUPPRESS)  # internal: run one method in this process
+    args = ap.parse_args()
+    preset = PRESETS[args.preset]
+    if args.method:
+        print(json.dumps(run_one(args.preset, args.method, args.reps, args.warmup, args.device, args.checkpointing)))
+        return 0
+    if preset.gpu_only and not args.device.startswith("cuda"):
+        ap.error(f"preset {args.preset} has 7B shapes: run it on a GPU (--device cuda)")
+    results = {}
+    for name in methods(preset.text["num_hidden_layers"]):
+        cmd = [sys.executable, __file__, "--preset", args.preset, "--method", name, "--reps", str(args.reps),
+               "--warmup", str(args.warmup), "--device", args.device]  # fmt: skip
+        if not args.checkpointing:
+            cmd.append("--no-checkpointing")
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            oom = "out of memory" in proc.stderr.lower() or "outofmemory" in proc.stderr.lower()
+            results[name] = {"status": "oom" if oom else "error", "stderr": proc.stderr[-1500:]}
+        else:
+            results[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+        r = results[name]
+        print(
+            f"{name:<28} {r['status']:<5} "
+            + (f"{r['median_s']:.3f}s  {r['peak_mem_bytes'] / 2**20:9.1f} MiB" if r["status"] == "ok" else ""),
+            flush=True,
+        )
+    plain, seed, cap = results["plain_sdpa"], results["seed_eager"], results["capture_kl_2layers"]
+    ratios = {
+        "capture_kl_2layers_over_plain_time": ratio(cap, plain, "median_s"),
+        "capture_kl_2layers_over_plain_peak_mem": ratio(cap, plain, "peak_mem_bytes"),
+        "seed_eager_over_capture_kl_2layers_peak_mem": ratio(seed, cap, "peak_mem_bytes"),
+        "seed_eager_over_capture_kl_2layers_time": ratio(seed, cap, "median_s"),
+        "capture_all_layers_over_plain_time": ratio(results["capture_kl_all_layers"], plain, "median_s"),
+    }
+    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({os.cpu_count()} cores)"
+    out = {
+        "preset": args.preset,
+        "device": device,
+        "date": date.today().isoformat(),
+        "dtype": "bfloat16" if args.device.startswith("cuda") else "float32",
+        "batch": preset.batch,
+        "gradient_checkpointing": args.checkpointing,
+        "methods": results,
+        "ratios": ratios,
+    }
+    if args.device.startswith("cuda") and plain.get("status") == "ok":
+        # frozen base + LoRA: forward 2·N·tokens, backward 2·N·tokens (activation grads, no weight grads)
+        n = plain["lm_params"] + plain["vision_params"]
+        out["mfu_plain"] = 4 * n * plain["tokens"] / plain["median_s"] / H100_BF16_PEAK
+        out["mfu_note"] = "4·N·tokens per step, N = LM (without embeddings) + vision tower params, peak 989 TFLOP/s"
+    print("\n| ratio | value |\n|---|---|")
+    for k, v in ratios.items():
+        print(f"| {k} | {'n/a' if v is None else f'{v:.3f}'} |")
+    if "mfu_plain" in out:
+        print(f"| MFU of the plain LoRA step | {out['mfu_plain']:.3f} |")
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
