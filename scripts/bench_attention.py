@@ -51,13 +51,16 @@ class Preset:
     gpu_only: bool = False
 
 
+SMALL_LM = {"hidden_size": 512, "intermediate_size": 1376, "num_hidden_layers": 8, "num_attention_heads": 8,
+            "num_key_value_heads": 8, "vocab_size": 8192}  # fmt: skip
+SMALL_VISION = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2}
 CLIP_L = {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16}
 PRESETS = {
     # fits this project's 2-core CPU machine: 8 layers, hidden 512, the real 576-token image grid
-    "cpu-small": Preset("llava", {"hidden_size": 512, "intermediate_size": 1376, "num_hidden_layers": 8,
-                        "num_attention_heads": 8, "num_key_value_heads": 8, "vocab_size": 8192},
-                        {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2},
-                        batch=2, caption_tokens=96),
+    "cpu-small": Preset("llava", SMALL_LM, SMALL_VISION, batch=2, caption_tokens=96),
+    # the same small LM with LLaVA-NeXT's anyres grid (640×480 → 2340 image tokens): where eager maps explode
+    "cpu-small-next": Preset("llava_next", {**SMALL_LM, "num_key_value_heads": 2}, SMALL_VISION, batch=1,
+                             caption_tokens=96),
     "llava-1.5-7b": Preset("llava", {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
                            "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32064},
                            CLIP_L, batch=4, caption_tokens=160, gpu_only=True),
@@ -188,7 +191,18 @@ def _steps(model, batch, criteria, plan, info, opt, autocast, device, warmup: in
             times.append(time.perf_counter() - t0)
 
 
-def run_one(preset_name: str, method: str, reps: int, warmup: int, device_name: str, checkpointing: bool) -> dict:
+def profile_step(model, batch, criteria, plan, info, autocast) -> str:
+    """The allocations of one step, by operator (torch.profiler, memory on): where a method's memory goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        train_step(model, batch, criteria, plan, info, step=0, autocast=autocast)
+    return prof.key_averages().table(sort_by="self_cpu_memory_usage", row_limit=12, max_name_column_width=40)
+
+
+def run_one(
+    preset_name: str, method: str, reps: int, warmup: int, device_name: str, checkpointing: bool, profile: bool = False
+) -> dict:
     preset = PRESETS[preset_name]
     device = torch.device(device_name)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -219,6 +233,7 @@ def run_one(preset_name: str, method: str, reps: int, warmup: int, device_name: 
             _steps(model, batch, criteria, plan, info, opt, autocast, device, warmup, reps, times)
     except torch.OutOfMemoryError:
         return {"status": "oom"}
+    table = profile_step(model, batch, criteria, plan, info, autocast) if profile else None
     if device.type == "cuda":
         peak, kind = torch.cuda.max_memory_allocated() - base_mem, "cuda_max_allocated_over_model"
         peak_total = torch.cuda.max_memory_allocated()
@@ -232,7 +247,7 @@ def run_one(preset_name: str, method: str, reps: int, warmup: int, device_name: 
         "status": "ok", "median_s": statistics.median(times), "p10_s": q[0], "p90_s": q[1], "reps": reps,
         "peak_mem_bytes": peak, "peak_total_bytes": peak_total, "mem_kind": kind,
         "tokens": int(batch["input_ids"].numel()), "image_tokens": n_image, "lm_params": n_params,
-        "vision_params": n_vision,
+        "vision_params": n_vision, **({"profile": table} if table else {}),
     }  # fmt: skip
 
 
@@ -251,11 +266,13 @@ def main() -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--no-checkpointing", dest="checkpointing", action="store_false",
                     help="disable gradient checkpointing (on by default, as in the 7B model configs)")  # fmt: skip
+    ap.add_argument("--profile", action="store_true", help="also record each method's allocations by operator")
     ap.add_argument("--method", help=argparse.SUPPRESS)  # internal: run one method in this process
     args = ap.parse_args()
     preset = PRESETS[args.preset]
     if args.method:
-        print(json.dumps(run_one(args.preset, args.method, args.reps, args.warmup, args.device, args.checkpointing)))
+        r = run_one(args.preset, args.method, args.reps, args.warmup, args.device, args.checkpointing, args.profile)
+        print(json.dumps(r))
         return 0
     if preset.gpu_only and not args.device.startswith("cuda"):
         ap.error(f"preset {args.preset} has 7B shapes: run it on a GPU (--device cuda)")
@@ -265,6 +282,8 @@ def main() -> int:
                "--warmup", str(args.warmup), "--device", args.device]  # fmt: skip
         if not args.checkpointing:
             cmd.append("--no-checkpointing")
+        if args.profile:
+            cmd.append("--profile")
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             oom = "out of memory" in proc.stderr.lower() or "outofmemory" in proc.stderr.lower()

@@ -57,3 +57,39 @@ def test_lora_only_control_and_bad_values():
         spec_from_cfg(compose_cfg(["trainer.objective.mode=up"]))
     with pytest.raises(ValueError, match="max_steps"):
         spec_from_cfg(compose_cfg(["trainer.max_steps=0"]))
+
+
+BAD_SPACES = {
+    "unknown key": ("space:\n  lora.rnak: {choice: [8, 16]}\n", "lora.rnak"),
+    "empty choice": ("space:\n  lora.rank: {choice: []}\n", "lora.rank"),
+    "low > high": ("space:\n  optim.lr: {loguniform: [1.0e-3, 1.0e-5]}\n", "optim.lr"),
+    "unknown criterion": (
+        "space:\n  criterion@criteria.align: {choice: {kl: {}, klx: {}}}\n",
+        "criterion@criteria.align",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_SPACES))
+def test_bad_search_space_fails_before_any_trial(case, tmp_path, capsys, monkeypatch):
+    import raysal.tune
+
+    def no_search(*args, **kwargs):
+        raise AssertionError("the search must not start")
+
+    monkeypatch.setattr(raysal.tune, "_search", no_search)
+    body, key = BAD_SPACES[case]
+    path = tmp_path / "bad.yaml"
+    path.write_text("objectives: [{metric: val/amr, mode: max}]\nnum_samples: 2\n" + body)
+    assert raysal.tune.main([str(path), "experiment=demo"]) == 2
+    err = capsys.readouterr().err
+    assert "bad.yaml" in err and key in err, err
+
+
+def test_shipped_search_spaces_validate_against_the_configs():
+    from raysal.search.space import load_search_space, validate_against
+
+    for name in ("criteria", "lora"):
+        for profile in (None, "demo"):
+            spec = load_search_space(f"search_spaces/{name}.yaml", profile)
+            validate_against(spec, compose_cfg)

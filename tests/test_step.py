@@ -130,3 +130,49 @@ def test_config_errors_are_named():
         validate_criteria([LMCriterion(), LMCriterion()])
     with pytest.raises(ValueError, match="no criterion"):
         validate_criteria([])
+
+
+def test_eager_attention_only_for_criteria_that_ask(setup):
+    """fit() trains with eager attention only when a criterion needs full `attentions`; evaluation always captures."""
+    from raysal.loop.fit import FitConfig, fit
+
+    ckpt, batch = setup
+    seen = []
+
+    class Spy(LMCriterion):
+        def __call__(self, x):
+            seen.append((self.name, x.model_config_impl))
+            return super().__call__(x)
+
+    for extra, expected in (([], "raysal_capture"), ([SeedKLCriterion()], "eager")):
+        model = fresh(ckpt)
+        spy = Spy(name="spy")
+        crits = [LMCriterion(), *extra, spy]
+        orig = CriterionInputsPatch.install(model)
+        fit(model, crits, lambda epoch: iter([batch]), None, FitConfig(max_steps=1, eval_every=1))
+        CriterionInputsPatch.uninstall(orig)
+        assert seen[-1] == ("spy", expected)
+        assert model.config.text_config._attn_implementation == expected
+
+
+class CriterionInputsPatch:
+    """Expose the attention implementation at criterion time through CriterionInputs."""
+
+    @staticmethod
+    def install(model):
+        from raysal.criteria import inputs
+
+        orig = inputs.CriterionInputs.__init__
+
+        def init(self, *args, **kwargs):
+            orig(self, *args, **kwargs)
+            self.model_config_impl = model.config.text_config._attn_implementation
+
+        inputs.CriterionInputs.__init__ = init
+        return orig
+
+    @staticmethod
+    def uninstall(orig):
+        from raysal.criteria import inputs
+
+        inputs.CriterionInputs.__init__ = orig
