@@ -17,6 +17,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 from functools import partial
 from pathlib import Path
@@ -33,6 +34,7 @@ from raysal.search.space import (
 )
 
 log = logging.getLogger("raysal.tune")
+STOP_GRACE_S = 20.0  # after SIGTERM, how long Tune may take to stop trials gracefully
 DRIVER_RESOURCE = "TRAIN_DRIVER"  # custom resource of the head node (cluster.yaml): trial drivers run there
 
 
@@ -196,8 +198,18 @@ def _search(spec: SearchSpec, base: list[str], run_spec: Any, resume: str) -> in
         else:  # a local cluster: advertise the trial-driver resource the head node has on a real cluster
             ray.init(resources={DRIVER_RESOURCE: 64})
     # SIGTERM (a preempted head, `kill`) stops the search the way Ctrl-C does: Tune's SIGINT handler stops the
-    # trials and saves the experiment state, so the same command resumes it
-    signal.signal(signal.SIGTERM, lambda *_: os.kill(os.getpid(), signal.SIGINT))
+    # trials and saves the experiment state, so the same command resumes it. Tune's graceful stop can wait on a
+    # trial whose Train worker group is still starting; after STOP_GRACE_S a second SIGINT skips that wait (Tune's
+    # own "press Ctrl-C again"), the state saved so far is kept.
+    grace = threading.Timer(STOP_GRACE_S, lambda: os.kill(os.getpid(), signal.SIGINT))
+    grace.daemon = True
+
+    def on_sigterm(*_: Any) -> None:
+        os.kill(os.getpid(), signal.SIGINT)
+        if not grace.is_alive():
+            grace.start()
+
+    signal.signal(signal.SIGTERM, on_sigterm)
 
     trainable = tune.with_resources(
         partial(run_trial, base=base, trials_dir=f"{search_dir}/trials"),
@@ -264,6 +276,8 @@ def _search(spec: SearchSpec, base: list[str], run_spec: Any, resume: str) -> in
     except KeyboardInterrupt:
         print(f"search interrupted; run the same command again to continue it ({search_dir})", file=sys.stderr)
         return 130
+    finally:
+        grace.cancel()
     unfinished = [t.trial_id for t in grid._experiment_analysis.trials if t.status not in ("TERMINATED", "ERROR")]
     if unfinished or len(grid) < spec.num_samples:
         print(f"search interrupted with {len(unfinished)} unfinished trial(s); run the same command again to "

@@ -110,8 +110,8 @@ def test_killed_search_resumes_without_rerunning_finished_trials(tmp_path, cache
 
     space = space_file(tmp_path, 3, "iresume")
     cmd = [sys.executable, "-m", "raysal.tune", str(space), *SMALL, f"storage_path={tmp_path}"]
-    proc = subprocess.Popen(cmd, env={**ENV, "RAYSAL_CACHE": str(cache)}, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)  # fmt: skip
+    log = open(tmp_path / "first_run.log", "w")  # noqa: SIM115 - closed below, after the process ends
+    proc = subprocess.Popen(cmd, env={**ENV, "RAYSAL_CACHE": str(cache)}, stdout=log, stderr=subprocess.STDOUT)
     db = f"sqlite:///{tmp_path / 'iresume' / 'optuna.db'}"
     deadline = time.time() + 400
     done: list = []
@@ -127,7 +127,12 @@ def test_killed_search_resumes_without_rerunning_finished_trials(tmp_path, cache
     assert proc.poll() is None, "the search ended before it could be interrupted"
     assert done, "no trial completed in time"
     proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=180) == 130
+    try:
+        code = proc.wait(timeout=300)
+    finally:
+        proc.kill()
+        log.close()
+    assert code == 130, (tmp_path / "first_run.log").read_text()[-4000:]
     trials_dir = tmp_path / "iresume" / "trials"
     before = {d.name: sorted(p.name for p in d.glob("checkpoint_2*")) for d in trials_dir.iterdir()}
 
