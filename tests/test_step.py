@@ -132,8 +132,9 @@ def test_config_errors_are_named():
         validate_criteria([])
 
 
-def test_eager_attention_only_for_criteria_that_ask(setup):
+def test_eager_attention_only_for_criteria_that_ask(setup, monkeypatch):
     """fit() trains with eager attention only when a criterion needs full `attentions`; evaluation always captures."""
+    from raysal.criteria import inputs
     from raysal.loop.fit import FitConfig, fit
 
     ckpt, batch = setup
@@ -141,38 +142,19 @@ def test_eager_attention_only_for_criteria_that_ask(setup):
 
     class Spy(LMCriterion):
         def __call__(self, x):
-            seen.append((self.name, x.model_config_impl))
+            seen.append(x.batch["impl"])
             return super().__call__(x)
 
     for extra, expected in (([], "raysal_capture"), ([SeedKLCriterion()], "eager")):
         model = fresh(ckpt)
-        spy = Spy(name="spy")
-        crits = [LMCriterion(), *extra, spy]
-        orig = CriterionInputsPatch.install(model)
-        fit(model, crits, lambda epoch: iter([batch]), None, FitConfig(max_steps=1, eval_every=1))
-        CriterionInputsPatch.uninstall(orig)
-        assert seen[-1] == ("spy", expected)
-        assert model.config.text_config._attn_implementation == expected
+        original = inputs.CriterionInputs.__init__
 
+        def init(self, *args, _orig=original, _model=model, **kwargs):
+            _orig(self, *args, **kwargs)
+            self.batch = {**self.batch, "impl": _model.config.text_config._attn_implementation}
 
-class CriterionInputsPatch:
-    """Expose the attention implementation at criterion time through CriterionInputs."""
-
-    @staticmethod
-    def install(model):
-        from raysal.criteria import inputs
-
-        orig = inputs.CriterionInputs.__init__
-
-        def init(self, *args, **kwargs):
-            orig(self, *args, **kwargs)
-            self.model_config_impl = model.config.text_config._attn_implementation
-
-        inputs.CriterionInputs.__init__ = init
-        return orig
-
-    @staticmethod
-    def uninstall(orig):
-        from raysal.criteria import inputs
-
-        inputs.CriterionInputs.__init__ = orig
+        monkeypatch.setattr(inputs.CriterionInputs, "__init__", init)
+        fit(model, [LMCriterion(), *extra, Spy(name="spy")], lambda epoch: iter([batch]), None,
+            FitConfig(max_steps=1, eval_every=1))  # fmt: skip
+        monkeypatch.undo()
+        assert seen[-1] == expected
