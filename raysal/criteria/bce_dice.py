@@ -31,9 +31,7 @@ class BCEDiceCriterion:
 
     def __call__(self, x: CriterionInputs) -> torch.Tensor:
         assert x.targets is not None
-        p = x.saliency(self.layers, self.heads)  # (B, ℓ, T, I)
-        if not self.per_layer:
-            p = p.mean(1, keepdim=True)
+        p = x.saliency(self.layers, self.heads, self.per_layer)  # (B, ℓ or 1, T, I)
         valid_keys = x.targets.key_valid[:, None, None, :].float()  # (B, 1, 1, I)
         n_keys = valid_keys.sum(-1, keepdim=True)  # (B, 1, 1, 1)
         z = torch.log(p + EPS) + torch.log(n_keys)  # (B, ℓ, T, I)

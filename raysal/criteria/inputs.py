@@ -34,15 +34,17 @@ class CriterionInputs:
     attentions: tuple[torch.Tensor, ...] | None = None  # per layer (B, H, L, L), eager only
     model: torch.nn.Module | None = None
 
-    def saliency(self, layers: str | Sequence[int], heads: str | Sequence[int]) -> torch.Tensor:
+    def saliency(self, layers: str | Sequence[int], heads: str | Sequence[int], per_layer: bool = True) -> torch.Tensor:
         """p_t: (B, ℓ, T, I) attention of each grounded token's query row over image tokens, mean over the chosen
-        heads, renormalised over the valid image tokens, per chosen layer."""
+        heads, renormalised over the valid image tokens, per chosen layer; ``per_layer=False``: their mean,
+        (B, 1, T, I)."""
         if self.image_attention is None or self.targets is None:
             raise RuntimeError("criterion needs image_attention, but the step captured none")
         li = [self.captured_layers.index(i) for i in resolve_layers(layers, self.n_layers)]
         hi = [self.captured_heads.index(i) for i in resolve_heads(heads, self.n_heads)]
         att = self.image_attention[:, li][:, :, hi]  # (B, ℓ, h, T, I)
-        return renormalise(att.mean(2), self.targets.key_valid)
+        p = renormalise(att.mean(2), self.targets.key_valid)  # (B, ℓ, T, I)
+        return p if per_layer else p.mean(1, keepdim=True)
 
 
 def renormalise(att: torch.Tensor, key_valid: torch.Tensor) -> torch.Tensor:

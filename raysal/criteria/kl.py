@@ -24,9 +24,7 @@ class KLCriterion:
 
     def __call__(self, x: CriterionInputs) -> torch.Tensor:
         assert x.targets is not None
-        p = x.saliency(self.layers, self.heads)  # (B, ℓ, T, I)
-        if not self.per_layer:
-            p = p.mean(1, keepdim=True)
+        p = x.saliency(self.layers, self.heads, self.per_layer)  # (B, ℓ or 1, T, I)
         g = target_distribution(x.targets, self.smoothing)[:, None]  # (B, 1, T, I)
         kl = (g * (torch.log(g + EPS) - torch.log(p + EPS))).sum(-1)  # (B, ℓ, T)
         return per_image_mean(kl.mean(1), x.targets.token_valid)

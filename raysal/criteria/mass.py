@@ -25,9 +25,7 @@ class MassCriterion:
 
     def __call__(self, x: CriterionInputs) -> torch.Tensor:
         assert x.targets is not None
-        p = x.saliency(self.layers, self.heads)  # (B, ℓ, T, I)
-        if not self.per_layer:
-            p = p.mean(1, keepdim=True)
+        p = x.saliency(self.layers, self.heads, self.per_layer)  # (B, ℓ or 1, T, I)
         m = binary_region(x.targets, self.theta)[:, None]  # (B, 1, T, I)
         loss = -torch.log(self.eps + (m * p).sum(-1))  # (B, ℓ, T)
         # a token whose region has no cell ≥ θ has no mass target: leave it out
