@@ -61,3 +61,26 @@ def test_collate_pads_every_axis(tiny_next, small_shards):
             assert int(b["attention_mask"][i].sum()) == n
     with pytest.raises(ValueError, match="padding_side"):
         collate(samples, 0, "middle")
+
+
+@pytest.mark.parametrize("arch", ["llava", "llava_next"])
+@pytest.mark.parametrize("height", [1, 3, 4])
+def test_thin_images_keep_their_channel_order(arch, height, tiny_llava, tiny_next):
+    """An (H, W, 3) array with H in {1, 3, 4} looks channels-first to the processor: the encoder must say
+    channels_last, so the pixels equal those of the same image given as PIL, and coverage fits the tokens."""
+    from PIL import Image
+
+    from raysal.preprocess.encode import encode_sample
+
+    proc = load_processor(str(tiny_llava if arch == "llava" else tiny_next))
+    rng = np.random.default_rng(height)
+    image = rng.integers(0, 256, (height, 40, 3), dtype=np.uint8)
+    segment_map = np.where(np.arange(40)[None, :] < 20, 1, 2).repeat(height, 0).astype(np.int32)
+    enc = encode_sample(image, segment_map, "a red box", [(2, 5, [1])], [1, 2], proc)
+    ref = proc(text=proc.image_token, images=Image.fromarray(image), return_tensors="np")
+    assert np.allclose(enc["pixel_values"], ref["pixel_values"][0], atol=1e-6)
+    n_image = int((enc["input_ids"] == proc.tokenizer.convert_tokens_to_ids(proc.image_token)).sum())
+    assert n_image == int((ref["input_ids"] == proc.tokenizer.convert_tokens_to_ids(proc.image_token)).sum())
+    assert enc["coverage"].shape == (n_image, 2)
+    if arch == "llava_next":
+        assert enc["image_sizes"].tolist() == [height, 40]

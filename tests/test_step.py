@@ -158,3 +158,55 @@ def test_eager_attention_only_for_criteria_that_ask(setup, monkeypatch):
             FitConfig(max_steps=1, eval_every=1))  # fmt: skip
         monkeypatch.undo()
         assert seen[-1] == expected
+
+
+def test_mixed_eager_and_capture_criteria_share_the_eager_maps(setup):
+    """[lm, seed_kl, kl]: the eager run gives kl its image attention cut from the eager maps — the same kl value and
+    gradient as a capture-only run — and fit() trains with the mix."""
+    from raysal.loop.fit import FitConfig, fit
+
+    ckpt, batch = setup
+    kl = KLCriterion(weight=1.0, layers="late", heads=[0, 1], query_offset=-1)
+    model = fresh(ckpt)
+    info = model_info(model)
+    alone = train_step(model, batch, [kl], capture_plan([kl], info), info, step=0)
+    g_alone = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+    model = fresh(ckpt)
+    model.set_attn_implementation({"text_config": "eager"})
+    mixed = [SeedKLCriterion(weight=0.0, query_offset=-1), kl]
+    m = train_step(model, batch, mixed, capture_plan(mixed, info), info, step=0)
+    g_mixed = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+    assert m["loss/kl"] == pytest.approx(alone["loss/kl"], rel=1e-5)
+    assert torch.allclose(g_mixed, g_alone, atol=1e-6)  # seed_kl has weight 0: the gradient is kl's alone
+
+    model = fresh(ckpt)
+    last = fit(model, [LMCriterion(), SeedKLCriterion(), KLCriterion()], lambda epoch: iter([batch]), None,
+               FitConfig(max_steps=2, eval_every=2))  # fmt: skip
+    assert last["train/loss/kl"] > 0 and last["train/loss/seed_kl"] > 0
+
+
+def test_cal_blind_forward_is_deterministic_in_train_mode(setup):
+    """LoRA dropout must not reach the image-blind forward: two of them agree, and train mode is restored."""
+    from raysal.criteria.cal import blind_logits
+    from raysal.criteria.inputs import CriterionInputs
+
+    ckpt, batch = setup
+    torch.manual_seed(0)
+    model = apply_lora(load_model(str(ckpt), dtype="float32"), rank=4, targets="qkvo", dropout=0.5)
+    enable_capture(model)
+    with torch.no_grad():  # a fresh adapter's B is zero, which would hide the dropout inside it
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    model.train()
+    model.base_model.model.model.vision_tower.eval()  # a mixed state must come back as it was
+    noisy = [model(**model_inputs(batch)).logits for _ in range(2)]
+    assert not torch.allclose(noisy[0], noisy[1]), "dropout 0.5 in train mode must make plain forwards differ"
+    a, b = blind_logits(model, batch), blind_logits(model, batch)
+    assert torch.equal(a, b)
+    assert model.training and not model.base_model.model.model.vision_tower.training
+    assert any(m.training for m in model.modules() if isinstance(m, torch.nn.Dropout))
+    info = model_info(model)
+    x = CriterionInputs(batch, noisy[0].detach(), None, info.n_layers, info.n_heads, model=model)
+    assert CALCriterion()(x) == CALCriterion()(x)

@@ -20,7 +20,8 @@ Use::
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 
@@ -110,6 +111,38 @@ ALL_MASK_ATTENTION_FUNCTIONS.register(CAPTURE_IMPL, sdpa_mask)  # same masks as 
 def enable_capture(model: torch.nn.Module) -> None:
     """Route the language model's attention through `capture_attention_forward` (vision tower keeps its own)."""
     model.set_attn_implementation({"text_config": CAPTURE_IMPL})
+
+
+@contextmanager
+def no_capture() -> Iterator[None]:
+    """Suspend an open capture for an extra forward whose maps nobody reads (``cal``'s image-blind forward)."""
+    token = _ACTIVE.set(None)
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
+
+
+def image_attention_from_maps(
+    attentions: Sequence[torch.Tensor],  # per layer (B, H, L, L): eager ``output_attentions``
+    layers: Sequence[int],
+    heads: Sequence[int],
+    query_pos: torch.Tensor,  # (B, T) long
+    key_pos: torch.Tensor,  # (B, I) long
+) -> torch.Tensor:
+    """What `AttentionCapture.stacked` returns, cut from full eager maps: (B, ℓ, h, T, I) fp32.
+
+    A run that already pays for eager maps (a seed-style criterion) gives the capture criteria their input from
+    them instead of capturing a second time."""
+    B, T = query_pos.shape
+    I = key_pos.shape[1]
+    out = []
+    for layer in sorted(layers):
+        att = attentions[layer][:, list(heads)].float()  # (B, h, L, L)
+        h, L = att.shape[1], att.shape[-1]
+        rows = att.gather(2, query_pos[:, None, :, None].expand(B, h, T, L))  # (B, h, T, L)
+        out.append(rows.gather(3, key_pos[:, None, None, :].expand(B, h, T, I)))  # (B, h, T, I)
+    return torch.stack(out, dim=1)
 
 
 class AttentionCapture:

@@ -1,7 +1,7 @@
 """``cal``: contrastive-attention-weighted LM loss; replaces the base cross-entropy.
 
 One extra no-grad forward with the attention mask zeroed at the image positions (same positions, same
-embeddings): Δ_t = z_t[y_t] − z̃_t[y_t] (raw gold-token logits with and without the image). Tokens that depend
+embeddings, and no dropout: the contrast must be a deterministic function of the weights, not of a dropout draw): Δ_t = z_t[y_t] − z̃_t[y_t] (raw gold-token logits with and without the image). Tokens that depend
 on the image get more weight: w = clamp(Δ, lo, hi), smoothed by a width-3 moving average (per sequence, or across
 the flattened batch as the official code does), detached. L = Σ CE_t w_t / (Σ w_t + 1e-6) over caption tokens.
 Expect ~+30 % step time (the extra forward).
@@ -9,12 +9,15 @@ Expect ~+30 % step time (the extra forward).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
+from raysal.attention.capture import no_capture
 from raysal.criteria.inputs import CriterionInputs
 from raysal.criteria.lm import next_token_ce
 from raysal.preprocess.collate import model_inputs
@@ -41,6 +44,28 @@ def smooth3(w: torch.Tensor, valid: torch.Tensor, per_sequence: bool) -> torch.T
     return out
 
 
+@contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Dropout off for one forward; every module's own train/eval flag is restored afterwards (a frozen vision
+    tower may be in eval mode while the rest trains)."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in flags:
+            m.training = training
+
+
+def blind_logits(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+    """(B, L, V) fp32 logits with the image positions masked out of attention, deterministically (no dropout)."""
+    inputs = model_inputs(batch)
+    image_id = getattr(model, "module", model).config.image_token_id  # DDP hides .config
+    inputs["attention_mask"] = inputs["attention_mask"] * (batch["input_ids"] != image_id)
+    with torch.no_grad(), eval_mode(model), no_capture():
+        return model(**inputs).logits.float()
+
+
 @dataclass
 class CALCriterion:
     weight: float = 1.0
@@ -56,11 +81,8 @@ class CALCriterion:
         batch = x.batch
         labels = batch["labels"][:, 1:]  # (B, L − 1) gold tokens predicted from positions :-1
         valid = labels != IGNORE
+        blind = blind_logits(x.model, batch)[:, :-1]  # (B, L − 1, V)
         with torch.no_grad():
-            inputs = model_inputs(batch)
-            image_id = getattr(x.model, "module", x.model).config.image_token_id  # DDP hides .config
-            inputs["attention_mask"] = inputs["attention_mask"] * (batch["input_ids"] != image_id)
-            blind = x.model(**inputs).logits[:, :-1].float()  # (B, L − 1, V)
             gold = labels.clamp_min(0)[..., None]
             delta = x.logits[:, :-1].detach().float().gather(-1, gold)[..., 0] - blind.gather(-1, gold)[..., 0]
             w = smooth3(delta.clamp(self.clamp_lo, self.clamp_hi), valid, self.per_sequence) * valid

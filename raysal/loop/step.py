@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from raysal.attention.capture import AttentionCapture
+from raysal.attention.capture import AttentionCapture, image_attention_from_maps
 from raysal.attention.selection import resolve_heads, resolve_layers
 from raysal.criteria.inputs import NEEDS, CriterionInputs
 from raysal.criteria.targets import grounding_targets
@@ -85,18 +85,26 @@ def train_step(
     eager = needs_eager(criteria)
     with contextlib.ExitStack() as stack:
         cap = None
-        if plan is not None:
+        if plan is not None and not eager:
             assert targets is not None
             cap = stack.enter_context(AttentionCapture(plan.layers, plan.heads, targets.query_pos, targets.key_pos))
         with autocast or contextlib.nullcontext():
             out = model(**model_inputs(batch), output_attentions=eager)
+        image_attention = None
+        if cap is not None:
+            image_attention = cap.stacked()
+        elif plan is not None:  # eager maps exist anyway (a seed-style criterion): cut the capture's input from them
+            assert targets is not None
+            image_attention = image_attention_from_maps(
+                out.attentions, plan.layers, plan.heads, targets.query_pos, targets.key_pos
+            )
         inputs = CriterionInputs(
             batch=batch,
             logits=out.logits,
             targets=targets,
             n_layers=info.n_layers,
             n_heads=info.n_heads,
-            image_attention=cap.stacked() if cap is not None else None,
+            image_attention=image_attention,
             captured_layers=plan.layers if plan else (),
             captured_heads=plan.heads if plan else (),
             attentions=out.attentions if eager else None,

@@ -61,7 +61,9 @@ def encode_sample(
     if caption_start < 0:
         raise ValueError(f"chat template dropped or rewrote the caption: {caption[:60]!r} not found in {text[:200]!r}")
 
-    enc = processor(text=text, images=image, return_tensors="np")
+    # channels_last said explicitly: for an image 1, 3 or 4 pixels tall the processor would otherwise guess
+    # channels-first from the shape — wrong pixels for LLaVA-1.5, a wrong anyres canvas for NeXT
+    enc = processor(text=text, images=image, return_tensors="np", input_data_format="channels_last")
     ids = enc["input_ids"][0]
     plain = tok(text, return_offsets_mapping=True)  # the same text with one image placeholder
     image_token_id = tok.convert_tokens_to_ids(processor.image_token)
