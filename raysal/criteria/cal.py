@@ -1,9 +1,10 @@
 """``cal``: contrastive-attention-weighted LM loss; replaces the base cross-entropy.
 
 One extra no-grad forward with the attention mask zeroed at the image positions (same positions, same
-embeddings, and no dropout: the contrast must be a deterministic function of the weights, not of a dropout draw): Δ_t = z_t[y_t] − z̃_t[y_t] (raw gold-token logits with and without the image). Tokens that depend
-on the image get more weight: w = clamp(Δ, lo, hi), smoothed by a width-3 moving average (per sequence, or across
-the flattened batch as the official code does), detached. L = Σ CE_t w_t / (Σ w_t + 1e-6) over caption tokens.
+embeddings, no dropout: the contrast is a function of the weights, not of a dropout draw):
+Δ_t = z_t[y_t] − z̃_t[y_t] (raw gold-token logits with and without the image). Tokens that depend on the image get
+more weight: w = clamp(Δ, lo, hi), smoothed by a width-3 moving average (per sequence, or across the flattened
+batch as the official code does), detached. L = Σ CE_t w_t / (Σ w_t + 1e-6) over caption tokens.
 Expect ~+30 % step time (the extra forward).
 """
 
