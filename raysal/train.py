@@ -11,27 +11,37 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-import hydra
 from omegaconf import DictConfig
 
-from raysal.orchestration.assets import ensure_data, ensure_model
-from raysal.orchestration.compose import CONFIG_DIR
+from raysal.orchestration.compose import CONFIG_DIR, compose_cfg
+
+if TYPE_CHECKING:
+    from raysal.orchestration.preflight import DataSizes
+    from raysal.orchestration.spec import RunSpec
 
 log = logging.getLogger("raysal.train")
 
 
-def run(cfg: DictConfig) -> dict:
+def prepare(cfg: DictConfig) -> tuple[RunSpec, DataSizes]:
+    """Every check, before Ray starts: config values, storage, model, shards, validation size → (spec, sizes)."""
+    from raysal.orchestration.preflight import preflight
+    from raysal.orchestration.spec import spec_from_cfg
+
+    spec = spec_from_cfg(cfg)
+    return spec, preflight(spec)
+
+
+def run(spec: RunSpec, sizes: DataSizes) -> dict:
     import ray
 
-    from raysal.orchestration.spec import spec_from_cfg
     from raysal.orchestration.trainer import build_trainer, export_adapter
     from raysal.orchestration.wandb_run import resolve_mode, sync_hint
     from raysal.orchestration.worker import wandb_dir
 
-    spec = spec_from_cfg(cfg)  # validation happens here, before Ray starts anything
-    ensure_model(spec.model)
-    ensure_data(spec.data)
+    print(f"raysal: {sizes.describe()}", flush=True)
     t0 = time.perf_counter()
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
@@ -61,14 +71,46 @@ def run(cfg: DictConfig) -> dict:
     return summary
 
 
-@hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")
-def main(cfg: DictConfig) -> None:
+def _run_checked(compose: Callable[[], DictConfig]) -> int:
+    """Compose and check (bad input → one ``error:`` line, exit 2), then run; later failures keep their traceback."""
+    from raysal.orchestration.errors import user_message
+
     try:
-        run(cfg)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        spec, sizes = prepare(compose())
+    except Exception as e:
+        message = user_message(e)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+    run(spec, sizes)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m raysal.train [overrides]``. Hydra's own flags (``--cfg job``, ``--help``, ``--multirun``, ...)
+    go through ``@hydra.main``; plain overrides are composed here so that a typo is one line, not Hydra's block."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if any(a.startswith("-") for a in args):
+        return _hydra_main(args)
+    return _run_checked(lambda: compose_cfg(args))
+
+
+def _hydra_main(args: list[str]) -> int:
+    import hydra
+
+    code = 0
+
+    @hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")
+    def entry(cfg: DictConfig) -> None:
+        nonlocal code
+        code = _run_checked(lambda: cfg)
+
+    sys.argv = [sys.argv[0], *args]
+    entry()
+    return code
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

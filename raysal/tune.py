@@ -85,19 +85,26 @@ def leaked_placement_groups() -> int:
     )
 
 
-def _max_concurrent(spec: SearchSpec) -> int | None:
+def trial_cpus(spec: SearchSpec, encode_cpus: float) -> float:
+    """CPUs one trial holds: its Train workers plus its data pipelines' budget (`DataCPUs`)."""
+    r = spec.resources
+    return r.num_workers * r.cpus_per_worker + encode_cpus
+
+
+def _max_concurrent(spec: SearchSpec, encode_cpus: float) -> int | None:
+    """Trials at once: the file's value, or what the cluster holds — GPUs for GPU trials, and CPUs always (a trial
+    whose data pipeline finds no CPU waits for ever)."""
     import ray
 
     if spec.max_concurrent_trials:
         return spec.max_concurrent_trials
     r = spec.resources
     total = ray.cluster_resources()
+    n = int(total.get("CPU", 0) // trial_cpus(spec, encode_cpus))
     if r.use_gpu:
         per = r.num_workers * r.gpus_per_worker
-        n = int(total.get("GPU", 0) // per) if per else 0
-    else:
-        n = int(total.get("CPU", 0) // max(r.num_workers * r.cpus_per_worker, 1))
-    return n or None  # 0: the GPUs are not up yet (autoscaling) — let Tune queue trials
+        n = min(n, int(total.get("GPU", 0) // per)) if per else n
+    return n or None  # 0: the GPU nodes are not up yet (autoscaling) — let Tune queue trials
 
 
 def _parse_cli(argv: list[str]) -> tuple[Path, list[str], str]:
@@ -160,19 +167,29 @@ def summarise(result_grid: Any, spec: SearchSpec, base: list[str], search_dir: s
 
 
 def main(argv: list[str] | None = None) -> int:
+    from raysal.orchestration.errors import user_message
+
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
+    try:  # every check before Ray starts: bad input is one `error:` line and exit 2
         path, cli, resume = _parse_cli(list(sys.argv[1:] if argv is None else argv))
         profile = next((o.split("=", 1)[1] for o in cli if o.startswith("experiment=")), None)
         spec = load_search_space(path, profile)
         base = [*spec.base_overrides, *resource_overrides(spec), *cli]
         validate_against(spec, compose_cfg)  # every key and option must exist: fail before any trial starts
+        from raysal.orchestration.preflight import check_writable, preflight
         from raysal.orchestration.spec import spec_from_cfg
 
         run_spec = spec_from_cfg(compose_cfg(base))
-    except (SearchSpaceError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        sizes = preflight(run_spec)  # once, here, rather than racing in concurrent trials
+        if "://" in run_spec.storage_path:  # the Optuna study is a local SQLite file
+            check_writable(str(Path(run_spec.config["cache_dir"]) / "optuna"), "cache_dir")
+    except Exception as e:
+        message = user_message(e)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
         return 2
+    print(f"raysal: {sizes.describe()}", flush=True)
     return _search(spec, base, run_spec, resume)
 
 
@@ -184,12 +201,9 @@ def _search(spec: SearchSpec, base: list[str], run_spec: Any, resume: str) -> in
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search.optuna import OptunaSearch
 
-    from raysal.orchestration.assets import ensure_data, ensure_model
     from raysal.orchestration.wandb_run import resolve_mode, sync_hint
     from raysal.search.space import define_by_run
 
-    ensure_model(run_spec.model)  # once, here, rather than racing in concurrent trials
-    ensure_data(run_spec.data)
     storage = run_spec.storage_path
     search_dir = f"{storage}/{spec.name}"
     if not ray.is_initialized():
@@ -266,7 +280,7 @@ def _search(spec: SearchSpec, base: list[str], run_spec: Any, resume: str) -> in
                 search_alg=searcher,
                 scheduler=scheduler,
                 num_samples=spec.num_samples,
-                max_concurrent_trials=_max_concurrent(spec),
+                max_concurrent_trials=_max_concurrent(spec, float(run_spec.data["encode_cpus"])),
                 trial_dirname_creator=trial_dirname,
             ),
             run_config=tune.RunConfig(name=spec.name, storage_path=storage, callbacks=callbacks),

@@ -69,7 +69,8 @@ def with_ray(shards: Path, model: Path, cpus: int) -> dict:
     ctx.enable_progress_bars = False
     ds = coconut_dataset(shards, "train2017", decode=False).map_batches(
         EncodeBatch, fn_constructor_kwargs={"processor_path": str(model), "prompt": "Describe the image in detail."},
-        batch_size=8, concurrency=cpus, num_cpus=(cpus - 0.25) / cpus,  # the readers take the other 0.25 CPU
+        batch_size=8, compute=ray.data.ActorPoolStrategy(size=cpus),
+        num_cpus=(cpus - 0.25) / cpus,  # the readers take the other 0.25 CPU
     )  # fmt: skip
     # one pass, timed from the first batch on: actor start-up and processor loading happen once per run, not per
     # sample, so they are reported apart

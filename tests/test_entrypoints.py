@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -34,14 +35,29 @@ def wandb_runs(folder: Path) -> list[dict]:
     return [read_run(p) for p in sorted(folder.glob("wandb/offline-run-*/run-*.wandb"))]
 
 
-def space_file(tmp_path: Path, n: int, name: str) -> Path:
+HOLDOUT = re.compile(r"validation hold-out 0\.01 of train2017 = (\d+) images")
+
+
+@pytest.fixture(scope="module")
+def single_split(tmp_path_factory) -> Path:
+    """COCONut-format data laid out as PanCap ships it: one split (train2017), 900 small images."""
+    from raysal.data.shards import write_shards
+    from raysal.data.synthetic import generate
+
+    base = tmp_path_factory.mktemp("single_split")
+    generate(base / "root", images=900, seed=4, max_side=48, val_fraction=0.0)
+    write_shards(base / "root", base / "shards")
+    return base / "shards"
+
+
+def space_file(tmp_path: Path, n: int, name: str, concurrency: str = "max_concurrent_trials: 1") -> Path:
     path = tmp_path / f"{name}.yaml"
     path.write_text(
         f"""
 name: {name}
 objectives: [{{metric: val/amr, mode: max}}]
 num_samples: {n}
-max_concurrent_trials: 1
+{concurrency}
 scheduler: {{type: asha, time_attr: train/step, max_t: 6, grace_period: 2, reduction_factor: 2}}
 resources: {{num_workers: 1, use_gpu: false, cpus_per_worker: 1, gpus_per_worker: 0}}
 base_overrides: [trainer.max_steps=6, trainer.eval_every=2]
@@ -149,3 +165,36 @@ def test_killed_search_resumes_without_rerunning_finished_trials(tmp_path, cache
     after = {d.name: sorted(p.name for p in d.glob("checkpoint_2*")) for d in trials_dir.iterdir()}
     unchanged = [name for name, ckpts in before.items() if ckpts and after.get(name) == ckpts]
     assert unchanged, (before, after)
+
+
+@pytest.mark.integration
+def test_train_on_the_coconut_defaults_evaluates_the_holdout_it_printed(tmp_path, cache, single_split):
+    """data=coconut as shipped: one split, validation = the 1 % hash hold-out. It used to hang on 2 CPUs (a hold-out
+    filter asking for a whole CPU)."""
+    res = run(["raysal.train", "experiment=demo", "data=coconut", f"data.shards={single_split}",
+               "trainer.batch_size=4", "trainer.max_steps=4", "trainer.eval_every=2", f"storage_path={tmp_path}",
+               "name=coco"], cache)  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    m = HOLDOUT.search(res.stdout)
+    assert m, res.stdout[-2000:]
+    n = int(m.group(1))
+    assert 8 <= n < 30
+    history = wandb_runs(tmp_path / "coco")[0]["history"]
+    assert [h["val/images"] for h in history if "val/images" in h] == [n, n]
+    assert all(h["val/tokens"] > 0 and h["val/lm_loss"] > 0 for h in history if "val/images" in h)
+
+
+@pytest.mark.integration
+def test_search_on_the_coconut_defaults_without_max_concurrent_trials(tmp_path, cache, single_split):
+    """A 2-trial search whose space file leaves max_concurrent_trials unset: concurrency comes from the trial's CPUs,
+    its Train worker and its data pipelines together, so no trial's pipeline starves on a 2-CPU machine."""
+    space = space_file(tmp_path, 2, "cocotune", concurrency="")
+    res = run(["raysal.tune", str(space), "experiment=demo", "data=coconut", f"data.shards={single_split}",
+               "trainer.batch_size=4", f"storage_path={tmp_path}"], cache)  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    n = int(HOLDOUT.search(res.stdout).group(1))
+    summary = json.loads((tmp_path / "cocotune" / "summary.json").read_text())
+    assert summary["trials"] == 2 and summary["reported"] == 2
+    assert summary["leaked_placement_groups"] == 0
+    for r in wandb_runs(tmp_path / "cocotune"):
+        assert {h["val/images"] for h in r["history"] if "val/images" in h} == {n}

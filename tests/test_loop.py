@@ -92,3 +92,23 @@ def test_schedule_warmup_then_cosine():
 def test_bad_config_fails_early():
     with pytest.raises(ValueError, match="max_steps"):
         FitConfig(max_steps=0)
+
+
+def test_evaluation_with_nothing_to_measure_is_an_error(data):
+    """No validation image, or no grounded token in them: an error, never val/lm_loss 0.0 or a NaN objective."""
+    from raysal.attention.capture import enable_capture
+    from raysal.loop.evaluate import EvaluationError, evaluate
+    from raysal.loop.step import CapturePlan
+    from raysal.model.build import model_info
+
+    ckpt, _, val = data
+    model = fresh(ckpt)
+    enable_capture(model)
+    info = model_info(model)
+    protocol = CapturePlan(tuple(range(info.n_layers)), tuple(range(info.n_heads)))
+    assert evaluate(model, val(), info, protocol)["tokens"] > 0
+    with pytest.raises(EvaluationError, match="0 image"):
+        evaluate(model, iter([]), info, protocol)
+    blind = [{**b, "token_segments": torch.full_like(b["token_segments"], -1)} for b in val()]  # no tag anywhere
+    with pytest.raises(EvaluationError, match="0 grounded token"):
+        evaluate(model, blind, info, protocol)

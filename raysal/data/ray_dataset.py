@@ -16,8 +16,13 @@ from raysal.data.holdout import in_holdout
 from raysal.data.shards import shard_files
 
 
-def _read_rows(item: dict) -> list[dict]:
-    return pq.read_table(item["path"]).to_pylist()
+def _read_rows(item: dict, holdout: float = 0.0, keep_val: bool | None = None) -> list[dict]:
+    """One shard file → its rows; with ``keep_val`` set, only the rows inside (True) / outside (False) the hold-out.
+    Filtering here, in the read task, keeps the pipeline at one task operator of a stated CPU fraction."""
+    rows = pq.read_table(item["path"]).to_pylist()
+    if keep_val is None:
+        return rows
+    return [r for r in rows if in_holdout(r["image_id"], holdout) == keep_val]
 
 
 def coconut_dataset(
@@ -25,7 +30,7 @@ def coconut_dataset(
     split: str = "train2017",
     *,
     decode: bool = True,
-    num_cpus_per_decode: float = 1.0,
+    num_cpus_per_decode: float = 0.25,
     num_cpus_per_read: float = 0.25,
     holdout: float = 0.0,
     part: str = "all",
@@ -36,19 +41,20 @@ def coconut_dataset(
     Rows hold ``image_id``, ``caption``, spans, segment/category ids, ``height``/``width``; with ``decode=True``
     also ``image`` (H, W, 3) uint8 and ``segment_map`` (H, W) int32 instead of the stored bytes.
     ``part`` = "train" / "val" keeps the image ids outside / inside the ``holdout`` fraction (`in_holdout`);
-    ``limit`` caps the rows (evaluation sets).
+    ``limit`` caps the rows (evaluation sets). Every operator states its CPU fraction: Ray Data's default, a whole
+    CPU, never gets scheduled on a machine whose CPUs the Train workers and encode actors hold.
     """
     if part not in ("all", "train", "val"):
         raise ValueError(f"part must be all, train or val, got {part!r}")
     files = shard_files(shard_dir, split)
     if not files:
         raise ValueError(f"{shard_dir}: split {split!r} has no rows (every sample was skipped? see manifest.json)")
+    keep_val = None if part == "all" or holdout <= 0 else part == "val"
     # One row per shard file, read by a task of a fraction of a CPU: reading parquet is I/O, and Ray's
     # read_parquet plans a file-listing task of a whole CPU that can starve a small machine whose other CPU trains.
-    ds = ray.data.from_items([{"path": str(f)} for f in files]).flat_map(_read_rows, num_cpus=num_cpus_per_read)
-    if part != "all" and holdout > 0:
-        keep_val = part == "val"
-        ds = ds.filter(lambda row: in_holdout(row["image_id"], holdout) == keep_val)
+    ds = ray.data.from_items([{"path": str(f)} for f in files]).flat_map(
+        _read_rows, fn_kwargs={"holdout": holdout, "keep_val": keep_val}, num_cpus=num_cpus_per_read
+    )
     if limit is not None:
         ds = ds.limit(limit)
     if decode:

@@ -22,6 +22,10 @@ from raysal.preprocess.collate import model_inputs
 from raysal.preprocess.encode import IGNORE
 
 
+class EvaluationError(RuntimeError):
+    """An evaluation with nothing to measure."""
+
+
 @torch.no_grad()
 def evaluate(
     model: torch.nn.Module,
@@ -57,5 +61,11 @@ def evaluate(
             images += B
     finally:
         model.train(was_training)
+    if images == 0 or ce_n == 0 or meter.tokens == 0:
+        # a 0.0 loss or a NaN objective would be reported, ranked and exported as if it were a result
+        raise EvaluationError(
+            f"evaluation saw {images} image(s), {ce_n} caption token(s) and {meter.tokens} grounded token(s): "
+            "nothing to measure (an empty validation set, or every named region outside the model's view)"
+        )
     scores = meter.compute()
-    return {"lm_loss": ce_sum / max(ce_n, 1), **scores, "images": float(images)}
+    return {"lm_loss": ce_sum / ce_n, **scores, "images": float(images), "tokens": float(meter.tokens)}

@@ -205,6 +205,11 @@ class GroundingMeter:
         self._image_ids.append(image_ids.detach().to(device=scores.amr.device, dtype=torch.long))
         return scores
 
+    @property
+    def tokens(self) -> int:
+        """Grounded tokens scored so far."""
+        return sum(int(ids.numel()) for ids in self._image_ids)
+
     def compute(self) -> dict[str, float]:
         if not self._scores:
             return {name: float("nan") for name in METRICS}

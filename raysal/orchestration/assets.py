@@ -40,14 +40,9 @@ def ensure_model(model: dict[str, Any]) -> None:
 def ensure_data(data: dict[str, Any]) -> None:
     """For ``data.synthetic`` configs, generate the COCONut-format folder and its shards if missing."""
     syn = data.get("synthetic")
-    shards = Path(data["shards"])
     if not syn:
-        if not (shards / "manifest.json").exists():
-            raise FileNotFoundError(
-                f"data.shards={shards}: no manifest.json. Prepare COCONut with `python scripts/prepare_coconut.py "
-                f"--out ROOT --shards {shards}` (see README), or run `experiment=demo` for synthetic data."
-            )
-        return
+        return  # real shards: `raysal.orchestration.preflight.check_data` says what is wrong with them
+    shards = Path(data["shards"])
     with _lock(shards):
         if (shards / "manifest.json").exists():
             return

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -31,31 +32,43 @@ class EncodeBatch:
         return {k: [e[k] for e in encoded] for k in encoded[0]}
 
 
+@dataclass(frozen=True)
+class DataCPUs:
+    """How a run's data CPU budget (``data.encode_cpus``) is shared among its operators.
+
+    A run has one training pipeline (split across workers) and one validation pipeline per worker (every worker
+    evaluates the whole set); each has a read task and an encode actor pool. The long-lived actors take 3/4 of a
+    pipeline's share, so a read task always fits beside them: a run never needs more than
+    ``num_workers × cpus_per_worker + encode_cpus`` CPUs, whatever the data config.
+    """
+
+    read: float  # per read task (read + hold-out filter)
+    encode: float  # per encode actor
+
+    @staticmethod
+    def split(budget: float, num_workers: int, encode_actors: int = 1) -> DataCPUs:
+        share = budget / (1 + num_workers)
+        return DataCPUs(read=share / 4, encode=share * 3 / 4 / encode_actors)
+
+
 def run_datasets(
-    data: dict[str, Any], processor_path: str, *, encode_concurrency: int = 1
+    data: dict[str, Any], processor_path: str, *, num_workers: int = 1, encode_actors: int = 1
 ) -> dict[str, ray.data.Dataset]:
-    """{"train": ..., "val": ...}: encoded samples ready for `iter_collated`."""
+    """{"train": ..., "val": ...}: encoded samples ready for `iter_collated` (``data`` checked by the preflight)."""
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # the same order every epoch: exact resume
     ctx.enable_progress_bars = False  # one bar per operator per worker drowns the run summary
     same = data["train_split"] == data["val_split"]
     holdout = float(data.get("val_holdout") or 0.0)
-    if same and holdout <= 0:
-        raise ValueError(
-            "data.val_split equals data.train_split: set data.val_holdout > 0 to hold out validation images"
-        )
-    train = coconut_dataset(
-        data["shards"], data["train_split"], decode=False, holdout=holdout if same else 0.0, part="train"
-    )
-    val = coconut_dataset(
-        data["shards"], data["val_split"], decode=False, holdout=holdout if same else 0.0, part="val",
-        limit=data.get("val_max_images"),
-    )  # fmt: skip
+    cpus = DataCPUs.split(float(data["encode_cpus"]), num_workers, encode_actors)
+    common = {"decode": False, "holdout": holdout if same else 0.0, "num_cpus_per_read": cpus.read}
+    train = coconut_dataset(data["shards"], data["train_split"], part="train", **common)
+    val = coconut_dataset(data["shards"], data["val_split"], part="val", limit=data.get("val_max_images"), **common)
     kwargs = {
         "fn_constructor_kwargs": {"processor_path": processor_path, "prompt": data["prompt"]},
         "batch_size": 8,
-        "concurrency": encode_concurrency,
-        "num_cpus": float(data.get("encode_cpus", 1)),
+        "compute": ray.data.ActorPoolStrategy(size=encode_actors),
+        "num_cpus": cpus.encode,
     }
     return {"train": train.map_batches(EncodeBatch, **kwargs), "val": val.map_batches(EncodeBatch, **kwargs)}
 

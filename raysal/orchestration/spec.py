@@ -11,6 +11,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from raysal.loop.fit import FitConfig
 from raysal.loop.step import validate_criteria
+from raysal.model.build import lora_target_regex, resolve_dtype
+from raysal.orchestration.errors import ConfigError
 
 
 @dataclass
@@ -35,22 +37,110 @@ def absolute_storage(path: str) -> str:
     return path if "://" in path else str(Path(path).expanduser().resolve())
 
 
+def _get(c: dict, key: str) -> Any:
+    node: Any = c
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            raise ConfigError(f"{key}: missing from the config")
+        node = node[part]
+    return node
+
+
+def _number(c: dict, key: str, kind: type, *, low: float | None = None, high: float | None = None,
+            low_open: bool = False, high_open: bool = False, optional: bool = False) -> Any:  # fmt: skip
+    """The value at ``key``, checked: an int (or a float for ``kind=float``) within [low, high] (open ends where
+    asked); None only when ``optional``."""
+    v = _get(c, key)
+    if v is None and optional:
+        return None
+    ok_type = isinstance(v, int) if kind is int else isinstance(v, int | float)
+    if isinstance(v, bool) or not ok_type:
+        what = "an integer" if kind is int else "a number"
+        raise ConfigError(f"{key}={v!r}: must be {what}{' or null' if optional else ''}")
+    if low is not None and (v <= low if low_open else v < low):
+        raise ConfigError(f"{key}={v}: must be {'>' if low_open else '>='} {low}")
+    if high is not None and (v >= high if high_open else v > high):
+        raise ConfigError(f"{key}={v}: must be {'<' if high_open else '<='} {high}")
+    return v
+
+
+def _choice(c: dict, key: str, options: tuple[str, ...]) -> str:
+    v = _get(c, key)
+    if v not in options:
+        raise ConfigError(f"{key}={v!r}: must be one of {', '.join(options)}")
+    return v
+
+
+def objective_metrics(criteria: list[Any]) -> set[str]:
+    """Metrics a run reports at every evaluation: what `trainer.objective.metric` may name."""
+    val = {f"val/{k}" for k in ("lm_loss", "amr", "ap", "nss", "pointing")}
+    return val | {"train/loss", "train/grad_norm"} | {f"train/loss/{c.name}" for c in criteria}
+
+
+def check_values(c: dict) -> None:
+    """Every number the run uses, checked with its key named (the types Hydra cannot check for us)."""
+    _number(c, "seed", int)
+    _number(c, "lora.rank", int, low=1)
+    _number(c, "lora.alpha", float, low=0, low_open=True)
+    _number(c, "lora.dropout", float, low=0, high=1, high_open=True)
+    targets = _get(c, "lora.targets")
+    try:
+        lora_target_regex(targets)
+    except ValueError as e:
+        raise ConfigError(f"lora.targets={targets!r}: {e}") from None
+    _number(c, "optim.lr", float, low=0, low_open=True)
+    _number(c, "optim.projector_lr", float, low=0, low_open=True, optional=True)
+    _number(c, "optim.weight_decay", float, low=0)
+    _number(c, "optim.warmup_steps", int, low=0)
+    _number(c, "optim.min_lr_ratio", float, low=0, high=1)
+    for key in ("max_steps", "batch_size", "grad_accum", "eval_every", "keep_checkpoints"):
+        _number(c, f"trainer.{key}", int, low=1)
+    _number(c, "trainer.max_grad_norm", float, low=0, low_open=True, optional=True)
+    _choice(c, "trainer.objective.mode", ("max", "min"))
+    _choice(c, "trainer.eval.query_offset", (0, -1))
+    _number(c, "trainer.eval.theta", float, low=0, high=1, low_open=True)
+    _number(c, "scaling.num_workers", int, low=1)
+    _number(c, "scaling.cpus_per_worker", float, low=0, low_open=True)
+    _number(c, "scaling.gpus_per_worker", float, low=0)
+    if _get(c, "scaling.use_gpu") and not _get(c, "scaling.gpus_per_worker"):
+        raise ConfigError("scaling.gpus_per_worker=0 with scaling.use_gpu=true: a GPU worker needs a GPU share")
+    _number(c, "data.encode_cpus", float, low=0, low_open=True)
+    _number(c, "data.val_holdout", float, low=0, high=1, high_open=True)
+    _number(c, "data.val_max_images", int, low=1, optional=True)
+    _number(c, "data.val_min_images", int, low=1)
+    _choice(c, "model.padding_side", ("left", "right"))
+    try:
+        resolve_dtype(str(_get(c, "model.dtype")), "cpu")
+    except ValueError as e:
+        raise ConfigError(f"model.dtype: {e}") from None
+
+
 def spec_from_cfg(cfg: DictConfig) -> RunSpec:
-    """Validate once, here, with the key named; then the workers trust the spec."""
+    """Validate once, here, with the key named; then the workers trust the spec. Raises `ConfigError`."""
     c = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(c, dict)
     criteria_cfg = c.get("criteria") or {}
     if not criteria_cfg:
-        raise ValueError("criteria: no criterion configured (criteria.base must be lm or cal)")
+        raise ConfigError("criteria: no criterion configured (criteria.base must be lm or cal)")
     criteria = []
     for slot, node in criteria_cfg.items():
         if not isinstance(node, dict) or "_target_" not in node:
-            raise ValueError(f"criteria.{slot}: expected a criterion config with _target_, got {node!r}")
+            raise ConfigError(f"criteria.{slot}: expected a criterion config with _target_, got {node!r}")
         try:
             criteria.append(instantiate(node))
         except Exception as e:  # hydra wraps the real reason; surface it with the key
-            raise ValueError(f"criteria.{slot}: cannot instantiate {node['_target_']}: {e}") from e
-    validate_criteria(criteria)
+            reason = " ".join(str(e.__cause__ or e).split())
+            raise ConfigError(f"criteria.{slot}: cannot instantiate {node['_target_']}: {reason}") from e
+    try:
+        validate_criteria(criteria)
+    except ValueError as e:
+        raise ConfigError(f"criteria: {e}") from None
+    check_values(c)
+    metric = _get(c, "trainer.objective.metric")
+    if metric not in objective_metrics(criteria):
+        raise ConfigError(
+            f"trainer.objective.metric={metric!r}: not a reported metric (one of {sorted(objective_metrics(criteria))})"
+        )
     t, o, ev = c["trainer"], c["optim"], c["trainer"]["eval"]
     fit = FitConfig(
         max_steps=t["max_steps"], lr=o["lr"], projector_lr=o.get("projector_lr"), weight_decay=o["weight_decay"],
@@ -59,12 +149,6 @@ def spec_from_cfg(cfg: DictConfig) -> RunSpec:
         keep_checkpoints=1, eval_layers=ev["layers"], eval_heads=ev["heads"], eval_query_offset=ev["query_offset"],
         eval_theta=ev["theta"],
     )  # fmt: skip
-    if t["batch_size"] < 1:
-        raise ValueError(f"trainer.batch_size must be >= 1, got {t['batch_size']}")
-    if t["objective"]["mode"] not in ("max", "min"):
-        raise ValueError(f"trainer.objective.mode must be max or min, got {t['objective']['mode']!r}")
-    if c["scaling"]["num_workers"] < 1:
-        raise ValueError(f"scaling.num_workers must be >= 1, got {c['scaling']['num_workers']}")
     return RunSpec(
         name=str(c["name"]),
         storage_path=absolute_storage(str(c["storage_path"])),

@@ -21,7 +21,7 @@ from raysal.orchestration.spec import RunSpec
 from raysal.orchestration.worker import train_loop_per_worker
 
 
-def build_trainer(spec: RunSpec, *, callbacks: Sequence[Any] = (), encode_concurrency: int = 1) -> TorchTrainer:
+def build_trainer(spec: RunSpec, *, callbacks: Sequence[Any] = ()) -> TorchTrainer:
     s = spec.scaling
     resources = {"CPU": s["cpus_per_worker"]}
     if s["use_gpu"]:
@@ -47,7 +47,7 @@ def build_trainer(spec: RunSpec, *, callbacks: Sequence[Any] = (), encode_concur
             ),
             callbacks=list(callbacks),
         ),
-        datasets=run_datasets(spec.data, spec.model["name_or_path"], encode_concurrency=encode_concurrency),
+        datasets=run_datasets(spec.data, spec.model["name_or_path"], num_workers=s["num_workers"]),
         dataset_config=data_config,
     )
 

@@ -1,0 +1,227 @@
+"""Everything a run needs, checked before Ray starts: storage, model, shards, the validation set's size.
+
+`spec_from_cfg` has checked the config's values; this checks what they point at. Both entry points call
+`preflight` once (``raysal.tune`` for the search's base config, before any trial), so a bad path, a truncated
+shard or an empty hold-out is one ``error:`` line, not a traceback from inside a Ray worker.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from raysal.attention.selection import resolve_heads, resolve_layers
+from raysal.data.holdout import in_holdout
+from raysal.data.shards import MANIFEST, SCHEMA
+from raysal.orchestration.errors import ConfigError
+from raysal.orchestration.spec import RunSpec
+
+log = logging.getLogger(__name__)
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # org/name
+
+
+@dataclass(frozen=True)
+class DataSizes:
+    """Images a run trains and evaluates on, counted from the shards (ids and a fixed hash; no image is read)."""
+
+    train_split: str
+    val_split: str
+    train_images: int
+    val_images: int  # the validation split, or the hold-out of the training split
+    eval_images: int  # what each evaluation covers: val_images capped at data.val_max_images
+    holdout: float | None  # the fraction held out when the splits coincide
+
+    def describe(self) -> str:
+        val = (
+            f"hold-out {self.holdout:g} of {self.train_split} = {self.val_images} images"
+            if self.holdout is not None
+            else f"{self.val_split} = {self.val_images} images"
+        )
+        train = f"train {self.train_split} = {self.train_images} images"
+        return f"data: {train}; validation {val}; evaluating {self.eval_images}"
+
+
+def check_writable(location: str, key: str) -> None:
+    """Create ``location`` if needed and write (then remove) a small file there; a URI goes through pyarrow.fs."""
+    marker = f".raysal-write-test-{uuid.uuid4().hex[:8]}"
+    try:
+        if "://" in location:
+            import pyarrow.fs
+
+            fs, path = pyarrow.fs.FileSystem.from_uri(location)
+            fs.create_dir(path, recursive=True)
+            with fs.open_output_stream(f"{path}/{marker}") as f:
+                f.write(b"ok")
+            fs.delete_file(f"{path}/{marker}")
+        else:
+            folder = Path(location).expanduser()
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / marker).write_bytes(b"ok")
+            (folder / marker).unlink()
+    except (OSError, pa.ArrowException) as e:
+        reason = getattr(e, "strerror", None) or " ".join(str(e).split())
+        raise ConfigError(f"{key}={location}: not writable ({reason})") from None
+
+
+def _model_config(name: str) -> Any | None:
+    """The model's config.json, or None for a hub id not cached on this machine (the workers download it)."""
+    from transformers import AutoConfig
+
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"model.name_or_path={name}: the folder holds no config.json (not a saved model)")
+        try:
+            return AutoConfig.from_pretrained(path)
+        except (OSError, ValueError) as e:
+            raise ConfigError(
+                f"model.name_or_path={name}: unreadable config.json ({' '.join(str(e).split())})"
+            ) from None
+    if not HUB_ID.match(name):
+        raise ConfigError(
+            f"model.name_or_path={name}: no such folder, and not a Hugging Face hub id of the form org/name"
+        )
+    try:
+        return AutoConfig.from_pretrained(name, local_files_only=True)
+    except (OSError, ValueError):
+        log.info("model %s is not in the local Hugging Face cache: the workers will download it", name)
+        return None
+
+
+def check_model(spec: RunSpec) -> None:
+    """The model exists (a folder with config.json, or a hub id), is LLaVA / LLaVA-NeXT, and every criterion's and
+    the evaluation protocol's layers and heads exist in it."""
+    from raysal.model.build import SUPPORTED
+
+    name = str(spec.model["name_or_path"])
+    config = _model_config(name)
+    if config is None:
+        return
+    if config.model_type not in SUPPORTED:
+        raise ConfigError(f"model.name_or_path={name}: model_type {config.model_type!r} is not one of {SUPPORTED}")
+    text = config.text_config
+    n_layers, n_heads = int(text.num_hidden_layers), int(text.num_attention_heads)
+    selections = [(f"criteria ({c.name})", c) for c in spec.criteria if hasattr(c, "layers")]
+    for where, c in selections:
+        try:
+            resolve_layers(c.layers, n_layers)
+            if hasattr(c, "heads"):
+                resolve_heads(c.heads, n_heads)
+        except ValueError as e:
+            raise ConfigError(f"{where}: {e} ({name})") from None
+    try:
+        resolve_layers(spec.fit.eval_layers, n_layers)
+        resolve_heads(spec.fit.eval_heads, n_heads)
+    except ValueError as e:
+        raise ConfigError(f"trainer.eval: {e} ({name})") from None
+
+
+def _read_manifest(shards: Path) -> dict:
+    import json
+
+    path = shards / MANIFEST
+    if not path.is_file():
+        raise ConfigError(
+            f"data.shards={shards}: no {MANIFEST}. Write shards with `python -m raysal.data.shards ROOT {shards}` "
+            "or `python scripts/prepare_coconut.py` (see README), or run experiment=demo for synthetic data"
+        )
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{path}: unreadable ({' '.join(str(e).split())})") from None
+
+
+def _split_files(shards: Path, manifest: dict, split: str) -> list[Path]:
+    files = [shards / f for f in manifest["splits"][split]["files"]]
+    if not files:
+        raise ConfigError(f"{shards / MANIFEST}: split {split!r} has no rows (every sample was skipped?)")
+    for f in files:
+        if not f.is_file():
+            raise ConfigError(f"{f}: listed in {MANIFEST} but missing; re-write the shards")
+        try:
+            names = set(pq.ParquetFile(f).schema_arrow.names)
+        except (OSError, pa.ArrowException) as e:
+            raise ConfigError(
+                f"{f}: not a readable parquet file ({' '.join(str(e).split())}); re-write the shards with "
+                "`python -m raysal.data.shards`"
+            ) from None
+        missing = sorted(set(SCHEMA.names) - names)
+        if missing:
+            raise ConfigError(f"{f}: columns {missing} missing; written by another version? re-write the shards")
+    return files
+
+
+def _image_ids(files: list[Path]) -> list[int]:
+    try:
+        return [i for f in files for i in pq.read_table(f, columns=["image_id"]).column(0).to_pylist()]
+    except (OSError, pa.ArrowException) as e:
+        raise ConfigError(f"shards: cannot read image ids ({' '.join(str(e).split())})") from None
+
+
+def check_data(data: dict[str, Any], num_workers: int) -> DataSizes:
+    """Splits exist, every shard file is readable parquet with our columns, and the validation set (a split or a
+    hold-out of the training split, counted by id) holds at least ``data.val_min_images`` images."""
+    shards = Path(data["shards"]).expanduser()
+    manifest = _read_manifest(shards)
+    for key in ("train_split", "val_split"):
+        if data[key] not in manifest["splits"]:
+            raise ConfigError(
+                f"data.{key}={data[key]!r}: no such split in {shards / MANIFEST} (it has {sorted(manifest['splits'])})"
+            )
+    train_split, val_split = data["train_split"], data["val_split"]
+    train_files = _split_files(shards, manifest, train_split)
+    same = train_split == val_split
+    holdout = float(data["val_holdout"] or 0.0)
+    if same and holdout <= 0:
+        raise ConfigError(
+            f"data.val_split={val_split!r} equals data.train_split: set data.val_holdout > 0 to hold out validation "
+            "images, or point data.val_split at a split of its own"
+        )
+    if same:
+        ids = _image_ids(train_files)
+        n_val = sum(in_holdout(i, holdout) for i in ids)
+        n_train = len(ids) - n_val
+    else:
+        n_train = len(_image_ids(train_files))
+        n_val = len(_image_ids(_split_files(shards, manifest, val_split)))
+    cap = data.get("val_max_images")
+    sizes = DataSizes(train_split, val_split, n_train, n_val, min(n_val, cap or n_val), holdout if same else None)
+    if sizes.eval_images < data["val_min_images"]:
+        where = (
+            f"data.val_holdout={holdout:g} holds out {n_val} of the {len(ids)} images of split {train_split!r}"
+            if same
+            else f"data.val_split={val_split!r} has {n_val} images"
+        )
+        raise ConfigError(
+            f"{where} in {shards}, fewer than data.val_min_images={data['val_min_images']}: raise "
+            f"data.val_holdout, point data.val_split at a larger split, or lower data.val_min_images"
+        )
+    if n_train < num_workers:
+        raise ConfigError(
+            f"data.train_split={train_split!r} leaves {n_train} training images in {shards}, fewer than "
+            f"scaling.num_workers={num_workers}"
+        )
+    return sizes
+
+
+def preflight(spec: RunSpec) -> DataSizes:
+    """Check what the run points at, creating the demo's assets (tiny model, synthetic data) on first use."""
+    from raysal.orchestration.assets import ensure_data, ensure_model
+
+    check_writable(spec.storage_path, "storage_path")
+    if spec.wandb.get("dir"):
+        check_writable(str(spec.wandb["dir"]), "wandb.dir")
+    try:
+        ensure_model(spec.model)
+        ensure_data(spec.data)
+    except OSError as e:
+        raise ConfigError(f"cache_dir: cannot create the demo's model or data ({e})") from None
+    check_model(spec)
+    return check_data(spec.data, int(spec.scaling["num_workers"]))

@@ -1,0 +1,41 @@
+"""CPU accounting: a run fits in num_workers × cpus_per_worker + data.encode_cpus, and a search's default
+concurrency counts both, so concurrent trials never starve each other's data pipelines."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from raysal.orchestration.data import DataCPUs
+from raysal.search.space import load_search_space
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("budget", [0.25, 0.5, 1.0, 4.0])
+@pytest.mark.parametrize("workers", [1, 2, 4])
+def test_data_pipelines_fit_in_the_budget_with_room_for_a_read(budget, workers):
+    cpus = DataCPUs.split(budget, workers)
+    actors = (1 + workers) * cpus.encode  # one train pipeline + one validation pipeline per worker, held for the run
+    assert actors + cpus.read <= budget + 1e-12
+    assert cpus.read > 0 and cpus.encode > 0
+
+
+def test_default_concurrency_counts_workers_and_data(monkeypatch):
+    import ray
+
+    from raysal import tune
+
+    demo = load_search_space(ROOT / "search_spaces" / "criteria.yaml", "demo")
+    demo = type(demo)(**{**demo.__dict__, "max_concurrent_trials": None})
+    assert tune.trial_cpus(demo, 0.5) == 1.5
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
+    assert tune._max_concurrent(demo, 0.5) == 1  # 2 // (1 worker CPU + 0.5 data): not 2 trials on 2 CPUs
+    gpu = load_search_space(ROOT / "search_spaces" / "criteria.yaml", None)  # 1 GPU + 6 CPUs per trial
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 48.0, "GPU": 4.0})
+    assert tune._max_concurrent(gpu, 1.0) == 4  # GPU-bound
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 16.0, "GPU": 4.0})
+    assert tune._max_concurrent(gpu, 1.0) == 2  # CPU-bound: 16 // 7
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0})
+    assert tune._max_concurrent(gpu, 1.0) is None  # GPU nodes not up yet: Tune queues trials
