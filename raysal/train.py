@@ -37,15 +37,24 @@ def prepare(cfg: DictConfig) -> tuple[RunSpec, DataSizes]:
 def run(spec: RunSpec, sizes: DataSizes) -> dict:
     import ray
 
+    from raysal.orchestration.stale_checkpoints import remove_stale_checkpoints
     from raysal.orchestration.trainer import build_trainer, export_adapter
     from raysal.orchestration.wandb_run import resolve_mode, sync_hint
-    from raysal.orchestration.worker import wandb_dir
+    from raysal.orchestration.worker import FAIL_REASON, wandb_dir
 
     print(f"raysal: {sizes.describe()}", flush=True)
     t0 = time.perf_counter()
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
+    remove_stale_checkpoints(
+        f"{spec.storage_path}/{spec.name}"
+    )  # left by a kill between a checkpoint and Ray's snapshot
     result = build_trainer(spec).fit()
+    reason = (result.metrics or {}).get(FAIL_REASON)
+    if reason:
+        print(f"raysal: run {spec.name} stopped — {reason}; nothing exported ({spec.storage_path}/{spec.name})",
+              file=sys.stderr)  # fmt: skip
+        return {"name": spec.name, "fail_reason": reason}
     metric, mode = spec.objective["metric"], spec.objective["mode"]
     best = result.get_best_checkpoint(metric, mode) if result.best_checkpoints else None
     run_dir = f"{spec.storage_path}/{spec.name}"
@@ -83,8 +92,7 @@ def _run_checked(compose: Callable[[], DictConfig]) -> int:
             raise
         print(f"error: {message}", file=sys.stderr)
         return 2
-    run(spec, sizes)
-    return 0
+    return 1 if run(spec, sizes).get("fail_reason") else 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,6 +25,7 @@ from typing import Any
 
 from raysal.orchestration.compose import compose_cfg
 from raysal.search.space import (
+    CONTROL_KEY,
     SearchSpaceError,
     SearchSpec,
     format_override,
@@ -49,27 +50,59 @@ def resource_overrides(spec: SearchSpec) -> list[str]:
     ]
 
 
-def trial_overrides(base: list[str], params: dict[str, Any]) -> list[str]:
+def trial_overrides(base: list[str], params: dict[str, Any], control: tuple[str, ...] = ()) -> list[str]:
+    """A trial's Hydra overrides: the search's base + its sampled values (the control: base + control overrides)."""
+    if params.get(CONTROL_KEY):
+        return [*base, *control]
     return [*base, *(format_override(k, v) for k, v in params_to_overrides(params).items())]
 
 
-def run_trial(config: dict[str, Any], *, base: list[str], trials_dir: str) -> None:
-    """The Tune trainable: one Train run per trial, named after the Tune trial id (stable across restore)."""
+def trial_run_overrides(
+    base: list[str], config: dict[str, Any], control: tuple[str, ...], trial_id: str, trials_dir: str
+) -> list[str]:
+    """The Train run of a trial: named after the Tune trial id, under the search's trials folder; W&B is logged
+    by the Tune-side callback instead."""
+    return [
+        *trial_overrides(base, config, control),
+        format_override("name", trial_id),  # quoted: Hydra reads an id like 71e76940 as a float (inf)
+        format_override("storage_path", trials_dir),
+        "wandb.mode=disabled",
+    ]
+
+
+class TrialFailed(RuntimeError):
+    """A trial that must not be ranked: diverged, stalled, or failed after Ray Train's own retries."""
+
+
+def run_trial(
+    config: dict[str, Any], *, base: list[str], control: tuple[str, ...], trials_dir: str, reasons_dir: str
+) -> None:
+    """The Tune trainable: one Train run per trial, named after the Tune trial id (stable across restore).
+
+    Lost workers and nodes are retried inside the run by Ray Train (``trainer.max_failures``); what reaches here
+    is a real failure: it is recorded with its reason and raised, so Tune marks the trial ERROR and Optuna FAIL."""
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from raysal.orchestration.spec import spec_from_cfg
+    from raysal.orchestration.stale_checkpoints import remove_stale_checkpoints
     from raysal.orchestration.trainer import build_trainer
+    from raysal.orchestration.worker import FAIL_REASON
+    from raysal.search.fail_reasons import record_reason
 
     trial_id = ray.tune.get_context().get_trial_id()
-    overrides = [
-        *trial_overrides(base, config),
-        f"name={trial_id}",
-        f"storage_path={trials_dir}",
-        "wandb.mode=disabled",
-    ]
-    spec = spec_from_cfg(compose_cfg(overrides))  # W&B for trials: WandbLoggerCallback on the Tune side
-    build_trainer(spec, callbacks=[TuneReportCallback()]).fit()
+    spec = spec_from_cfg(compose_cfg(trial_run_overrides(base, config, control, trial_id, trials_dir)))
+    remove_stale_checkpoints(f"{trials_dir}/{trial_id}")
+    try:
+        result = build_trainer(spec, callbacks=[TuneReportCallback()]).fit()
+    except Exception as e:
+        cause = e.__cause__ or e
+        record_reason(reasons_dir, trial_id, f"failed: {type(cause).__name__}: {' '.join(str(cause).split())[:500]}")
+        raise
+    reason = (result.metrics or {}).get(FAIL_REASON)
+    if reason:
+        record_reason(reasons_dir, trial_id, reason)
+        raise TrialFailed(reason)
 
 
 def trial_dirname(trial: Any) -> str:
@@ -123,39 +156,63 @@ def _parse_cli(argv: list[str]) -> tuple[Path, list[str], str]:
     return Path(argv[0]), overrides, resume
 
 
-def summarise(result_grid: Any, spec: SearchSpec, base: list[str], search_dir: str, top: int = 10) -> dict:
-    """Print the top trials with replay commands; export the best trial's best checkpoint."""
+def _trial_id(result: Any) -> str:
+    return (result.metrics or {}).get("trial_id") or Path(result.path).name  # trial folders are named by trial id
+
+
+def summarise(
+    result_grid: Any, spec: SearchSpec, base: list[str], search_dir: str, reasons_dir: str, top: int = 10
+) -> dict:
+    """The top trials with replay commands, the failed ones with their reasons; export the best trial's best
+    checkpoint. A failed trial (diverged, stalled, errored) is never ranked, whatever it reported before."""
     import ray.train
 
     from raysal.orchestration.trainer import export_adapter
+    from raysal.orchestration.worker import FAIL_REASON
+    from raysal.search.control import choose_best
+    from raysal.search.fail_reasons import read_reason
 
     metric, mode = spec.objectives[0].metric, spec.objectives[0].mode
-    rows = []
+    control = spec.control.overrides if spec.control else ()
+    rows, failed = [], []
     for r in result_grid:
-        if r.metrics and metric in r.metrics:
-            rows.append({"trial_id": r.metrics.get("trial_id"), "metrics": r.metrics, "config": r.config})
+        trial_id, metrics = _trial_id(r), r.metrics or {}
+        replay = "python -m raysal.train " + " ".join(trial_overrides(base, r.config, control))
+        if r.error is not None or metrics.get(FAIL_REASON):
+            reason = read_reason(reasons_dir, trial_id) or metrics.get(FAIL_REASON) or _first_line(str(r.error))
+            failed.append({"trial_id": trial_id, "reason": reason, "replay": replay})
+        elif metric in metrics:
+            rows.append({"trial_id": trial_id, "metrics": metrics, "config": r.config, "replay": replay})
+    best, decision = choose_best(rows, metric, mode, spec.control.lm_tolerance if spec.control else None)
+    excluded = set(decision["excluded_by_lm_tolerance"])
     rows.sort(key=lambda x: x["metrics"][metric], reverse=mode == "max")
-    lines = [f"| rank | trial | {metric} | step | sampled parameters | replay |", "|---|---|---|---|---|---|"]
+    lines = [
+        f"| rank | trial | {metric} | val/lm_loss | step | sampled parameters | replay |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for i, row in enumerate(rows[:top]):
-        params = params_to_overrides(row["config"])
-        shown = " ".join(format_override(k, v) for k, v in params.items())
-        replay = "python -m raysal.train " + " ".join(trial_overrides(base, row["config"]))
-        row["replay"] = replay
+        shown = " ".join(format_override(k, v) for k, v in params_to_overrides(row["config"]).items())
+        if row["config"].get(CONTROL_KEY):
+            shown = "control: " + " ".join(control)
+        mark = " (best)" if row is best else " (lm > limit)" if row["trial_id"] in excluded else ""
         lines.append(
-            f"| {i + 1} | {row['trial_id']} | {row['metrics'][metric]:.4g} | "
-            f"{row['metrics'].get('train/step', float('nan')):.0f} | {shown} | `{replay}` |"
+            f"| {i + 1}{mark} | {row['trial_id']} | {row['metrics'][metric]:.4g} | "
+            f"{row['metrics'].get('val/lm_loss', float('nan')):.4g} | "
+            f"{row['metrics'].get('train/step', float('nan')):.0f} | {shown} | `{row['replay']}` |"
         )
-    table = "\n".join(lines)
+    for f in failed:
+        lines.append(f"| failed | {f['trial_id']} | | | | {f['reason']} | `{f['replay']}` |")
     summary: dict[str, Any] = {
         "search": spec.name,
         "metric": metric,
         "mode": mode,
         "trials": len(result_grid),
         "reported": len(rows),
-        "table": table,
+        "failed": failed,
+        **decision,
+        "table": "\n".join(lines),
     }
-    if rows:
-        best = rows[0]
+    if best is not None:
         run = ray.train.Result.from_path(f"{search_dir}/trials/{best['trial_id']}")
         ckpt = run.get_best_checkpoint(metric, mode)
         if ckpt is not None:
@@ -164,6 +221,10 @@ def summarise(result_grid: Any, spec: SearchSpec, base: list[str], search_dir: s
             export_adapter(ckpt, f"{search_dir}/best_adapter", {**metrics, **summary["best"]})
             summary["best_adapter"] = f"{search_dir}/best_adapter"
     return summary
+
+
+def _first_line(text: str) -> str:
+    return next((ln.strip() for ln in text.splitlines() if ln.strip()), text)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -177,12 +238,20 @@ def main(argv: list[str] | None = None) -> int:
         base = [*spec.base_overrides, *resource_overrides(spec), *cli]
         validate_against(spec, compose_cfg)  # every key and option must exist: fail before any trial starts
         from raysal.orchestration.preflight import check_writable, preflight
-        from raysal.orchestration.spec import spec_from_cfg
+        from raysal.orchestration.spec import objective_metrics, spec_from_cfg
 
         run_spec = spec_from_cfg(compose_cfg(base))
+        reported = objective_metrics(run_spec.criteria)
+        for i, o in enumerate(spec.objectives):
+            if o.metric not in reported and not o.metric.startswith("train/loss/"):
+                raise SearchSpaceError(
+                    path, f"objectives[{i}].metric", f"{o.metric!r} is not reported ({sorted(reported)})"
+                )
+        if spec.control is not None:  # the control trial's config must compose too, before anything runs
+            spec_from_cfg(compose_cfg([*base, *spec.control.overrides]))
         sizes = preflight(run_spec)  # once, here, rather than racing in concurrent trials
         if "://" in run_spec.storage_path:  # the Optuna study is a local SQLite file
-            check_writable(str(Path(run_spec.config["cache_dir"]) / "optuna"), "cache_dir")
+            check_writable(str(Path(run_spec.config["cache_dir"]) / "searches"), "cache_dir")
     except Exception as e:
         message = user_message(e)
         if message is None:
@@ -197,15 +266,22 @@ def _search(spec: SearchSpec, base: list[str], run_spec: Any, resume: str) -> in
     import optuna
     import ray
     from ray import tune
-    from ray.air.integrations.wandb import WandbLoggerCallback
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-    from ray.tune.search.optuna import OptunaSearch
+    from ray.tune.schedulers import FIFOScheduler
 
+    from raysal.orchestration.wandb_callback import KeySafeWandbLoggerCallback
     from raysal.orchestration.wandb_run import resolve_mode, sync_hint
+    from raysal.search.control import ControlAwareASHA, enqueue_control
+    from raysal.search.optuna_search import ReasonedOptunaSearch
     from raysal.search.space import define_by_run
 
     storage = run_spec.storage_path
     search_dir = f"{storage}/{spec.name}"
+    # the driver's own files (Optuna's SQLite study, failure reasons) stay on the head node's disk
+    local_dir = Path(search_dir)
+    if "://" in search_dir:
+        local_dir = Path(run_spec.config["cache_dir"]) / "searches" / spec.name
+    reasons_dir = str(local_dir / "fail_reasons")
+    control = spec.control.overrides if spec.control else ()
     if not ray.is_initialized():
         if os.environ.get("RAY_ADDRESS"):
             ray.init(address=os.environ["RAY_ADDRESS"])
@@ -226,9 +302,12 @@ def _search(spec: SearchSpec, base: list[str], run_spec: Any, resume: str) -> in
     signal.signal(signal.SIGTERM, on_sigterm)
 
     trainable = tune.with_resources(
-        partial(run_trial, base=base, trials_dir=f"{search_dir}/trials"),
+        partial(run_trial, base=base, control=control, trials_dir=f"{search_dir}/trials", reasons_dir=reasons_dir),
         {"CPU": 0, DRIVER_RESOURCE: 1} if DRIVER_RESOURCE in ray.cluster_resources() else {"CPU": 0},
     )
+    # a run that diverged reports its reason without the objective (then stops): Tune must not take that for a
+    # misspelt metric (the objectives were checked against the reported metrics before the search started)
+    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     wandb_mode = resolve_mode(run_spec.wandb["mode"])
     if wandb_mode == "offline":
         os.environ["WANDB_MODE"] = "offline"  # Ray's callback insists on an API key unless W&B itself is offline
@@ -240,18 +319,22 @@ def _search(spec: SearchSpec, base: list[str], run_spec: Any, resume: str) -> in
     t0 = time.perf_counter()
     if restore:
         log.info("resuming the search in %s", search_dir)
-        tuner = tune.Tuner.restore(search_dir, trainable, resume_unfinished=True, resume_errored=True)
+        # errored trials stay errored: Ray Train already retried their infrastructure failures, and a diverged
+        # trial would only diverge again
+        tuner = tune.Tuner.restore(search_dir, trainable, resume_unfinished=True, resume_errored=False)
     else:
-        db = Path(run_spec.config["cache_dir"]) / "optuna" if "://" in search_dir else Path(search_dir)
-        db.mkdir(parents=True, exist_ok=True)
-        searcher = OptunaSearch(
+        local_dir.mkdir(parents=True, exist_ok=True)
+        db = optuna.storages.RDBStorage(f"sqlite:///{local_dir / 'optuna.db'}")
+        if spec.control is not None and enqueue_control(spec.name, db, spec):
+            log.info("control trial enqueued first: %s", " ".join(spec.control.overrides))
+        searcher = ReasonedOptunaSearch(
             space=define_by_run(spec), metric=spec.metric, mode=spec.mode,
-            sampler=optuna.samplers.TPESampler(seed=spec.seed),
-            storage=optuna.storages.RDBStorage(f"sqlite:///{db / 'optuna.db'}"), study_name=spec.name,
+            sampler=optuna.samplers.TPESampler(seed=spec.seed), storage=db, study_name=spec.name,
+            reasons_dir=reasons_dir,
         )  # fmt: skip
         s = spec.scheduler
         scheduler = (
-            ASHAScheduler(
+            ControlAwareASHA(
                 time_attr=s.time_attr,
                 metric=spec.metric,
                 mode=spec.mode,
@@ -265,7 +348,7 @@ def _search(spec: SearchSpec, base: list[str], run_spec: Any, resume: str) -> in
         callbacks = []
         if wandb_mode != "disabled":
             callbacks.append(
-                WandbLoggerCallback(
+                KeySafeWandbLoggerCallback(
                     project=run_spec.wandb["project"],
                     entity=run_spec.wandb.get("entity"),
                     group=spec.name,
@@ -279,11 +362,16 @@ def _search(spec: SearchSpec, base: list[str], run_spec: Any, resume: str) -> in
             tune_config=tune.TuneConfig(
                 search_alg=searcher,
                 scheduler=scheduler,
-                num_samples=spec.num_samples,
+                num_samples=spec.num_samples + (spec.control is not None),  # the control is one more trial
                 max_concurrent_trials=_max_concurrent(spec, float(run_spec.data["encode_cpus"])),
                 trial_dirname_creator=trial_dirname,
             ),
-            run_config=tune.RunConfig(name=spec.name, storage_path=storage, callbacks=callbacks),
+            run_config=tune.RunConfig(
+                name=spec.name,
+                storage_path=storage,
+                callbacks=callbacks,
+                failure_config=tune.FailureConfig(max_failures=0),  # retries happen inside the trial (Ray Train)
+            ),
         )
     try:
         grid = tuner.fit()
@@ -293,17 +381,16 @@ def _search(spec: SearchSpec, base: list[str], run_spec: Any, resume: str) -> in
     finally:
         grace.cancel()
     unfinished = [t.trial_id for t in grid._experiment_analysis.trials if t.status not in ("TERMINATED", "ERROR")]
-    if unfinished or len(grid) < spec.num_samples:
+    if unfinished or len(grid) < spec.num_samples + (spec.control is not None):
         print(f"search interrupted with {len(unfinished)} unfinished trial(s); run the same command again to "
               f"continue it ({search_dir})", file=sys.stderr)  # fmt: skip
         return 130
-    summary = summarise(grid, spec, base, search_dir)
+    summary = summarise(grid, spec, base, search_dir, reasons_dir)
     time.sleep(2)  # placement groups of the last trial are removed asynchronously
     summary["leaked_placement_groups"] = leaked_placement_groups()
     if summary["leaked_placement_groups"]:
         log.warning("%d placement group(s) still alive after the search", summary["leaked_placement_groups"])
-    if "://" not in search_dir:
-        Path(search_dir, "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    Path(local_dir, "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     print(summary["table"])
     best = summary.get("best")
     w = sync_hint(Path(search_dir)) if resolve_mode(run_spec.wandb["mode"]) == "offline" else ""
@@ -312,7 +399,7 @@ def _search(spec: SearchSpec, base: list[str], run_spec: Any, resume: str) -> in
         f"{summary['trials']} trials reported; best {best['trial_id'] if best else None}; adapter: "
         f"{summary.get('best_adapter')}; folder: {search_dir}. {w}"
     )
-    return 0 if grid.num_errors == 0 else 1
+    return 0 if best else 1  # failed trials are part of a search's result; no trial to export is not
 
 
 if __name__ == "__main__":

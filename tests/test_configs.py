@@ -93,3 +93,12 @@ def test_shipped_search_spaces_validate_against_the_configs():
         for profile in (None, "demo"):
             spec = load_search_space(f"search_spaces/{name}.yaml", profile)
             validate_against(spec, compose_cfg)
+
+
+def test_the_lm_only_control_composes_with_the_demo():
+    """`~criterion@criteria.align` under experiment=demo (which sets criteria.align.layers) is the LM-only control:
+    the leftover knob settings of the removed slot are unused, not an error."""
+    from raysal.orchestration.spec import spec_from_cfg
+
+    spec = spec_from_cfg(compose_cfg(["experiment=demo", "~criterion@criteria.align"]))
+    assert [c.name for c in spec.criteria] == ["lm"]

@@ -26,8 +26,16 @@ def cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("raysal_cache")
 
 
-def run(cmd: list[str], cache: Path, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {**ENV, "RAYSAL_CACHE": str(cache)}
+FAKE_KEY = "f" * 8 + "0123456789abcdef" * 2  # 40 characters, like a W&B key; offline mode never checks it
+
+
+def files_containing(folder: Path, needle: str) -> list[Path]:
+    data = needle.encode()
+    return [p for p in folder.rglob("*") if p.is_file() and not p.is_symlink() and data in p.read_bytes()]
+
+
+def run(cmd: list[str], cache: Path, timeout: int = 600, extra_env: dict | None = None) -> subprocess.CompletedProcess:
+    env = {**ENV, "RAYSAL_CACHE": str(cache), **(extra_env or {})}
     return subprocess.run([sys.executable, "-m", *cmd], capture_output=True, text=True, timeout=timeout, env=env)
 
 
@@ -98,11 +106,19 @@ def test_train_run_checkpoints_metrics_and_offline_wandb(tmp_path, cache):
 
 @pytest.mark.integration
 def test_tune_search_asha_adapter_wandb_groups(tmp_path, cache):
-    res = run(["raysal.tune", str(space_file(tmp_path, 3, "itune")), *SMALL, f"storage_path={tmp_path}"], cache)
+    sessions_before = set(Path("/tmp/ray").glob("session_2*"))
+    res = run(["raysal.tune", str(space_file(tmp_path, 2, "itune")), *SMALL, f"storage_path={tmp_path}"], cache,
+              extra_env={"WANDB_API_KEY": FAKE_KEY})  # fmt: skip
     assert res.returncode == 0, res.stderr[-3000:]
+    # the W&B key is written nowhere: not by raysal, not by Ray on its behalf (runtime_env logs), not by W&B
+    sessions = set(Path("/tmp/ray").glob("session_2*")) - sessions_before
+    assert sessions, "the search started a Ray session of its own"
+    leaks = [p for folder in (*sessions, tmp_path, cache) for p in files_containing(folder, FAKE_KEY)]
+    assert not leaks, leaks
     folder = tmp_path / "itune"
     summary = json.loads((folder / "summary.json").read_text())
-    assert summary["trials"] == 3 and summary["reported"] == 3
+    assert summary["trials"] == 3 and summary["reported"] == 3  # 2 sampled + the LM-only control
+    assert summary["control"] and summary["lm_limit"] > 0 and not summary["failed"]
     assert summary["leaked_placement_groups"] == 0
     assert "python -m raysal.train" in summary["table"] and summary["best"]["replay"].startswith(
         "python -m raysal.train"
@@ -124,7 +140,7 @@ def test_tune_search_asha_adapter_wandb_groups(tmp_path, cache):
 def test_killed_search_resumes_without_rerunning_finished_trials(tmp_path, cache):
     import optuna
 
-    space = space_file(tmp_path, 3, "iresume")
+    space = space_file(tmp_path, 2, "iresume")  # + the control: 3 trials
     cmd = [sys.executable, "-m", "raysal.tune", str(space), *SMALL, f"storage_path={tmp_path}"]
     log = open(tmp_path / "first_run.log", "w")  # noqa: SIM115 - closed below, after the process ends
     proc = subprocess.Popen(cmd, env={**ENV, "RAYSAL_CACHE": str(cache)}, stdout=log, stderr=subprocess.STDOUT)
@@ -188,7 +204,7 @@ def test_train_on_the_coconut_defaults_evaluates_the_holdout_it_printed(tmp_path
 def test_search_on_the_coconut_defaults_without_max_concurrent_trials(tmp_path, cache, single_split):
     """A 2-trial search whose space file leaves max_concurrent_trials unset: concurrency comes from the trial's CPUs,
     its Train worker and its data pipelines together, so no trial's pipeline starves on a 2-CPU machine."""
-    space = space_file(tmp_path, 2, "cocotune", concurrency="")
+    space = space_file(tmp_path, 1, "cocotune", concurrency="")  # + the control: 2 trials
     res = run(["raysal.tune", str(space), "experiment=demo", "data=coconut", f"data.shards={single_split}",
                "trainer.batch_size=4", f"storage_path={tmp_path}"], cache)  # fmt: skip
     assert res.returncode == 0, res.stderr[-3000:]
@@ -198,3 +214,80 @@ def test_search_on_the_coconut_defaults_without_max_concurrent_trials(tmp_path, 
     assert summary["leaked_placement_groups"] == 0
     for r in wandb_runs(tmp_path / "cocotune"):
         assert {h["val/images"] for h in r["history"] if "val/images" in h} == {n}
+
+
+@pytest.mark.integration
+def test_diverged_and_non_finite_trials_are_never_best(tmp_path, cache):
+    """lr = 1e6 (a model that dies) and an inf weight (a non-finite loss): both trials fail with their reason in
+    summary.json, the table and Optuna's user attrs; neither is best — the LM-only control is."""
+    import optuna
+
+    space = tmp_path / "idiverge.yaml"
+    space.write_text(
+        """
+name: idiverge
+objectives: [{metric: val/amr, mode: max}]
+num_samples: 2
+max_concurrent_trials: 1
+seed: 0                                  # TPE's random start-up draws both weights with this seed
+scheduler: {type: fifo}
+resources: {num_workers: 1, use_gpu: false, cpus_per_worker: 1, gpus_per_worker: 0}
+base_overrides: [trainer.max_steps=4, trainer.eval_every=2]
+space:
+  criteria.align.weight: {choice: [1.0, .inf]}
+  optim.lr: {choice: [1.0e6]}
+"""
+    )
+    res = run(["raysal.tune", str(space), *SMALL, f"storage_path={tmp_path}"], cache)
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads((tmp_path / "idiverge" / "summary.json").read_text())
+    assert summary["trials"] == 3
+    assert len(summary["failed"]) == 2, summary["failed"]
+    assert all(f["reason"].startswith("diverged:") for f in summary["failed"]), summary["failed"]
+    assert any("not finite" in f["reason"] for f in summary["failed"]), summary["failed"]
+    assert summary["best"]["trial_id"] == summary["control"]
+    assert summary["table"].count("| failed |") == 2
+    study = optuna.load_study(study_name="idiverge", storage=f"sqlite:///{tmp_path / 'idiverge' / 'optuna.db'}")
+    failed = [t for t in study.trials if t.state == optuna.trial.TrialState.FAIL]
+    assert len(failed) == 2 and all(t.user_attrs["fail_reason"].startswith("diverged:") for t in failed)
+    control = next(t for t in study.trials if t.user_attrs.get("raysal_control"))
+    assert control.state == optuna.trial.TrialState.COMPLETE
+
+
+def _train_worker_pids() -> list[int]:
+    out = subprocess.run(["pgrep", "-f", "ray::RayTrainWorker"], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+@pytest.mark.integration
+def test_a_run_recovers_from_killed_train_workers_by_itself(tmp_path, cache):
+    """SIGKILL the Train worker twice, each time after a new checkpoint: the same invocation restores from its latest
+    checkpoint (Ray Train FailureConfig) and finishes at the configured step, rc 0, no human. Waits on progress
+    (a new checkpoint folder), never on a wall clock, so a loaded machine only makes it slower."""
+    import ray.train
+
+    cmd = [sys.executable, "-m", "raysal.train", *SMALL, "trainer.max_steps=10", "trainer.eval_every=2",
+           "trainer.keep_checkpoints=10", f"storage_path={tmp_path}", "name=ikill"]  # fmt: skip
+    log = open(tmp_path / "run.log", "w")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(cmd, env={**ENV, "RAYSAL_CACHE": str(cache)}, stdout=log, stderr=subprocess.STDOUT)
+    run_dir = tmp_path / "ikill"
+    kills, seen, deadline = 0, 0, time.time() + 900
+    try:
+        while kills < 2 and proc.poll() is None and time.time() < deadline:
+            time.sleep(1)
+            n = len(list(run_dir.glob("checkpoint_*")))
+            pids = _train_worker_pids()
+            if n > seen and pids:  # a checkpoint newer than the last kill, and a worker to kill
+                for pid in pids:
+                    os.kill(pid, signal.SIGKILL)
+                kills, seen = kills + 1, n
+        assert kills == 2, f"killed {kills} time(s) before the run ended: {(tmp_path / 'run.log').read_text()[-3000:]}"
+        code = proc.wait(timeout=900)
+    finally:
+        proc.kill()
+        log.close()
+    text = (tmp_path / "run.log").read_text()
+    assert code == 0, text[-4000:]
+    assert "raysal: run ikill finished" in text
+    result = ray.train.Result.from_path(str(run_dir))
+    assert result.metrics["train/step"] == 10

@@ -39,3 +39,19 @@ def test_default_concurrency_counts_workers_and_data(monkeypatch):
     assert tune._max_concurrent(gpu, 1.0) == 2  # CPU-bound: 16 // 7
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0})
     assert tune._max_concurrent(gpu, 1.0) is None  # GPU nodes not up yet: Tune queues trials
+
+
+def test_a_trial_run_is_named_by_its_trial_id_even_when_it_reads_as_a_number():
+    """Tune trial ids are hex: 71e76940 is a float to Hydra (inf); the run name must stay the id."""
+    from raysal import tune
+    from raysal.orchestration.compose import compose_cfg
+
+    overrides = tune.trial_run_overrides(["experiment=demo"], {"optim.lr": 0.003}, (), "71e76940", "/tmp/t 1")
+    cfg = compose_cfg(overrides)
+    assert cfg.name == "71e76940" and cfg.storage_path == "/tmp/t 1" and cfg.optim.lr == 0.003
+    control = tune.trial_run_overrides(["experiment=demo"], {"raysal_control": True}, ("~criterion@criteria.align",),
+                                       "1e5", "/tmp/t")  # fmt: skip
+    cfg = compose_cfg(control)
+    assert (
+        cfg.name == "1e5" and "align" not in (cfg.criteria.keys() - {"align"}) and "_target_" not in cfg.criteria.align
+    )

@@ -25,6 +25,7 @@ class Progress:
     step: int = 0  # optimizer steps done
     epoch: int = 0
     micro: int = 0  # micro-batches of `epoch` already consumed
+    first_lm_loss: float | None = None  # the starting model's LM loss (divergence guard), kept across resumes
 
 
 def _rng_state() -> dict:

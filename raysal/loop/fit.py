@@ -22,6 +22,7 @@ import torch
 from raysal.attention.capture import CAPTURE_IMPL, enable_capture
 from raysal.attention.selection import resolve_heads, resolve_layers
 from raysal.loop.checkpoint import Progress, load_checkpoint, save_checkpoint
+from raysal.loop.divergence import DivergenceConfig, DivergenceGuard
 from raysal.loop.evaluate import evaluate
 from raysal.loop.schedule import make_scheduler
 from raysal.loop.step import CapturePlan, capture_plan, needs_eager, train_step, validate_criteria
@@ -53,6 +54,7 @@ class FitConfig:
     eval_heads: str | list[int] = "all"
     eval_query_offset: int = 0
     eval_theta: float = 0.5
+    divergence: DivergenceConfig = field(default_factory=DivergenceConfig)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -83,7 +85,8 @@ def fit(
     """Train until ``cfg.max_steps`` optimizer steps; returns the last reported metrics.
 
     ``train_batches(epoch)`` must yield the same batches in the same order for the same epoch (seeded shuffling):
-    a resumed run skips the micro-batches its checkpoint already consumed.
+    a resumed run skips the micro-batches its checkpoint already consumed. Raises `DivergedError` (non-finite loss,
+    or a model that stopped learning: `raysal.loop.divergence`).
     """
     device = torch.device(device)
     core = unwrap(model)  # DDP (Ray Train, several workers) hides the HF/peft model behind .module
@@ -106,6 +109,8 @@ def fit(
         torch.manual_seed(cfg.seed)
         progress = Progress()
     autocast = _autocast(device, cfg.bf16)
+    guard = DivergenceGuard(cfg.divergence, int(core.config.text_config.vocab_size))
+    guard.first_lm_loss = progress.first_lm_loss
     ckpt_root = Path(checkpoint_dir) if checkpoint_dir is not None else None
     sums: dict[str, float] = defaultdict(float)
     n_micro, pending, t_last = 0, 0, time.perf_counter()
@@ -124,7 +129,9 @@ def fit(
             val = evaluate(core, val_batches(), info, protocol, device=device, autocast=autocast, theta=cfg.eval_theta)
             core.set_attn_implementation({"text_config": train_attn})
             metrics.update({f"val/{k}": v for k, v in val.items()})
+            guard.after_eval(progress.step, val["lm_loss"])
         path = None
+        progress.first_lm_loss = guard.first_lm_loss
         if ckpt_root is not None:
             path = save_checkpoint(ckpt_root / f"step_{progress.step:07d}", core, optimizer, scheduler, progress)
             _prune(ckpt_root, cfg.keep_checkpoints)
@@ -147,6 +154,7 @@ def fit(
             m = train_step(
                 model, batch, criteria, plan, info, step=progress.step, loss_scale=1 / cfg.grad_accum, autocast=autocast
             )
+            guard.after_micro_batch(m)
             for k, v in m.items():
                 sums[k] += v
             n_micro += 1
@@ -154,16 +162,18 @@ def fit(
             progress.micro = i + 1
             if pending < cfg.grad_accum:
                 continue
-            if cfg.max_grad_norm is not None:
-                norm = torch.nn.utils.clip_grad_norm_(
-                    [p for g in optimizer.param_groups for p in g["params"]], cfg.max_grad_norm
+            norm = float(
+                torch.nn.utils.clip_grad_norm_(  # max_norm inf: only measures (the divergence guard reads it)
+                    [p for g in optimizer.param_groups for p in g["params"]], cfg.max_grad_norm or float("inf")
                 )
-                sums["grad_norm"] += float(norm) * cfg.grad_accum  # averaged per micro-batch in `boundary`
+            )
+            sums["grad_norm"] += norm * cfg.grad_accum  # averaged per micro-batch in `boundary`
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             pending = 0
             progress.step += 1
+            guard.after_step(progress.step, norm)
             if progress.step % cfg.eval_every == 0 or progress.step == cfg.max_steps:
                 last = boundary()
             if progress.step >= cfg.max_steps:

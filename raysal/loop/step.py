@@ -18,11 +18,12 @@ from raysal.attention.capture import AttentionCapture, image_attention_from_maps
 from raysal.attention.selection import resolve_heads, resolve_layers
 from raysal.criteria.inputs import NEEDS, CriterionInputs
 from raysal.criteria.targets import grounding_targets
+from raysal.loop.divergence import DivergedError
 from raysal.model.build import ModelInfo
 from raysal.preprocess.collate import model_inputs
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(DivergedError, FloatingPointError):
     pass
 
 
@@ -122,5 +123,5 @@ def train_step(
         metrics["grounded_tokens"] = float(targets.token_valid.sum())
         metrics["invisible_tokens"] = float(targets.n_invisible)
     if not math.isfinite(metrics["loss"]):
-        raise NonFiniteLossError(f"step {step}: total loss is {metrics['loss']}")
+        raise NonFiniteLossError(f"step {step}: total loss is {metrics['loss']} (not finite); stopping")
     return metrics

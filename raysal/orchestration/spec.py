@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -9,10 +10,14 @@ from typing import Any
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from raysal.loop.divergence import DivergenceConfig
 from raysal.loop.fit import FitConfig
 from raysal.loop.step import validate_criteria
 from raysal.model.build import lora_target_regex, resolve_dtype
 from raysal.orchestration.errors import ConfigError
+
+log = logging.getLogger(__name__)
+_KNOBS = frozenset({"weight", "layers", "heads", "query_offset", "per_layer", "smoothing"})  # shared criterion knobs
 
 
 @dataclass
@@ -96,6 +101,10 @@ def check_values(c: dict) -> None:
     for key in ("max_steps", "batch_size", "grad_accum", "eval_every", "keep_checkpoints"):
         _number(c, f"trainer.{key}", int, low=1)
     _number(c, "trainer.max_grad_norm", float, low=0, low_open=True, optional=True)
+    _number(c, "trainer.max_failures", int, low=0)
+    _number(c, "trainer.divergence.lm_loss_of_uniform", float, low=0, low_open=True, optional=True)
+    _number(c, "trainer.divergence.lm_loss_factor", float, low=1, low_open=True, optional=True)
+    _number(c, "trainer.divergence.zero_grad_steps", int, low=1, optional=True)
     _choice(c, "trainer.objective.mode", ("max", "min"))
     _choice(c, "trainer.eval.query_offset", (0, -1))
     _number(c, "trainer.eval.theta", float, low=0, high=1, low_open=True)
@@ -124,6 +133,11 @@ def spec_from_cfg(cfg: DictConfig) -> RunSpec:
         raise ConfigError("criteria: no criterion configured (criteria.base must be lm or cal)")
     criteria = []
     for slot, node in criteria_cfg.items():
+        if isinstance(node, dict) and "_target_" not in node and all(k in _KNOBS for k in node):
+            # the slot's criterion was removed (`~criterion@criteria.align`, the LM-only control) while an
+            # experiment still sets its knobs (experiment=demo: `criteria.align.layers: all`): nothing to run
+            log.info("criteria.%s: no criterion selected; its settings %s are unused", slot, node)
+            continue
         if not isinstance(node, dict) or "_target_" not in node:
             raise ConfigError(f"criteria.{slot}: expected a criterion config with _target_, got {node!r}")
         try:
@@ -147,7 +161,7 @@ def spec_from_cfg(cfg: DictConfig) -> RunSpec:
         warmup_steps=o["warmup_steps"], min_lr_ratio=o["min_lr_ratio"], grad_accum=t["grad_accum"],
         max_grad_norm=t["max_grad_norm"], eval_every=t["eval_every"], bf16=t["bf16"], seed=c["seed"],
         keep_checkpoints=1, eval_layers=ev["layers"], eval_heads=ev["heads"], eval_query_offset=ev["query_offset"],
-        eval_theta=ev["theta"],
+        eval_theta=ev["theta"], divergence=DivergenceConfig(**t["divergence"]),
     )  # fmt: skip
     return RunSpec(
         name=str(c["name"]),

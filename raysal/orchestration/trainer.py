@@ -46,6 +46,12 @@ def build_trainer(spec: RunSpec, *, callbacks: Sequence[Any] = ()) -> TorchTrain
                 checkpoint_score_order=spec.objective["mode"],
             ),
             callbacks=list(callbacks),
+            # a lost worker or node: restore the latest checkpoint and go on, no human (a diverged run is reported,
+            # not raised, so it is never retried)
+            failure_config=ray.train.FailureConfig(
+                max_failures=spec.config["trainer"]["max_failures"],
+                controller_failure_limit=spec.config["trainer"]["max_failures"],
+            ),
         ),
         datasets=run_datasets(spec.data, spec.model["name_or_path"], num_workers=s["num_workers"]),
         dataset_config=data_config,

@@ -15,10 +15,13 @@ import ray.train
 import ray.train.torch
 import torch
 
+from raysal.loop.divergence import DivergedError
 from raysal.loop.fit import fit
 from raysal.model.build import apply_lora, load_model, load_processor
 from raysal.orchestration.data import iter_collated
 from raysal.orchestration.spec import RunSpec
+
+FAIL_REASON = "fail_reason"  # key of the last result of a run that stopped itself (diverged)
 
 
 def wandb_dir(spec: RunSpec) -> Path:
@@ -73,9 +76,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if restored is not None:
             resume_dir = Path(local) / "resume"
             restored.to_directory(str(resume_dir))
-        fit(
-            model, spec.criteria, train_batches, val_batches, spec.fit, report=report,
-            checkpoint_dir=Path(local) / "checkpoints" if rank == 0 else None, resume_from=resume_dir, device=device,
-        )  # fmt: skip
+        try:
+            fit(
+                model, spec.criteria, train_batches, val_batches, spec.fit, report=report,
+                checkpoint_dir=Path(local) / "checkpoints" if rank == 0 else None, resume_from=resume_dir,
+                device=device,
+            )  # fmt: skip
+        except DivergedError as e:
+            # Reported, not raised: Ray Train would retry a raised error from the last checkpoint (FailureConfig)
+            # and diverge again. The driver reads `fail_reason` from the run's last result.
+            reason = f"diverged: {e}"
+            if run is not None:
+                run.summary["fail_reason"] = reason
+            ray.train.report({FAIL_REASON: reason})
     if run is not None:
         run.finish()

@@ -131,6 +131,15 @@ class Space:
 
 
 @dataclass(frozen=True)
+class Control:
+    """The LM-only control trial: run first, with the search's full budget (never stopped early); the best trial is
+    the one with the best objective among trials whose val/lm_loss is within ``lm_tolerance`` of the control's."""
+
+    overrides: tuple[str, ...] = ("~criterion@criteria.align",)
+    lm_tolerance: float = 0.02
+
+
+@dataclass(frozen=True)
 class SearchSpec:
     name: str
     path: Path
@@ -142,6 +151,7 @@ class SearchSpec:
     resources: TrialResources
     base_overrides: tuple[str, ...]
     space: Space
+    control: Control | None = Control()
 
     @property
     def metric(self) -> str | list[str]:
@@ -160,6 +170,8 @@ class SearchSpec:
 
     def trial_overrides(self, params: Mapping[str, Any]) -> list[str]:
         """The full Hydra override list of a trial, from the Optuna params Tune hands the trainable."""
+        if params.get(CONTROL_KEY) and self.control is not None:
+            return [*self.base_overrides, *self.control.overrides]
         return [*self.base_overrides, *(format_override(k, v) for k, v in params_to_overrides(params).items())]
 
 
@@ -312,17 +324,25 @@ class DefineByRun:
 
     space: Space
 
-    def __call__(self, trial: optuna.Trial) -> None:
+    def __call__(self, trial: optuna.Trial) -> dict[str, bool] | None:
+        if trial.user_attrs.get(CONTROL_KEY):  # the enqueued LM-only control: no parameter is sampled
+            return {CONTROL_KEY: True}
         sample(trial, self.space)
+        return None
 
 
 def define_by_run(spec: SearchSpec) -> DefineByRun:
     return DefineByRun(spec.space)
 
 
+CONTROL_KEY = "raysal_control"  # Optuna user attr of the enqueued control trial, and its Tune config
+
+
 def params_to_overrides(params: Mapping[str, Any]) -> dict[str, Any]:
     """Optuna trial params (or the config Tune hands the trainable) → {override key: value}."""
     out: dict[str, Any] = {}
+    if params.get(CONTROL_KEY):
+        return out
     for name, value in _flat_items(params, ""):
         key = _key_of(name)
         if key in out:
@@ -353,6 +373,7 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*")
 _DISTS = ("choice", "uniform", "loguniform", "int")
 _TOP_KEYS = (
     "name",
+    "control",
     "objectives",
     "num_samples",
     "max_concurrent_trials",
@@ -524,6 +545,7 @@ class _Parser:
         if not space.params:
             raise self.fail("space", "empty: nothing to search")
         self.check_conflicts(space, base)
+        control = self.control(top.get("control", {}))
         return SearchSpec(
             name=name,
             path=self.path,
@@ -535,7 +557,21 @@ class _Parser:
             resources=resources,
             base_overrides=base,
             space=space,
+            control=control,
         )
+
+    def control(self, raw: Any) -> Control | None:
+        if raw is None:
+            return None
+        if not isinstance(raw, dict):
+            raise self.fail("control", "expected a mapping {overrides, lm_tolerance} or null (no control trial)")
+        top = self.mapping(raw, "control", ("overrides", "lm_tolerance"))
+        default = Control()
+        overrides = default.overrides
+        if "overrides" in top:
+            overrides = self.base_overrides(top["overrides"], "control.overrides")
+        tolerance = self.number(top.get("lm_tolerance", default.lm_tolerance), "control.lm_tolerance", 0.0)
+        return Control(overrides, float(tolerance))
 
     def objectives(self, raw: Any) -> tuple[Objective, ...]:
         if not isinstance(raw, list) or not raw:
@@ -591,14 +627,14 @@ class _Parser:
             raise self.fail("resources.gpus_per_worker", "GPUs requested with use_gpu: false")
         return TrialResources(workers, use_gpu, cpus, gpus)
 
-    def base_overrides(self, raw: Any) -> tuple[str, ...]:
+    def base_overrides(self, raw: Any, where: str = "base_overrides") -> tuple[str, ...]:
         if raw is None:
             return ()
         if not isinstance(raw, list):
-            raise self.fail("base_overrides", "expected a list of key=value strings")
+            raise self.fail(where, "expected a list of key=value strings")
         for i, item in enumerate(raw):
             if not isinstance(item, str) or not _BASE_OVERRIDE.fullmatch(item):
-                raise self.fail(f"base_overrides[{i}]", f"expected a key=value Hydra override, got {item!r}")
+                raise self.fail(f"{where}[{i}]", f"expected a key=value Hydra override, got {item!r}")
         return tuple(raw)
 
     # -- space

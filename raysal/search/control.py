@@ -1,0 +1,66 @@
+"""The LM-only control trial and the honest best.
+
+An objective like val/amr alone can be won by a model that no longer speaks (a dead model's flat attention scored
+a higher AMR than a healthy one's). So every search runs an LM-only control trial first, enqueued in the Optuna
+study before any sampling and never stopped early, and the best trial is the one with the best objective among
+the trials whose val/lm_loss is within ``lm_tolerance`` of the control's. The constraint is applied when choosing
+the best, not inside Optuna: TPE keeps learning from every trial's objective (a trial that hurt language still
+tells it where grounding is), ASHA keeps its single metric, and the rule is one line a user can check in the
+table. If the control failed, the best is chosen without the constraint and the summary says so.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import optuna
+from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+
+from raysal.search.space import CONTROL_KEY, SearchSpec
+
+LM_METRIC = "val/lm_loss"
+
+
+def enqueue_control(study_name: str, storage: optuna.storages.BaseStorage, spec: SearchSpec) -> bool:
+    """Put the control first in the study's queue (once: a resumed search finds it there). True if enqueued."""
+    modes = [o.mode for o in spec.objectives]
+    directions = ["maximize" if m == "max" else "minimize" for m in modes]
+    study = optuna.create_study(
+        storage=storage, study_name=study_name, load_if_exists=True,
+        **({"direction": directions[0]} if len(directions) == 1 else {"directions": directions}),
+    )  # fmt: skip
+    if any(t.user_attrs.get(CONTROL_KEY) for t in study.get_trials(deepcopy=False)):
+        return False
+    study.enqueue_trial({}, user_attrs={CONTROL_KEY: True})
+    return True
+
+
+class ControlAwareASHA(ASHAScheduler):
+    """ASHA that never stops the control trial, and keeps its results out of the rungs (an LM-only trial's low
+    grounding would lower every cut-off)."""
+
+    def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
+        if trial.config.get(CONTROL_KEY):
+            return TrialScheduler.CONTINUE
+        return super().on_trial_result(tune_controller, trial, result)
+
+    def on_trial_complete(self, tune_controller: Any, trial: Any, result: dict) -> None:
+        if not trial.config.get(CONTROL_KEY):
+            super().on_trial_complete(tune_controller, trial, result)
+
+
+def choose_best(rows: list[dict], metric: str, mode: str, lm_tolerance: float | None) -> tuple[dict | None, dict]:
+    """rows: {"trial_id", "metrics", "config", ...} of trials that did not fail. → (best row, what was decided):
+    the best ``metric`` among rows whose val/lm_loss ≤ control's × (1 + lm_tolerance); the control is eligible."""
+    control = next((r for r in rows if r["config"].get(CONTROL_KEY)), None)
+    decision: dict[str, Any] = {"control": None, "lm_limit": None, "excluded_by_lm_tolerance": []}
+    eligible = rows
+    if lm_tolerance is not None and control is not None and LM_METRIC in control["metrics"]:
+        limit = control["metrics"][LM_METRIC] * (1 + lm_tolerance)
+        decision.update(control=control["trial_id"], lm_limit=limit)
+        eligible = [r for r in rows if r["metrics"].get(LM_METRIC, float("inf")) <= limit]
+        decision["excluded_by_lm_tolerance"] = [r["trial_id"] for r in rows if r not in eligible]
+    elif lm_tolerance is not None:
+        decision["warning"] = "no finished control trial: best chosen on the objective alone"
+    ranked = sorted(eligible, key=lambda r: r["metrics"][metric], reverse=mode == "max")
+    return (ranked[0] if ranked else None), decision
