@@ -37,27 +37,26 @@ def prepare(cfg: DictConfig) -> tuple[RunSpec, DataSizes]:
 def run(spec: RunSpec, sizes: DataSizes) -> dict:
     import ray
 
+    from raysal.orchestration.fail_reason import clear_reason, read_reason
     from raysal.orchestration.stale_checkpoints import remove_stale_checkpoints
     from raysal.orchestration.trainer import build_trainer, export_adapter
     from raysal.orchestration.wandb_run import resolve_mode, sync_hint
-    from raysal.orchestration.worker import FAIL_REASON, wandb_dir
+    from raysal.orchestration.worker import wandb_dir
 
     print(f"raysal: {sizes.describe()}", flush=True)
     t0 = time.perf_counter()
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
-    remove_stale_checkpoints(
-        f"{spec.storage_path}/{spec.name}"
-    )  # left by a kill between a checkpoint and Ray's snapshot
+    run_dir = f"{spec.storage_path}/{spec.name}"
+    remove_stale_checkpoints(run_dir)  # a kill between a checkpoint and Ray's snapshot leaves orphans
+    clear_reason(run_dir)  # a resumed run is judged on what it does now
     result = build_trainer(spec).fit()
-    reason = (result.metrics or {}).get(FAIL_REASON)
+    reason = read_reason(run_dir)
     if reason:
-        print(f"raysal: run {spec.name} stopped — {reason}; nothing exported ({spec.storage_path}/{spec.name})",
-              file=sys.stderr)  # fmt: skip
+        print(f"raysal: run {spec.name} stopped — {reason}; nothing exported ({run_dir})", file=sys.stderr)
         return {"name": spec.name, "fail_reason": reason}
     metric, mode = spec.objective["metric"], spec.objective["mode"]
     best = result.get_best_checkpoint(metric, mode) if result.best_checkpoints else None
-    run_dir = f"{spec.storage_path}/{spec.name}"
     summary = {"name": spec.name, "run_dir": run_dir, "metrics": result.metrics, "best_adapter": None}
     if best is not None:
         best_metrics = next(m for c, m in result.best_checkpoints if c.path == best.path)

@@ -12,6 +12,7 @@ unfinished ones resume from their Train checkpoints, the Optuna study continues.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -74,34 +75,41 @@ class TrialFailed(RuntimeError):
     """A trial that must not be ranked: diverged, stalled, or failed after Ray Train's own retries."""
 
 
-def run_trial(
-    config: dict[str, Any], *, base: list[str], control: tuple[str, ...], trials_dir: str, reasons_dir: str
-) -> None:
+def run_trial(config: dict[str, Any], *, base: list[str], control: tuple[str, ...], trials_dir: str) -> None:
     """The Tune trainable: one Train run per trial, named after the Tune trial id (stable across restore).
 
     Lost workers and nodes are retried inside the run by Ray Train (``trainer.max_failures``); what reaches here
-    is a real failure: it is recorded with its reason and raised, so Tune marks the trial ERROR and Optuna FAIL."""
+    is a real failure: its reason goes to the run folder (`raysal.orchestration.fail_reason`) and the trial raises,
+    so Tune marks it ERROR and Optuna FAIL."""
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    from raysal.orchestration.fail_reason import clear_reason, read_reason, write_reason
     from raysal.orchestration.spec import spec_from_cfg
     from raysal.orchestration.stale_checkpoints import remove_stale_checkpoints
     from raysal.orchestration.trainer import build_trainer
-    from raysal.orchestration.worker import FAIL_REASON
-    from raysal.search.fail_reasons import record_reason
+    from raysal.search.stall import StallWatchdog
 
     trial_id = ray.tune.get_context().get_trial_id()
     spec = spec_from_cfg(compose_cfg(trial_run_overrides(base, config, control, trial_id, trials_dir)))
-    remove_stale_checkpoints(f"{trials_dir}/{trial_id}")
+    run_dir = f"{trials_dir}/{trial_id}"
+    remove_stale_checkpoints(run_dir)
+    clear_reason(run_dir)
+    timeout = spec.config["trainer"]["stall_timeout_s"]
+    watchdog = (
+        StallWatchdog(run_dir, timeout, lambda reason: write_reason(run_dir, reason))
+        if timeout
+        else contextlib.nullcontext()
+    )
     try:
-        result = build_trainer(spec, callbacks=[TuneReportCallback()]).fit()
+        with watchdog:
+            build_trainer(spec, callbacks=[TuneReportCallback()]).fit()
     except Exception as e:
         cause = e.__cause__ or e
-        record_reason(reasons_dir, trial_id, f"failed: {type(cause).__name__}: {' '.join(str(cause).split())[:500]}")
+        write_reason(run_dir, f"failed: {type(cause).__name__}: {' '.join(str(cause).split())[:500]}")
         raise
-    reason = (result.metrics or {}).get(FAIL_REASON)
+    reason = read_reason(run_dir)  # a diverged run stops itself and leaves its reason there
     if reason:
-        record_reason(reasons_dir, trial_id, reason)
         raise TrialFailed(reason)
 
 
@@ -160,17 +168,15 @@ def _trial_id(result: Any) -> str:
     return (result.metrics or {}).get("trial_id") or Path(result.path).name  # trial folders are named by trial id
 
 
-def summarise(
-    result_grid: Any, spec: SearchSpec, base: list[str], search_dir: str, reasons_dir: str, top: int = 10
-) -> dict:
+def summarise(result_grid: Any, spec: SearchSpec, base: list[str], search_dir: str, top: int = 10) -> dict:
     """The top trials with replay commands, the failed ones with their reasons; export the best trial's best
     checkpoint. A failed trial (diverged, stalled, errored) is never ranked, whatever it reported before."""
     import ray.train
 
+    from raysal.orchestration.errors import first_line
+    from raysal.orchestration.fail_reason import read_reason
     from raysal.orchestration.trainer import export_adapter
-    from raysal.orchestration.worker import FAIL_REASON
     from raysal.search.control import choose_best
-    from raysal.search.fail_reasons import read_reason
 
     metric, mode = spec.objectives[0].metric, spec.objectives[0].mode
     control = spec.control.overrides if spec.control else ()
@@ -178,8 +184,8 @@ def summarise(
     for r in result_grid:
         trial_id, metrics = _trial_id(r), r.metrics or {}
         replay = "python -m raysal.train " + " ".join(trial_overrides(base, r.config, control))
-        if r.error is not None or metrics.get(FAIL_REASON):
-            reason = read_reason(reasons_dir, trial_id) or metrics.get(FAIL_REASON) or _first_line(str(r.error))
+        if r.error is not None:
+            reason = read_reason(f"{search_dir}/trials/{trial_id}") or first_line(str(r.error))
             failed.append({"trial_id": trial_id, "reason": reason, "replay": replay})
         elif metric in metrics:
             rows.append({"trial_id": trial_id, "metrics": metrics, "config": r.config, "replay": replay})
@@ -221,10 +227,6 @@ def summarise(
             export_adapter(ckpt, f"{search_dir}/best_adapter", {**metrics, **summary["best"]})
             summary["best_adapter"] = f"{search_dir}/best_adapter"
     return summary
-
-
-def _first_line(text: str) -> str:
-    return next((ln.strip() for ln in text.splitlines() if ln.strip()), text)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -276,11 +278,10 @@ def _search(spec: SearchSpec, base: list[str], run_spec: Any, resume: str) -> in
 
     storage = run_spec.storage_path
     search_dir = f"{storage}/{spec.name}"
-    # the driver's own files (Optuna's SQLite study, failure reasons) stay on the head node's disk
+    # the driver's own files (Optuna's SQLite study, summary.json) stay on the head node's disk
     local_dir = Path(search_dir)
     if "://" in search_dir:
         local_dir = Path(run_spec.config["cache_dir"]) / "searches" / spec.name
-    reasons_dir = str(local_dir / "fail_reasons")
     control = spec.control.overrides if spec.control else ()
     if not ray.is_initialized():
         if os.environ.get("RAY_ADDRESS"):
@@ -302,7 +303,7 @@ def _search(spec: SearchSpec, base: list[str], run_spec: Any, resume: str) -> in
     signal.signal(signal.SIGTERM, on_sigterm)
 
     trainable = tune.with_resources(
-        partial(run_trial, base=base, control=control, trials_dir=f"{search_dir}/trials", reasons_dir=reasons_dir),
+        partial(run_trial, base=base, control=control, trials_dir=f"{search_dir}/trials"),
         {"CPU": 0, DRIVER_RESOURCE: 1} if DRIVER_RESOURCE in ray.cluster_resources() else {"CPU": 0},
     )
     # a run that diverged reports its reason without the objective (then stops): Tune must not take that for a
@@ -330,7 +331,7 @@ def _search(spec: SearchSpec, base: list[str], run_spec: Any, resume: str) -> in
         searcher = ReasonedOptunaSearch(
             space=define_by_run(spec), metric=spec.metric, mode=spec.mode,
             sampler=optuna.samplers.TPESampler(seed=spec.seed), storage=db, study_name=spec.name,
-            reasons_dir=reasons_dir,
+            trials_dir=f"{search_dir}/trials",
         )  # fmt: skip
         s = spec.scheduler
         scheduler = (
@@ -385,7 +386,7 @@ def _search(spec: SearchSpec, base: list[str], run_spec: Any, resume: str) -> in
         print(f"search interrupted with {len(unfinished)} unfinished trial(s); run the same command again to "
               f"continue it ({search_dir})", file=sys.stderr)  # fmt: skip
         return 130
-    summary = summarise(grid, spec, base, search_dir, reasons_dir)
+    summary = summarise(grid, spec, base, search_dir)
     time.sleep(2)  # placement groups of the last trial are removed asynchronously
     summary["leaked_placement_groups"] = leaked_placement_groups()
     if summary["leaked_placement_groups"]:

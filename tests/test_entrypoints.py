@@ -285,3 +285,36 @@ def test_a_run_recovers_from_killed_train_workers_by_itself(tmp_path, cache):
     assert "raysal: run ikill finished" in text
     result = ray.train.Result.from_path(str(run_dir))
     assert result.metrics["train/step"] == 10
+
+
+@pytest.mark.integration
+@pytest.mark.slow  # fault injection: .ci/run runs it after the default suite
+def test_a_stalled_trial_is_stopped_with_its_reason_and_releases_its_resources(tmp_path, cache):
+    """A trial whose data pipeline can never be scheduled (an encode actor bigger than the free CPUs: the hang seen
+    on 2-CPU machines) reports nothing: after trainer.stall_timeout_s it stops as "stalled", Optuna gets FAIL with
+    the reason, the search ends, and no placement group is left behind."""
+    import optuna
+
+    space = tmp_path / "istall.yaml"
+    space.write_text(
+        """
+name: istall
+objectives: [{metric: val/amr, mode: max}]
+num_samples: 1
+max_concurrent_trials: 1
+control: null
+scheduler: {type: fifo}
+resources: {num_workers: 1, use_gpu: false, cpus_per_worker: 1, gpus_per_worker: 0}
+base_overrides: [trainer.max_steps=4, trainer.eval_every=2, trainer.stall_timeout_s=45, data.encode_cpus=3]
+space:
+  optim.lr: {choice: [0.003]}
+"""
+    )
+    res = run(["raysal.tune", str(space), *SMALL, f"storage_path={tmp_path}"], cache)
+    assert res.returncode == 1, res.stderr[-3000:]  # the search ended; no trial to export
+    summary = json.loads((tmp_path / "istall" / "summary.json").read_text())
+    assert [f["reason"].split(":")[0] for f in summary["failed"]] == ["stalled"], summary["failed"]
+    assert summary["leaked_placement_groups"] == 0
+    study = optuna.load_study(study_name="istall", storage=f"sqlite:///{tmp_path / 'istall' / 'optuna.db'}")
+    (trial,) = study.trials
+    assert trial.state == optuna.trial.TrialState.FAIL and trial.user_attrs["fail_reason"].startswith("stalled")

@@ -13,7 +13,7 @@ class ConfigError(ValueError):
     """A config value, a file or a folder the run cannot use; the message names the key or file and the reason."""
 
 
-def _first_line(text: str) -> str:
+def first_line(text: str) -> str:
     return next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
 
 
@@ -43,7 +43,7 @@ def user_message(e: BaseException) -> str | None:
     text = str(e)
     if isinstance(e, MissingConfigException):
         m = re.search(r"Could not find '([^']+)'", text)
-        what = m.group(1) if m else _first_line(text)
+        what = m.group(1) if m else first_line(text)
         options = _options(text)
         avail = f" (available: {', '.join(options)})" if options else ""
         return f"{what}: no such config option{avail}"
@@ -52,10 +52,10 @@ def user_message(e: BaseException) -> str | None:
         if m and "not in struct" in str(e.__cause__ or ""):
             key = m.group(1)
             return f"{key}: no such config key (a typo? to add a new key on purpose, write +{key}=...)"
-        cause = f" ({_first_line(str(e.__cause__))})" if e.__cause__ else ""
-        return f"config: {_first_line(text)}{cause}"
+        cause = f" ({first_line(str(e.__cause__))})" if e.__cause__ else ""
+        return f"config: {first_line(text)}{cause}"
     if isinstance(e, OmegaConfBaseException):
-        return f"config: {_first_line(text)}"
+        return f"config: {first_line(text)}"
     if isinstance(e, ConfigError | SearchSpaceError | ValueError | FileNotFoundError | PermissionError):
         return " ".join(text.split())  # one line, whatever the message looked like
     return None

@@ -102,6 +102,7 @@ def check_values(c: dict) -> None:
         _number(c, f"trainer.{key}", int, low=1)
     _number(c, "trainer.max_grad_norm", float, low=0, low_open=True, optional=True)
     _number(c, "trainer.max_failures", int, low=0)
+    _number(c, "trainer.stall_timeout_s", float, low=0, low_open=True, optional=True)
     _number(c, "trainer.divergence.lm_loss_of_uniform", float, low=0, low_open=True, optional=True)
     _number(c, "trainer.divergence.lm_loss_factor", float, low=1, low_open=True, optional=True)
     _number(c, "trainer.divergence.zero_grad_steps", int, low=1, optional=True)

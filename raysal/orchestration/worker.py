@@ -19,6 +19,7 @@ from raysal.loop.divergence import DivergedError
 from raysal.loop.fit import fit
 from raysal.model.build import apply_lora, load_model, load_processor
 from raysal.orchestration.data import iter_collated
+from raysal.orchestration.fail_reason import write_reason
 from raysal.orchestration.spec import RunSpec
 
 FAIL_REASON = "fail_reason"  # key of the last result of a run that stopped itself (diverged)
@@ -84,10 +85,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             )  # fmt: skip
         except DivergedError as e:
             # Reported, not raised: Ray Train would retry a raised error from the last checkpoint (FailureConfig)
-            # and diverge again. The driver reads `fail_reason` from the run's last result.
+            # and diverge again. The driver reads the reason from the run folder (`fail_reason.py`).
             reason = f"diverged: {e}"
+            if rank == 0:
+                write_reason(f"{spec.storage_path}/{spec.name}", reason)
             if run is not None:
                 run.summary["fail_reason"] = reason
-            ray.train.report({FAIL_REASON: reason})
+            ray.train.report({FAIL_REASON: reason})  # for Tune's last result and the trial's W&B run
     if run is not None:
         run.finish()

@@ -8,13 +8,13 @@ from typing import Any
 
 from ray.tune.search.optuna import OptunaSearch
 
-from raysal.search.fail_reasons import read_reason
+from raysal.orchestration.fail_reason import read_reason
 
 
 class ReasonedOptunaSearch(OptunaSearch):
-    def __init__(self, *args: Any, reasons_dir: str, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, trials_dir: str, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.reasons_dir = reasons_dir
+        self.trials_dir = trials_dir  # each trial's Train run folder: where its fail_reason.txt is
 
     def _metrics(self) -> list[str]:
         return [self.metric] if isinstance(self.metric, str) else list(self.metric)
@@ -26,6 +26,6 @@ class ReasonedOptunaSearch(OptunaSearch):
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         # the reason must be set before the FAIL is told: Optuna refuses attributes on finished trials
         if error and trial_id in self._ot_trials:
-            reason = read_reason(self.reasons_dir, trial_id) or "failed (see the trial's error.txt)"
+            reason = read_reason(f"{self.trials_dir}/{trial_id}") or "failed (see the trial's error.txt)"
             self._ot_trials[trial_id].set_user_attr("fail_reason", reason)
         super().on_trial_complete(trial_id, result, error)
