@@ -81,16 +81,12 @@ def run(spec: RunSpec, sizes: DataSizes) -> dict:
 
 def _run_checked(compose: Callable[[], DictConfig]) -> int:
     """Compose and check (bad input → one ``error:`` line, exit 2), then run; later failures keep their traceback."""
-    from raysal.orchestration.errors import user_message
+    from raysal.orchestration.errors import print_user_error
 
     try:
         spec, sizes = prepare(compose())
     except Exception as e:
-        message = user_message(e)
-        if message is None:
-            raise
-        print(f"error: {message}", file=sys.stderr)
-        return 2
+        return print_user_error(e)
     return 1 if run(spec, sizes).get("fail_reason") else 0
 
 

@@ -230,7 +230,7 @@ def summarise(result_grid: Any, spec: SearchSpec, base: list[str], search_dir: s
 
 
 def main(argv: list[str] | None = None) -> int:
-    from raysal.orchestration.errors import user_message
+    from raysal.orchestration.errors import print_user_error
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:  # every check before Ray starts: bad input is one `error:` line and exit 2
@@ -255,11 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         if "://" in run_spec.storage_path:  # the Optuna study is a local SQLite file
             check_writable(str(Path(run_spec.config["cache_dir"]) / "searches"), "cache_dir")
     except Exception as e:
-        message = user_message(e)
-        if message is None:
-            raise
-        print(f"error: {message}", file=sys.stderr)
-        return 2
+        return print_user_error(e)
     print(f"raysal: {sizes.describe()}", flush=True)
     return _search(spec, base, run_spec, resume)
 

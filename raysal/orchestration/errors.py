@@ -7,6 +7,7 @@ what the workers see is trusted.
 from __future__ import annotations
 
 import re
+import sys
 
 
 class ConfigError(ValueError):
@@ -59,3 +60,13 @@ def user_message(e: BaseException) -> str | None:
     if isinstance(e, ConfigError | SearchSpaceError | ValueError | FileNotFoundError | PermissionError):
         return " ".join(text.split())  # one line, whatever the message looked like
     return None
+
+
+def print_user_error(e: BaseException) -> int:
+    """For an entry point's ``except``: bad input → one ``error:`` line on stderr and exit code 2; anything else is
+    raised again with its traceback."""
+    message = user_message(e)
+    if message is None:
+        raise e
+    print(f"error: {message}", file=sys.stderr)
+    return 2
