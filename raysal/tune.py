@@ -266,7 +266,7 @@ def _search(spec: SearchSpec, base: list[str], run_spec: Any, resume: str) -> in
     from ray import tune
     from ray.tune.schedulers import FIFOScheduler
 
-    from raysal.orchestration.wandb_callback import KeySafeWandbLoggerCallback
+    from raysal.orchestration.wandb_callback import SearchWandbCallback
     from raysal.orchestration.wandb_run import resolve_mode, sync_hint
     from raysal.search.control import ControlAwareASHA, enqueue_control
     from raysal.search.optuna_search import ReasonedOptunaSearch
@@ -345,7 +345,7 @@ def _search(spec: SearchSpec, base: list[str], run_spec: Any, resume: str) -> in
         callbacks = []
         if wandb_mode != "disabled":
             callbacks.append(
-                KeySafeWandbLoggerCallback(
+                SearchWandbCallback(
                     project=run_spec.wandb["project"],
                     entity=run_spec.wandb.get("entity"),
                     group=spec.name,
