@@ -38,6 +38,7 @@ def run(spec: RunSpec, sizes: DataSizes) -> dict:
     import ray
 
     from raysal.orchestration.fail_reason import clear_reason, read_reason
+    from raysal.orchestration.placement_groups import JOB_RUNTIME_ENV
     from raysal.orchestration.stale_checkpoints import remove_stale_checkpoints
     from raysal.orchestration.trainer import build_trainer, export_adapter
     from raysal.orchestration.wandb_run import resolve_mode, sync_hint
@@ -46,7 +47,7 @@ def run(spec: RunSpec, sizes: DataSizes) -> dict:
     print(f"raysal: {sizes.describe()}", flush=True)
     t0 = time.perf_counter()
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
+        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True, runtime_env=JOB_RUNTIME_ENV)
     run_dir = f"{spec.storage_path}/{spec.name}"
     remove_stale_checkpoints(run_dir)  # a kill between a checkpoint and Ray's snapshot leaves orphans
     clear_reason(run_dir)  # a resumed run is judged on what it does now

@@ -266,6 +266,7 @@ def _search(spec: SearchSpec, base: list[str], run_spec: Any, resume: str) -> in
     from ray import tune
     from ray.tune.schedulers import FIFOScheduler
 
+    from raysal.orchestration.placement_groups import JOB_RUNTIME_ENV, PlacementGroupJanitor, removed_count
     from raysal.orchestration.wandb_callback import SearchWandbCallback
     from raysal.orchestration.wandb_run import resolve_mode, sync_hint
     from raysal.search.control import ControlAwareASHA, enqueue_control
@@ -281,9 +282,9 @@ def _search(spec: SearchSpec, base: list[str], run_spec: Any, resume: str) -> in
     control = spec.control.overrides if spec.control else ()
     if not ray.is_initialized():
         if os.environ.get("RAY_ADDRESS"):
-            ray.init(address=os.environ["RAY_ADDRESS"])
+            ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=JOB_RUNTIME_ENV)
         else:  # a local cluster: advertise the trial-driver resource the head node has on a real cluster
-            ray.init(resources={DRIVER_RESOURCE: 64})
+            ray.init(resources={DRIVER_RESOURCE: 64}, runtime_env=JOB_RUNTIME_ENV)
     # SIGTERM (a preempted head, `kill`) stops the search the way Ctrl-C does: Tune's SIGINT handler stops the
     # trials and saves the experiment state, so the same command resumes it. Tune's graceful stop can wait on a
     # trial whose Train worker group is still starting; after STOP_GRACE_S a second SIGINT skips that wait (Tune's
@@ -342,7 +343,8 @@ def _search(spec: SearchSpec, base: list[str], run_spec: Any, resume: str) -> in
             if s.type == "asha"
             else FIFOScheduler()
         )
-        callbacks = []
+        # removes the Train placement group of an ended trial if Ray Train did not (see placement_groups.py)
+        callbacks: list = [PlacementGroupJanitor(f"{search_dir}/trials", str(local_dir))]
         if wandb_mode != "disabled":
             callbacks.append(
                 SearchWandbCallback(
@@ -385,6 +387,7 @@ def _search(spec: SearchSpec, base: list[str], run_spec: Any, resume: str) -> in
     summary = summarise(grid, spec, base, search_dir)
     time.sleep(2)  # placement groups of the last trial are removed asynchronously
     summary["leaked_placement_groups"] = leaked_placement_groups()
+    summary["placement_groups_removed"] = removed_count(local_dir)  # by the janitor: Ray Train had left them
     if summary["leaked_placement_groups"]:
         log.warning("%d placement group(s) still alive after the search", summary["leaked_placement_groups"])
     Path(local_dir, "summary.json").write_text(json.dumps(summary, indent=2, default=str))

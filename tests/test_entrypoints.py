@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -245,6 +246,91 @@ space:
     assert len(failed) == 2 and all(t.user_attrs["fail_reason"].startswith("diverged:") for t in failed)
     control = next(t for t in study.trials if t.user_attrs.get("raysal_control"))
     assert control.state == optuna.trial.TrialState.COMPLETE
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (from /proc), to clean up what a SIGKILL leaves behind."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+@pytest.fixture
+def another_ray():
+    """A second Ray instance on this host: the condition under which Ray Train's placement-group cleaner died and a
+    stopped trial's placement group starved the next trial (see raysal/orchestration/placement_groups.py)."""
+    code = "import ray, time; ray.init(num_cpus=1, include_dashboard=False); print('up', flush=True); time.sleep(3600)"
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "up"
+        yield
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.mark.integration
+@pytest.mark.slow  # fault injection: .ci/run runs it after the default suite
+def test_a_search_whose_driver_is_sigkilled_finishes_when_run_again(tmp_path, cache, another_ray):
+    """SIGKILL the driver after a trial finished and while the next one is mid-run (it has a checkpoint), with
+    another Ray instance on the host; the same command again finishes the search: the configured trial count, the
+    finished trial not re-run, the interrupted one resumed from its checkpoint, no placement group left."""
+    import optuna
+
+    space = space_file(tmp_path, 2, "isigkill")  # + the control: 3 trials
+    cmd = [sys.executable, "-m", "raysal.tune", str(space), *SMALL, f"storage_path={tmp_path}"]
+    log = open(tmp_path / "first_run.log", "w")  # noqa: SIM115 - closed below, after the process ends
+    proc = subprocess.Popen(cmd, env={**ENV, "RAYSAL_CACHE": str(cache)}, stdout=log, stderr=subprocess.STDOUT)
+    db = f"sqlite:///{tmp_path / 'isigkill' / 'optuna.db'}"
+    trials_dir = tmp_path / "isigkill" / "trials"
+    deadline, done, before, orphans = time.time() + 900, [], {}, []
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            time.sleep(2)
+            try:
+                trials = optuna.load_study(study_name="isigkill", storage=db).trials
+            except Exception:  # the study does not exist yet
+                continue
+            done = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+            before = {d.name: sorted(p.name for p in d.glob("checkpoint_2*")) for d in trials_dir.iterdir()}
+            if done and sum(1 for c in before.values() if c) > len(done):  # the next trial has a checkpoint
+                break
+        assert proc.poll() is None, "the search ended before it could be killed"
+        assert done, "no trial completed in time"
+        orphans = _descendants(proc.pid)
+        proc.kill()
+        proc.wait()
+    finally:
+        proc.kill()
+        log.close()
+    try:
+        res = run(["raysal.tune", str(space), *SMALL, f"storage_path={tmp_path}"], cache, timeout=1200)
+    finally:  # Ray processes the killed driver left behind (its dashboard and runtime-env agents)
+        for pid in orphans:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "resuming the search" in res.stderr
+    summary = json.loads((tmp_path / "isigkill" / "summary.json").read_text())
+    assert summary["trials"] == 3 and summary["reported"] == 3, summary
+    assert summary["leaked_placement_groups"] == 0
+    study = optuna.load_study(study_name="isigkill", storage=db)
+    assert len(study.trials) == 3 and all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
+    after = {d.name: sorted(p.name for p in d.glob("checkpoint_2*")) for d in trials_dir.iterdir()}
+    unchanged = [name for name, ckpts in before.items() if ckpts and after.get(name) == ckpts]
+    assert len(unchanged) == len(done), (done, before, after)  # finished trials were not run again
+    resumed = [name for name, ckpts in before.items() if ckpts and name not in unchanged]
+    assert resumed and all(set(after[n]) - set(before[n]) for n in resumed), (before, after)
 
 
 def _train_worker_pids() -> list[int]:

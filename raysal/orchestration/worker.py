@@ -20,6 +20,7 @@ from raysal.loop.fit import fit
 from raysal.model.build import apply_lora, load_model, load_processor
 from raysal.orchestration.data import iter_collated
 from raysal.orchestration.fail_reason import write_reason
+from raysal.orchestration.placement_groups import record_placement_group
 from raysal.orchestration.spec import RunSpec
 
 FAIL_REASON = "fail_reason"  # key of the last result of a run that stopped itself (diverged)
@@ -62,6 +63,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     run = None
     if rank == 0:
         from raysal.orchestration.wandb_run import init_wandb
+
+        record_placement_group(f"{spec.storage_path}/{spec.name}")  # for the search's janitor
 
         run = init_wandb(spec.wandb, spec.name, wandb_dir(spec), spec.config)
 
