@@ -302,6 +302,8 @@ def test_a_search_whose_driver_is_sigkilled_finishes_when_run_again(tmp_path, ca
             except Exception:  # the study does not exist yet
                 continue
             done = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+            if not trials_dir.is_dir():
+                continue
             before = {d.name: sorted(p.name for p in d.glob("checkpoint_2*")) for d in trials_dir.iterdir()}
             if done and sum(1 for c in before.values() if c) > len(done):  # the next trial has a checkpoint
                 break
