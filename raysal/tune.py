@@ -348,6 +348,7 @@ def _search(spec: SearchSpec, base: list[str], run_spec: Any, resume: str) -> in
         if wandb_mode != "disabled":
             callbacks.append(
                 SearchWandbCallback(
+                    trials_dir=f"{search_dir}/trials",
                     project=run_spec.wandb["project"],
                     entity=run_spec.wandb.get("entity"),
                     group=spec.name,

@@ -102,7 +102,8 @@ def test_train_run_checkpoints_metrics_and_offline_wandb(tmp_path, cache):
     assert res.returncode == 0, res.stderr[-3000:]
     first, second = wandb_runs(run_dir)  # offline W&B writes one file per process; online they are one run
     assert [h["train/step"] for h in first["history"]] == [2, 4]
-    assert [h["train/step"] for h in second["history"]] == [6], "resumed at step 4: only step 6 is new"
+    # resumed at step 4: the checkpoint's rows are re-logged first (W&B keeps the steps a run has), then step 6
+    assert [h["train/step"] for h in second["history"]] == [2, 4, 6]
 
 
 @pytest.mark.integration
@@ -333,6 +334,16 @@ def test_a_search_whose_driver_is_sigkilled_finishes_when_run_again(tmp_path, ca
     assert len(unchanged) == len(done), (done, before, after)  # finished trials were not run again
     resumed = [name for name, ckpts in before.items() if ckpts and name not in unchanged]
     assert resumed and all(set(after[n]) - set(before[n]) for n in resumed), (before, after)
+    # W&B: every row each trial reported is in its W&B run (offline: one file per process; `wandb sync` merges
+    # them), the rows the kill took before W&B wrote them included
+    from raysal.orchestration.wandb_callback import checkpoint_history
+
+    for trial in after:
+        logged = set()
+        for p in (tmp_path / "isigkill").glob(f"wandb/offline-run-*-{trial}/run-*.wandb"):
+            logged |= {h["train/step"] for h in read_run(p)["history"] if "train/step" in h}
+        reported = {r["train/step"] for r in checkpoint_history(str(trials_dir / trial))}
+        assert reported and logged == reported, (trial, logged, reported)
 
 
 def _train_worker_pids() -> list[int]:

@@ -6,7 +6,7 @@ from peft import PeftModel
 
 from raysal.criteria.kl import KLCriterion
 from raysal.criteria.lm import LMCriterion
-from raysal.loop.checkpoint import ADAPTER, STATE
+from raysal.loop.checkpoint import ADAPTER, STATE, load_history
 from raysal.loop.fit import FitConfig, fit
 from raysal.loop.schedule import warmup_cosine
 from raysal.loop.step import NonFiniteLossError
@@ -66,8 +66,13 @@ def test_resume_continues_exactly(data, tmp_path):
     # a new process: fresh model, resume from the step-3 checkpoint, run to the end
     resumed = fresh(ckpt)
     torch.manual_seed(12345)  # whatever the caller's RNG, the checkpoint's RNG state wins
-    out = fit(resumed, CRITERIA, train, None, cfg(eval_every=3), resume_from=tmp_path / "b" / "step_0000003")
+    out = fit(resumed, CRITERIA, train, None, cfg(eval_every=3), resume_from=tmp_path / "b" / "step_0000003",
+              checkpoint_dir=tmp_path / "c")  # fmt: skip
     assert out["train/loss"] == pytest.approx(ref["train/loss"], rel=1e-6)
+    # each checkpoint carries every row reported up to it, the rows of the run it resumed included
+    assert [r["train/step"] for r in load_history(tmp_path / "b" / "step_0000003")] == [3.0]
+    history = load_history(tmp_path / "c" / "step_0000006")
+    assert [r["train/step"] for r in history] == [3.0, 6.0] and history[1]["train/loss"] == out["train/loss"]
     for (n, p), (_, q) in zip(straight.named_parameters(), resumed.named_parameters(), strict=True):
         if p.requires_grad:
             assert torch.allclose(p, q, atol=1e-7), n
@@ -112,3 +117,23 @@ def test_evaluation_with_nothing_to_measure_is_an_error(data):
     blind = [{**b, "token_segments": torch.full_like(b["token_segments"], -1)} for b in val()]  # no tag anywhere
     with pytest.raises(EvaluationError, match="0 grounded token"):
         evaluate(model, blind, info, protocol)
+
+
+class _FakeRun:
+    """A W&B run as `relog` sees it: ``step`` is the next step the run accepts (after its last row on resume)."""
+
+    def __init__(self, step: int) -> None:
+        self.step, self.logged = step, []
+
+    def log(self, row: dict, step: int) -> None:
+        self.logged.append(step)
+
+
+def test_relog_fills_only_the_steps_the_wandb_run_lacks():
+    from raysal.orchestration.wandb_run import relog
+
+    rows = [{"train/step": float(s), "train/loss": 1.0} for s in (2, 4, 6, 8)] + [{"fail_reason": "x"}]
+    online = _FakeRun(step=5)  # W&B has steps up to 4; rows 6 and 8 were lost with the killed process
+    assert relog(online, rows) == 2 and online.logged == [6, 8]
+    offline = _FakeRun(step=0)  # a new offline file: everything (`wandb sync` keeps the steps the run has)
+    assert relog(offline, rows) == 4 and offline.logged == [2, 4, 6, 8]

@@ -5,10 +5,13 @@ Layout of a checkpoint folder::
 
     adapter/        peft ``save_pretrained`` output (what users load; absent for a non-peft model)
     state.pt        trainable parameters, optimizer, scheduler, step/epoch/micro-batch, RNG states
+    history.jsonl   every metrics row the run reported up to this checkpoint (one JSON object per line): a resumed
+                    run re-logs the rows its W&B run lost to a kill (W&B keeps the steps it already has)
 """
 
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,6 +21,7 @@ import torch
 
 STATE = "state.pt"
 ADAPTER = "adapter"
+HISTORY = "history.jsonl"
 
 
 @dataclass
@@ -53,9 +57,11 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     progress: Progress,
+    history: list[dict[str, float]] = (),
 ) -> Path:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
+    (path / HISTORY).write_text("".join(json.dumps(row) + "\n" for row in history))
     if hasattr(model, "peft_config"):
         model.save_pretrained(path / ADAPTER)
     state = {
@@ -92,3 +98,11 @@ def load_checkpoint(
     scheduler.load_state_dict(state["scheduler"])
     _set_rng_state(state["rng"])
     return Progress(**state["progress"])
+
+
+def load_history(path: Path | str) -> list[dict[str, float]]:
+    """The metrics rows saved with a checkpoint (none for a checkpoint written before histories were kept)."""
+    file = Path(path) / HISTORY
+    if not file.exists():
+        return []
+    return [json.loads(line) for line in file.read_text().splitlines() if line.strip()]

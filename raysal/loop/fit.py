@@ -21,7 +21,7 @@ import torch
 
 from raysal.attention.capture import CAPTURE_IMPL, enable_capture
 from raysal.attention.selection import resolve_heads, resolve_layers
-from raysal.loop.checkpoint import Progress, load_checkpoint, save_checkpoint
+from raysal.loop.checkpoint import Progress, load_checkpoint, load_history, save_checkpoint
 from raysal.loop.divergence import DivergenceConfig, DivergenceGuard
 from raysal.loop.evaluate import evaluate
 from raysal.loop.schedule import make_scheduler
@@ -103,8 +103,10 @@ def fit(
 
     optimizer = torch.optim.AdamW(param_groups(model, cfg.lr, cfg.projector_lr, cfg.weight_decay))
     scheduler = make_scheduler(optimizer, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
+    history: list[dict[str, float]] = []  # every reported row, saved with each checkpoint
     if resume_from is not None:
         progress = load_checkpoint(resume_from, core, optimizer, scheduler)
+        history = load_history(resume_from)
     else:
         torch.manual_seed(cfg.seed)
         progress = Progress()
@@ -132,8 +134,11 @@ def fit(
             guard.after_eval(progress.step, val["lm_loss"])
         path = None
         progress.first_lm_loss = guard.first_lm_loss
+        history.append(metrics)
         if ckpt_root is not None:
-            path = save_checkpoint(ckpt_root / f"step_{progress.step:07d}", core, optimizer, scheduler, progress)
+            path = save_checkpoint(
+                ckpt_root / f"step_{progress.step:07d}", core, optimizer, scheduler, progress, history
+            )
             _prune(ckpt_root, cfg.keep_checkpoints)
         if report is not None:
             report(metrics, path)

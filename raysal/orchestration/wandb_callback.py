@@ -11,42 +11,101 @@ Ray kills a logging actor as soon as its ``run()`` returns, and the driver's exi
 ``finish()`` can return before its core process has written the history, so the last trial of a search lost
 every row (seen in the integration test). The actor's ``run()`` here ends with ``wandb.teardown()``, which waits
 for W&B to finish writing.
+
+Steps are ``train/step`` (not Tune's ``training_iteration``): the same x-axis as a single run's W&B run, and the
+same after a resume. A restored trial (driver killed, search run again) resumes its W&B run and first re-logs the
+rows of its Train run's latest checkpoint (``history.jsonl``) that the run lacks: rows a kill took before W&B wrote
+them leave no gap.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import urllib.error
 from typing import Any
 
-from ray.air.integrations.wandb import WANDB_ENV_VAR, WandbLoggerCallback, _WandbLoggingActor
+from ray.air.integrations.wandb import WANDB_ENV_VAR, WandbLoggerCallback, _QueueItem, _WandbLoggingActor
 
+from raysal.orchestration.wandb_run import STEP, relog
+
+logger = logging.getLogger(__name__)
 _KEY_ARG = "raysal_wandb_api_key"
+_HISTORY_ARG = "raysal_history"
 
 
 class _SearchWandbLoggingActor(_WandbLoggingActor):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         key = kwargs.pop(_KEY_ARG, None)
+        self._history = kwargs.pop(_HISTORY_ARG, [])
         if key:
             os.environ[WANDB_ENV_VAR] = key  # this actor process only; never a file
         super().__init__(*args, **kwargs)
 
-    def run(self) -> Any:
+    def run(self) -> None:
+        # Ray's loop (`_WandbLoggingActor.run`), with train/step as the W&B step and the history re-logged first
+        os.environ["WANDB_START_METHOD"] = "thread"
         try:
-            return super().run()
+            run = self._wandb.init(*self.args, **self.kwargs)
+            run.config.trial_log_path = self._logdir
+            relog(run, self._history)
+            while True:
+                kind, content = self.queue.get()
+                if kind == _QueueItem.END:
+                    break
+                if kind == _QueueItem.CHECKPOINT:
+                    self._handle_checkpoint(content)
+                    continue
+                log, config_update = self._handle_result(content)
+                try:
+                    self._wandb.config.update(config_update, allow_val_change=True)
+                    self._wandb.log(log, step=int(log[STEP]) if STEP in log else None)
+                except urllib.error.HTTPError as e:  # as Ray does: a few missing points must not end the trial
+                    logger.warning("failed to log a result to W&B: %s", e)
+            self._wandb.finish()
         finally:
             import wandb
 
             wandb.teardown()  # wait until W&B has written everything: Ray kills this actor right after
 
 
+def checkpoint_history(run_dir: str) -> list[dict[str, Any]]:
+    """The history saved with a Train run's latest checkpoint; none when it has no checkpoint yet."""
+    import json
+
+    import pyarrow.fs
+    import ray.train
+
+    from raysal.loop.checkpoint import HISTORY
+
+    try:
+        checkpoint = ray.train.Result.from_path(run_dir).checkpoint
+    except Exception:  # no run snapshot: the trial never reported a checkpoint
+        return []
+    if checkpoint is None:
+        return []
+    path = f"{checkpoint.path}/{HISTORY}"
+    if checkpoint.filesystem.get_file_info(path).type != pyarrow.fs.FileType.File:
+        return []
+    with checkpoint.filesystem.open_input_stream(path) as f:
+        return [json.loads(line) for line in f.read().decode().splitlines() if line.strip()]
+
+
 class SearchWandbCallback(WandbLoggerCallback):
+    """One W&B run per trial, id = the trial id, resumed when the trial is (``trials_dir``: the Train runs)."""
+
     _logger_actor_cls = _SearchWandbLoggingActor
+
+    def __init__(self, *, trials_dir: str, **kwargs: Any) -> None:
+        super().__init__(**{"resume": "allow", **kwargs})
+        self.trials_dir = trials_dir
 
     def _start_logging_actor(self, trial: Any, exclude_results: list[str], **wandb_init_kwargs: Any) -> None:
         key = os.environ.pop(WANDB_ENV_VAR, None)  # Ray copies it into a logged runtime_env when it sees it
         try:
             if key:
                 wandb_init_kwargs[_KEY_ARG] = key
+            wandb_init_kwargs[_HISTORY_ARG] = checkpoint_history(f"{self.trials_dir}/{trial.trial_id}")
             super()._start_logging_actor(trial, exclude_results, **wandb_init_kwargs)
         finally:
             if key is not None:

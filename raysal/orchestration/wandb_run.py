@@ -7,6 +7,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+STEP = "train/step"  # the W&B step of every raysal run: the same after a resume
+
 
 def has_api_key() -> bool:
     if os.environ.get("WANDB_API_KEY"):
@@ -39,6 +41,18 @@ def init_wandb(cfg: dict[str, Any], name: str, directory: Path, config: dict[str
         project=cfg["project"], entity=cfg.get("entity"), group=cfg.get("group"), name=name, id=run_id(name),
         resume="allow", dir=str(directory), mode=mode, config=config, tags=cfg.get("tags") or None,
     )  # fmt: skip
+
+
+def relog(run: Any, rows: list[dict[str, Any]]) -> int:
+    """Log the rows of a checkpoint's history that the (resumed) W&B run lacks. An online run resumes after its
+    last step and W&B refuses lower ones; an offline run writes a new file, and `wandb sync` keeps the steps the
+    run already has. Returns how many rows it logged."""
+    n = 0
+    for row in rows:
+        if STEP in row and int(row[STEP]) >= run.step:
+            run.log(row, step=int(row[STEP]))
+            n += 1
+    return n
 
 
 def sync_hint(directory: Path) -> str:

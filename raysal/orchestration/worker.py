@@ -15,6 +15,7 @@ import ray.train
 import ray.train.torch
 import torch
 
+from raysal.loop.checkpoint import load_history
 from raysal.loop.divergence import DivergedError
 from raysal.loop.fit import fit
 from raysal.model.build import apply_lora, load_model, load_processor
@@ -22,6 +23,7 @@ from raysal.orchestration.data import iter_collated
 from raysal.orchestration.fail_reason import write_reason
 from raysal.orchestration.placement_groups import record_placement_group
 from raysal.orchestration.spec import RunSpec
+from raysal.orchestration.wandb_run import STEP, relog
 
 FAIL_REASON = "fail_reason"  # key of the last result of a run that stopped itself (diverged)
 
@@ -70,7 +72,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     def report(metrics: dict[str, float], path: Path | None) -> None:
         if run is not None:
-            run.log(metrics, step=int(metrics["train/step"]))
+            run.log(metrics, step=int(metrics[STEP]))
         checkpoint = ray.train.Checkpoint.from_directory(str(path)) if path is not None else None
         ray.train.report(metrics, checkpoint=checkpoint)  # collective: every rank calls it at the same boundary
 
@@ -80,6 +82,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if restored is not None:
             resume_dir = Path(local) / "resume"
             restored.to_directory(str(resume_dir))
+            if run is not None:  # rows a kill took before W&B wrote them
+                relog(run, load_history(resume_dir))
         try:
             fit(
                 model, spec.criteria, train_batches, val_batches, spec.fit, report=report,
