@@ -94,8 +94,14 @@ def test_train_run_checkpoints_metrics_and_offline_wandb(tmp_path, cache):
     base = load_model(str(cache / "tiny" / "llava"), dtype="float32")
     PeftModel.from_pretrained(base, run_dir / "best_adapter")  # loads
     runs = wandb_runs(run_dir)
-    assert len(runs) == 1 and [h["val/amr"] for h in runs[0]["history"]]
+    assert len(runs) == 1 and [h["val/amr"] for h in runs[0]["history"] if "val/amr" in h]
     assert runs[0]["config"]["trainer"]["max_steps"] == 4
+    # the probe heatmaps: W&B images + table at every evaluation, PNGs in the run folder
+    media = [h for h in runs[0]["history"] if "probes/scores" in h]
+    assert [h["train/step"] for h in media] == [2, 4]
+    assert media[0]["probes/probe0_0"]["_type"] == "image-file" and media[0]["probes/scores"]["_type"] == "table-file"
+    assert (run_dir / "probes" / "probes.json").exists()
+    assert (run_dir / "probes" / "step_0000004" / "probe0_0.png").stat().st_size > 1000
     # the same name resumes from its last checkpoint instead of starting over
     res = run(["raysal.train", *SMALL, "trainer.max_steps=6", "trainer.eval_every=2", f"storage_path={tmp_path}",
                "name=itrain"], cache)  # fmt: skip
@@ -136,8 +142,10 @@ def test_search_on_the_coconut_defaults_adapter_wandb_and_no_key_on_disk(tmp_pat
     assert any("lora_A" in n for n, _ in model.named_parameters())
     runs = wandb_runs(folder)
     assert len(runs) == 2 and {r["group"] for r in runs} == {"itune"}
-    for r in runs:  # every trial evaluated the hold-out the driver printed
+    for r in runs:  # every trial evaluated the hold-out the driver printed, and shows its probe heatmaps
         assert {h["val/images"] for h in r["history"] if "val/images" in h} == {n}
+        media = [h for h in r["history"] if "probes/scores" in h]
+        assert media and all(h["probes/probe0_0"]["_type"] == "image-file" for h in media), r["history"][-1].keys()
     # the replay command of the best trial is a valid run config
     from raysal.orchestration.compose import compose_cfg
 

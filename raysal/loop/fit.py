@@ -26,9 +26,11 @@ from raysal.loop.divergence import DivergenceConfig, DivergenceGuard
 from raysal.loop.evaluate import evaluate
 from raysal.loop.schedule import make_scheduler
 from raysal.loop.step import CapturePlan, capture_plan, needs_eager, train_step, validate_criteria
-from raysal.model.build import model_info, param_groups
+from raysal.model.build import ModelInfo, model_info, param_groups
 
 Report = Callable[[dict[str, float], Path | None], None]
+# (unwrapped model, its ModelInfo, the evaluation protocol, step, autocast context) → None
+AfterEval = Callable[[torch.nn.Module, ModelInfo, CapturePlan, int, contextlib.AbstractContextManager], None]
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -81,11 +83,14 @@ def fit(
     checkpoint_dir: Path | str | None = None,
     resume_from: Path | str | None = None,
     device: torch.device | str = "cpu",
+    after_eval: AfterEval | None = None,
 ) -> dict[str, float]:
     """Train until ``cfg.max_steps`` optimizer steps; returns the last reported metrics.
 
     ``train_batches(epoch)`` must yield the same batches in the same order for the same epoch (seeded shuffling):
-    a resumed run skips the micro-batches its checkpoint already consumed. Raises `DivergedError` (non-finite loss,
+    a resumed run skips the micro-batches its checkpoint already consumed. ``after_eval(model, info, protocol,
+    step, autocast)`` runs after each evaluation with the unwrapped model in the capture attention implementation
+    (the probe heatmaps; rank 0 only: it must not run collectives). Raises `DivergedError` (non-finite loss,
     or a model that stopped learning: `raysal.loop.divergence`).
     """
     device = torch.device(device)
@@ -129,6 +134,8 @@ def fit(
         if val_batches is not None:
             core.set_attn_implementation({"text_config": CAPTURE_IMPL})
             val = evaluate(core, val_batches(), info, protocol, device=device, autocast=autocast, theta=cfg.eval_theta)
+            if after_eval is not None:
+                after_eval(core, info, protocol, progress.step, autocast)
             core.set_attn_implementation({"text_config": train_attn})
             metrics.update({f"val/{k}": v for k, v in val.items()})
             guard.after_eval(progress.step, val["lm_loss"])

@@ -32,15 +32,27 @@ from raysal.orchestration.wandb_run import STEP, relog
 logger = logging.getLogger(__name__)
 _KEY_ARG = "raysal_wandb_api_key"
 _HISTORY_ARG = "raysal_history"
+_RUN_DIR_ARG = "raysal_run_dir"
 
 
 class _SearchWandbLoggingActor(_WandbLoggingActor):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         key = kwargs.pop(_KEY_ARG, None)
         self._history = kwargs.pop(_HISTORY_ARG, [])
+        self._run_dir = kwargs.pop(_RUN_DIR_ARG, None)  # the trial's Train run: its probe heatmaps
         if key:
             os.environ[WANDB_ENV_VAR] = key  # this actor process only; never a file
         super().__init__(*args, **kwargs)
+
+    def _probe_media(self, step: int) -> dict[str, Any]:
+        from raysal.orchestration.probe_files import read_step, wandb_media
+
+        try:
+            rows, pictures = read_step(self._run_dir, step)
+        except Exception as e:  # a missing picture must not cost the trial its metrics
+            logger.warning("could not read the probe heatmaps of step %d in %s: %s", step, self._run_dir, e)
+            return {}
+        return wandb_media(rows, pictures) if rows else {}
 
     def run(self) -> None:
         # Ray's loop (`_WandbLoggingActor.run`), with train/step as the W&B step and the history re-logged first
@@ -57,9 +69,12 @@ class _SearchWandbLoggingActor(_WandbLoggingActor):
                     self._handle_checkpoint(content)
                     continue
                 log, config_update = self._handle_result(content)
+                step = int(log[STEP]) if STEP in log else None
+                if step is not None and self._run_dir:  # the heatmaps rank 0 wrote before this report
+                    log.update(self._probe_media(step))
                 try:
                     self._wandb.config.update(config_update, allow_val_change=True)
-                    self._wandb.log(log, step=int(log[STEP]) if STEP in log else None)
+                    self._wandb.log(log, step=step)
                 except urllib.error.HTTPError as e:  # as Ray does: a few missing points must not end the trial
                     logger.warning("failed to log a result to W&B: %s", e)
             self._wandb.finish()
@@ -106,6 +121,7 @@ class SearchWandbCallback(WandbLoggerCallback):
             if key:
                 wandb_init_kwargs[_KEY_ARG] = key
             wandb_init_kwargs[_HISTORY_ARG] = checkpoint_history(f"{self.trials_dir}/{trial.trial_id}")
+            wandb_init_kwargs[_RUN_DIR_ARG] = f"{self.trials_dir}/{trial.trial_id}"
             super()._start_logging_actor(trial, exclude_results, **wandb_init_kwargs)
         finally:
             if key is not None:

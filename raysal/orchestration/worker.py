@@ -6,8 +6,10 @@ Tune sees, are complete); rank 0 writes checkpoints and logs to W&B.
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -17,13 +19,19 @@ import torch
 
 from raysal.loop.checkpoint import load_history
 from raysal.loop.divergence import DivergedError
-from raysal.loop.fit import fit
-from raysal.model.build import apply_lora, load_model, load_processor
+from raysal.loop.fit import AfterEval, fit
+from raysal.loop.step import CapturePlan
+from raysal.model.build import ModelInfo, apply_lora, load_model, load_processor
 from raysal.orchestration.data import iter_collated
 from raysal.orchestration.fail_reason import write_reason
 from raysal.orchestration.placement_groups import record_placement_group
+from raysal.orchestration.probe_files import wandb_media, write_probe_set, write_step
 from raysal.orchestration.spec import RunSpec
 from raysal.orchestration.wandb_run import STEP, relog
+from raysal.probes.phrase_maps import phrase_maps
+from raysal.probes.probe_set import select_probes
+
+log = logging.getLogger(__name__)
 
 FAIL_REASON = "fail_reason"  # key of the last result of a run that stopped itself (diverged)
 
@@ -34,6 +42,33 @@ def wandb_dir(spec: RunSpec) -> Path:
     if "://" not in spec.storage_path:
         return Path(spec.storage_path) / spec.name
     return Path(os.environ.get("RAYSAL_CACHE", Path.home() / ".cache" / "raysal")) / "wandb" / spec.name
+
+
+def probe_hook(spec: RunSpec, processor: Any, padding: str, device: torch.device, run: Any) -> AfterEval | None:
+    """Rank 0's heatmaps of the probe set after every evaluation (`raysal.probes`), written to the run folder and,
+    for a single run, logged to its W&B run (a search's driver logs a trial's from the run folder)."""
+    n, d = spec.config["trainer"]["probes"], spec.data
+    if not n["images"]:
+        return None
+    same = d["train_split"] == d["val_split"]
+    holdout = float(d.get("val_holdout") or 0.0) if same else 0.0
+    probes = select_probes(d["shards"], d["val_split"], holdout=holdout, images=n["images"], phrases=n["phrases"])
+    if not probes:
+        log.warning("no validation image has a grounded phrase: the run shows no probe heatmaps")
+        return None
+    run_dir = f"{spec.storage_path}/{spec.name}"
+    write_probe_set(run_dir, probes)
+
+    def after_eval(
+        model: torch.nn.Module, info: ModelInfo, protocol: CapturePlan, step: int, autocast: AbstractContextManager
+    ) -> None:
+        maps = phrase_maps(model, processor, probes, info, protocol, prompt=d["prompt"], padding_side=padding,
+                           device=device, autocast=autocast, theta=spec.fit.eval_theta)  # fmt: skip
+        rows, pictures = write_step(run_dir, step, maps)
+        if run is not None:
+            run.log(wandb_media(rows, pictures), step=step)
+
+    return after_eval
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -69,6 +104,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         record_placement_group(f"{spec.storage_path}/{spec.name}")  # for the search's janitor
 
         run = init_wandb(spec.wandb, spec.name, wandb_dir(spec), spec.config)
+    after_eval = probe_hook(spec, processor, padding, device, run) if rank == 0 else None
 
     def report(metrics: dict[str, float], path: Path | None) -> None:
         if run is not None:
@@ -88,7 +124,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             fit(
                 model, spec.criteria, train_batches, val_batches, spec.fit, report=report,
                 checkpoint_dir=Path(local) / "checkpoints" if rank == 0 else None, resume_from=resume_dir,
-                device=device,
+                device=device, after_eval=after_eval,
             )  # fmt: skip
         except DivergedError as e:
             # Reported, not raised: Ray Train would retry a raised error from the last checkpoint (FailureConfig)
