@@ -214,6 +214,17 @@ def summarise(result_grid: Any, spec: SearchSpec, base: list[str], search_dir: s
         "mode": mode,
         "trials": len(result_grid),
         "reported": len(rows),
+        "trials_dir": f"{search_dir}/trials",
+        "rows": [  # every ranked trial, for `python -m raysal.report`
+            {
+                "trial_id": row["trial_id"],
+                "control": bool(row["config"].get(CONTROL_KEY)),
+                "params": {k: v for k, v in params_to_overrides(row["config"]).items()},
+                "metrics": {k: v for k, v in row["metrics"].items() if k.startswith(("val/", "train/"))},
+                "replay": row["replay"],
+            }
+            for row in rows
+        ],
         "failed": failed,
         **decision,
         "table": "\n".join(lines),
@@ -393,6 +404,7 @@ def _search(spec: SearchSpec, base: list[str], run_spec: Any, resume: str) -> in
         log.warning("%d placement group(s) still alive after the search", summary["leaked_placement_groups"])
     Path(local_dir, "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     print(summary["table"])
+    _report(local_dir, run_spec, wandb_mode, search_dir, spec.name)
     best = summary.get("best")
     w = sync_hint(Path(search_dir)) if resolve_mode(run_spec.wandb["mode"]) == "offline" else ""
     print(
@@ -401,6 +413,22 @@ def _search(spec: SearchSpec, base: list[str], run_spec: Any, resume: str) -> in
         f"{summary.get('best_adapter')}; folder: {search_dir}. {w}"
     )
     return 0 if best else 1  # failed trials are part of a search's result; no trial to export is not
+
+
+def _report(local_dir: Path, run_spec: Any, wandb_mode: str, search_dir: str, name: str) -> None:
+    """report.html + the W&B summary run; a finished search stays finished if its report fails (said, not hidden)."""
+    from raysal.orchestration.wandb_run import log_search_summary
+    from raysal.search.report_html import build_report
+
+    try:
+        report = build_report(local_dir)
+        print(f"raysal: report {report.html}", flush=True)
+        w = run_spec.wandb
+        log_search_summary(report.figures, project=w["project"], entity=w.get("entity"), group=name, mode=wandb_mode,
+                           directory=Path(search_dir) if "://" not in search_dir else Path.cwd(),
+                           tags=w.get("tags") or None)  # fmt: skip
+    except Exception as e:
+        log.warning("the search report could not be written (python -m raysal.report %s retries): %s", local_dir, e)
 
 
 if __name__ == "__main__":

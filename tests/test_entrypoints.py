@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from peft import PeftModel
 from wandb_records import read_run
@@ -97,9 +98,9 @@ def test_train_run_checkpoints_metrics_and_offline_wandb(tmp_path, cache):
     assert len(runs) == 1 and [h["val/amr"] for h in runs[0]["history"] if "val/amr" in h]
     assert runs[0]["config"]["trainer"]["max_steps"] == 4
     # the probe heatmaps: W&B images + table at every evaluation, PNGs in the run folder
-    media = [h for h in runs[0]["history"] if "probes/scores" in h]
+    media = [h for h in runs[0]["history"] if h.get("probes/scores/_type") == "table-file"]
     assert [h["train/step"] for h in media] == [2, 4]
-    assert media[0]["probes/probe0_0"]["_type"] == "image-file" and media[0]["probes/scores"]["_type"] == "table-file"
+    assert all(h.get("probes/probe0_0/_type") == "image-file" for h in media)
     assert (run_dir / "probes" / "probes.json").exists()
     assert (run_dir / "probes" / "step_0000004" / "probe0_0.png").stat().st_size > 1000
     # the same name resumes from its last checkpoint instead of starting over
@@ -144,8 +145,8 @@ def test_search_on_the_coconut_defaults_adapter_wandb_and_no_key_on_disk(tmp_pat
     assert len(runs) == 2 and {r["group"] for r in runs} == {"itune"}
     for r in runs:  # every trial evaluated the hold-out the driver printed, and shows its probe heatmaps
         assert {h["val/images"] for h in r["history"] if "val/images" in h} == {n}
-        media = [h for h in r["history"] if "probes/scores" in h]
-        assert media and all(h["probes/probe0_0"]["_type"] == "image-file" for h in media), r["history"][-1].keys()
+        media = [h for h in r["history"] if h.get("probes/scores/_type") == "table-file"]
+        assert media and all(h.get("probes/probe0_0/_type") == "image-file" for h in media), r["history"][-1].keys()
     # the replay command of the best trial is a valid run config
     from raysal.orchestration.compose import compose_cfg
 
@@ -199,6 +200,16 @@ def test_killed_search_resumes_without_rerunning_finished_trials(tmp_path, cache
     after = {d.name: sorted(p.name for p in d.glob("checkpoint_2*")) for d in trials_dir.iterdir()}
     unchanged = [name for name, ckpts in before.items() if ckpts and after.get(name) == ckpts]
     assert unchanged, (before, after)
+    # the search's report, as a person sees it: rendered by a real headless browser
+    report = tmp_path / "iresume" / "report.html"
+    assert f"raysal: report {report}" in res.stdout
+    shot = screenshot(report, tmp_path / "report.png")
+    page = report.read_text()
+    for name in ("plane", "history", "parallel"):
+        assert f'<figure id="{name}">' in page, name
+    blue = (np.abs(shot.astype(int) - (31, 119, 180)).sum(-1) < 30).sum()  # matplotlib's points and bars
+    cyan = (np.abs(shot.astype(int) - (0, 255, 255)).sum(-1) < 30).sum()  # the probe heatmaps' region outlines
+    assert shot.std() > 20 and blue > 100 and cyan > 50, (shot.std(), blue, cyan)
 
 
 @pytest.mark.integration
@@ -255,6 +266,20 @@ space:
     assert len(failed) == 2 and all(t.user_attrs["fail_reason"].startswith("diverged:") for t in failed)
     control = next(t for t in study.trials if t.user_attrs.get("raysal_control"))
     assert control.state == optuna.trial.TrialState.COMPLETE
+
+
+def screenshot(html: Path, out: Path) -> np.ndarray:
+    """The page rendered by headless Chromium (Debian's package; .ci/run installs it), as (H, W, 3) uint8."""
+    import shutil
+
+    from PIL import Image
+
+    browser = next((b for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None)
+    assert browser, "no Chromium: apt-get install chromium (.ci/run does)"
+    cmd = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--window-size=1200,4000",
+           f"--screenshot={out}", html.resolve().as_uri()]  # fmt: skip
+    subprocess.run(cmd, capture_output=True, timeout=120, check=True)
+    return np.asarray(Image.open(out).convert("RGB"))
 
 
 def _descendants(pid: int) -> list[int]:

@@ -57,3 +57,26 @@ def relog(run: Any, rows: list[dict[str, Any]]) -> int:
 
 def sync_hint(directory: Path) -> str:
     return f"W&B ran offline: upload with `wandb sync {directory}/wandb/offline-run-*` (after `wandb login`)"
+
+
+def log_search_summary(
+    figures: dict[str, bytes], *, project: str, entity: str | None, group: str, mode: str, directory: Path,
+    tags: list[str] | None = None,
+) -> None:  # fmt: skip
+    """The search report's figures as one W&B run in the search's group (id ``<search>-summary``: re-logging
+    resumes it)."""
+    import io
+
+    import numpy as np
+    import wandb
+    from PIL import Image
+
+    if mode == "disabled" or not figures:
+        return
+    run = wandb.init(
+        project=project, entity=entity, group=group, name=f"{group}-summary", id=run_id(f"{group}-summary"),
+        job_type="summary", resume="allow", mode=mode, dir=str(directory), tags=tags, reinit="finish_previous",
+    )  # fmt: skip
+    run.log({f"report/{name}": wandb.Image(np.asarray(Image.open(io.BytesIO(png)).convert("RGB")))
+             for name, png in figures.items()})  # fmt: skip
+    run.finish()

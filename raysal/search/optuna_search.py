@@ -24,8 +24,14 @@ class ReasonedOptunaSearch(OptunaSearch):
             super().on_trial_result(trial_id, result)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        # the reason must be set before the FAIL is told: Optuna refuses attributes on finished trials
-        if error and trial_id in self._ot_trials:
-            reason = read_reason(f"{self.trials_dir}/{trial_id}") or "failed (see the trial's error.txt)"
-            self._ot_trials[trial_id].set_user_attr("fail_reason", reason)
+        # attributes must be set before the result is told: Optuna refuses them on finished trials
+        if trial_id in self._ot_trials:
+            ot = self._ot_trials[trial_id]
+            ot.set_user_attr("trial_id", trial_id)  # the Tune trial id: its run folder, W&B run and replay
+            if error:
+                reason = read_reason(f"{self.trials_dir}/{trial_id}") or "failed (see the trial's error.txt)"
+                ot.set_user_attr("fail_reason", reason)
+            for key, value in (result or {}).items():  # every validation metric, for the report (importance
+                if key.startswith(("val/", "train/step")) and isinstance(value, int | float):  # of val/lm_loss)
+                    ot.set_user_attr(key, float(value))
         super().on_trial_complete(trial_id, result, error)

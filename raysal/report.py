@@ -1,0 +1,42 @@
+"""The report of a finished search: ``python -m raysal.report SEARCH_DIR [--wandb]``.
+
+Writes ``SEARCH_DIR/report.html`` (self-contained: opens offline) and ``SEARCH_DIR/report/*.png``: the trials with
+replay commands and failure reasons, grounding vs language against the LM-only control, which parameters mattered,
+the optimisation history, parallel coordinates, and the best trial's probe heatmaps beside the control's.
+``python -m raysal.tune`` writes it at the end of every search; run this to rebuild it, or with ``--wandb`` to log
+the figures again as the search's "summary" W&B run (W&B settings from the search's config defaults).
+"""
+
+from __future__ import annotations
+
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help") or len(args) > 2 or (len(args) == 2 and args[1] != "--wandb"):
+        print(__doc__)
+        return 0 if args and args[0] in ("-h", "--help") else 2
+    from raysal.search.report_html import ReportError, build_report
+
+    try:
+        report = build_report(args[0])
+    except ReportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"raysal: report {report.html} ({len(report.figures)} figures in {report.html.parent / 'report'})")
+    if "--wandb" in args:
+        import json
+
+        from raysal.orchestration.compose import compose_cfg
+        from raysal.orchestration.wandb_run import log_search_summary, resolve_mode
+
+        search = json.loads((report.html.parent / "summary.json").read_text())["search"]
+        w = compose_cfg([]).wandb
+        log_search_summary(report.figures, project=w.project, entity=w.get("entity"), group=search,
+                           mode=resolve_mode(w.mode), directory=report.html.parent)  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

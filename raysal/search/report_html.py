@@ -1,0 +1,192 @@
+"""The search report: one self-contained ``report.html`` (every picture a data URI: it opens offline, mailed or
+copied off the cluster) plus the same figures as PNGs in ``report/``.
+
+Sources, all written by the search: ``summary.json`` (trials, failures with reasons, the control and the LM limit,
+the best trial), the Optuna study (``optuna.db``: parameters, values, validation metrics as user attrs), and the
+trials' probe heatmaps (``trials/<id>/probes/step_*/``).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from raysal.search import report_figures as figures
+
+LM = "val/lm_loss"
+
+
+class ReportError(ValueError):
+    """The folder is not a finished search (no summary.json)."""
+
+
+@dataclass
+class Report:
+    html: Path
+    figures: dict[str, bytes] = field(default_factory=dict)  # name → PNG, also in report/<name>.png
+
+
+def _uri(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode()
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return "" if math.isnan(v) else f"{v:.4g}"
+    return html.escape(str(v))
+
+
+def _latest_probe_step(run_dir: Path) -> Path | None:
+    steps = sorted(p for p in (run_dir / "probes").glob("step_*") if (p / "scores.json").exists())
+    return steps[-1] if steps else None
+
+
+def _probe_section(trials_dir: Path, best: str | None, control: str | None) -> tuple[str, bytes | None]:
+    """Best trial's heatmaps beside the control's, phrase by phrase (the last evaluation of each)."""
+    cols = [(name, tid) for name, tid in (("best", best), ("LM-only control", control)) if tid]
+    steps = {tid: _latest_probe_step(trials_dir / tid) for _, tid in cols}
+    cols = [(name, tid) for name, tid in cols if steps[tid] is not None]
+    if not cols:
+        missing = f"No probe heatmaps in {trials_dir} (trainer.probes.images=0, or no trial reached an evaluation)."
+        return f"<p>{missing}</p>", None
+    keys = [r["key"] for r in json.loads((steps[cols[0][1]] / "scores.json").read_text())]
+    head = "".join(f"<th>{html.escape(n)}: {html.escape(t)} ({steps[t].name})</th>" for n, t in cols)
+    body = []
+    for key in keys:
+        cells = []
+        for _, tid in cols:
+            png = steps[tid] / f"{key}.png"
+            cells.append(f'<td><img class="probe" src="{_uri(png.read_bytes())}" alt="{key}"></td>' if png.exists()
+                         else "<td>missing</td>")  # fmt: skip
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    grid = _probe_grid([[steps[tid] / f"{key}.png" for _, tid in cols] for key in keys])
+    table = f'<table class="probes"><tr>{head}</tr>{"".join(body)}</table>'
+    return table, grid
+
+
+def _probe_grid(paths: list[list[Path]]) -> bytes | None:
+    """The comparison as one picture (for W&B): rows = phrases, columns = trials."""
+    import io
+
+    from PIL import Image
+
+    pics = [[Image.open(p).convert("RGB") if p.exists() else None for p in row] for row in paths]
+    flat = [p for row in pics for p in row if p is not None]
+    if not flat:
+        return None
+    w, h = max(p.width for p in flat), max(p.height for p in flat)
+    n_cols = max(len(row) for row in pics)
+    canvas = Image.new("RGB", (w * n_cols, h * len(pics)), (255, 255, 255))
+    for i, row in enumerate(pics):
+        for j, p in enumerate(row):
+            if p is not None:
+                canvas.paste(p, (j * w, i * h))
+    buf = io.BytesIO()
+    canvas.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _trials_table(summary: dict[str, Any]) -> str:
+    metric, mode = summary["metric"], summary["mode"]
+    rows = sorted(summary.get("rows", []), key=lambda r: r["metrics"].get(metric, float("nan")), reverse=mode == "max")
+    excluded = set(summary.get("excluded_by_lm_tolerance") or [])
+    best = (summary.get("best") or {}).get("trial_id")
+    out = [f"<tr><th>rank</th><th>trial</th><th>{html.escape(metric)}</th><th>val/lm_loss</th><th>step</th>"
+           "<th>parameters</th><th>replay</th></tr>"]  # fmt: skip
+    for i, r in enumerate(rows):
+        mark = " (best)" if r["trial_id"] == best else " (LM over the limit)" if r["trial_id"] in excluded else ""
+        params = "LM-only control" if r["control"] else " ".join(f"{k}={v}" for k, v in r["params"].items())
+        out.append(
+            f'<tr class="{"best" if mark == " (best)" else ""}"><td>{i + 1}{mark}</td><td>{r["trial_id"]}</td>'
+            f"<td>{_fmt(r['metrics'].get(metric, float('nan')))}</td>"
+            f"<td>{_fmt(r['metrics'].get(LM, float('nan')))}</td>"
+            f"<td>{_fmt(r['metrics'].get('train/step', ''))}</td><td>{_fmt(params)}</td>"
+            f"<td><code>{html.escape(r['replay'])}</code></td></tr>"
+        )
+    for f in summary.get("failed", []):
+        out.append(f'<tr class="failed"><td>failed</td><td>{f["trial_id"]}</td><td colspan="4">'
+                   f'{html.escape(f["reason"])}</td><td><code>{html.escape(f["replay"])}</code></td></tr>')  # fmt: skip
+    return '<table class="trials">' + "".join(out) + "</table>"
+
+
+STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; }
+h1 { margin-bottom: 0.2em; } .lead { color: #555; }
+table { border-collapse: collapse; font-size: 13px; } td, th { border: 1px solid #ddd; padding: 4px 6px; }
+tr.best { background: #eef7ee; } tr.failed { background: #fbeeee; } code { font-size: 11px; }
+figure { margin: 1.2em 0; } figure img { max-width: 100%; border: 1px solid #eee; }
+figcaption { color: #555; font-size: 13px; max-width: 900px; } img.probe { width: 320px; }
+"""
+
+
+def build_report(search_dir: Path | str) -> Report:
+    """Write ``report.html`` and ``report/*.png`` into the search folder (where summary.json is)."""
+    import optuna
+
+    folder = Path(search_dir)
+    if not (folder / "summary.json").exists():
+        raise ReportError(f"{folder}: no summary.json: not a finished search (run python -m raysal.tune first)")
+    summary = json.loads((folder / "summary.json").read_text())
+    metric, mode = summary["metric"], summary["mode"]
+    trials_dir = Path(summary.get("trials_dir") or folder / "trials")
+    best, control = (summary.get("best") or {}).get("trial_id"), summary.get("control")
+    study = None
+    if (folder / "optuna.db").exists():
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        study = optuna.load_study(study_name=summary["search"], storage=f"sqlite:///{folder / 'optuna.db'}")
+
+    figs: dict[str, bytes] = {}
+    sections: list[str] = []
+
+    def figure(name: str, title: str, png: bytes | None, caption: str, missing: str) -> None:
+        sections.append(f"<h2>{html.escape(title)}</h2>")
+        if png is None:
+            sections.append(f'<p class="missing" id="{name}">{html.escape(missing)}</p>')
+            return
+        figs[name] = png
+        sections.append(f'<figure id="{name}"><img src="{_uri(png)}" alt="{html.escape(title)}">'
+                        f"<figcaption>{html.escape(caption)}</figcaption></figure>")  # fmt: skip
+
+    sections.append("<h2>Trials</h2>" + _trials_table(summary))
+    figure(
+        "plane", "Grounding vs language", figures.grounding_language_plane(
+            summary.get("rows", []), metric, mode, summary.get("lm_limit"), best),
+        f"Each trial's final {metric} against its val/lm_loss. Trials right of the dashed line lost more than the "
+        "LM tolerance of language quality against the LM-only control (the star) and cannot be chosen best; the "
+        "grey line is the Pareto front.", "No trial reported both metrics.",
+    )  # fmt: skip
+    if study is not None:
+        png, note = figures.importance(study, metric, mode)
+        figure("importance", "Which parameters mattered", png, note, note)
+        figure("history", "Optimisation history", figures.history(study),
+               "The objective of every completed trial in the order Optuna sampled them, and the best so far.",
+               "No completed trial.")  # fmt: skip
+        figure("parallel", "Parallel coordinates", figures.parallel_coordinates(study),
+               "Every completed trial's sampled values, coloured by the objective.",
+               "Fewer than 2 completed sampled trials.")  # fmt: skip
+    probes, grid = _probe_section(trials_dir, best, control)
+    sections.append("<h2>Where the attention goes: best trial vs LM-only control</h2>"
+                    "<p>The evaluation protocol's attention for each probe phrase, on the original image; the phrase's "
+                    "region is outlined; greyed parts were cropped away by the processor.</p>" + probes)  # fmt: skip
+    if grid is not None:
+        figs["probes"] = grid
+
+    n_failed = len(summary.get("failed", []))
+    lead = (f"{summary['trials']} trials, {summary['reported']} ranked, {n_failed} failed. Objective: {metric} "
+            f"({mode}); best: {best or 'none'}")  # fmt: skip
+    if summary.get("lm_limit") is not None:
+        lead += f"; LM-only control {control}, val/lm_loss limit {summary['lm_limit']:.4g}"
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>raysal search {html.escape(summary['search'])}"
+            f"</title><style>{STYLE}</style></head><body><h1>raysal search: {html.escape(summary['search'])}</h1>"
+            f"<p class='lead'>{html.escape(lead)}</p>{''.join(sections)}</body></html>")  # fmt: skip
+    (folder / "report").mkdir(exist_ok=True)
+    for name, png in figs.items():
+        (folder / "report" / f"{name}.png").write_bytes(png)
+    out = folder / "report.html"
+    out.write_text(page)
+    return Report(out, figs)

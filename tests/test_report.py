@@ -1,0 +1,87 @@
+"""The search report from a search folder's files (summary.json, optuna.db, the trials' probe PNGs): no Ray."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+
+import numpy as np
+import optuna
+import pytest
+from PIL import Image
+
+from raysal.report import main
+from raysal.search.report_figures import pareto_front
+from raysal.search.report_html import build_report
+
+
+def _png(color: tuple[int, int, int]) -> bytes:
+    buf = io.BytesIO()
+    img = np.zeros((40, 60, 3), np.uint8)
+    img[:] = color
+    img[10:30, 20:40] = 255
+    Image.fromarray(img).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture
+def search(tmp_path):
+    """A finished 6-trial search: a control, 4 sampled trials (one over the LM limit), one diverged."""
+    folder = tmp_path / "demo"
+    folder.mkdir()
+    study = optuna.create_study(study_name="demo", storage=f"sqlite:///{folder / 'optuna.db'}", direction="maximize")
+    rows, rng = [], np.random.default_rng(0)
+    for i in range(5):
+        t = study.ask()
+        lr = t.suggest_float("optim.lr", 1e-3, 1e-2, log=True)
+        crit = t.suggest_categorical("criterion@criteria.align", ["kl", "mse"])
+        amr, lm = 1.0 + 0.1 * i + 0.01 * rng.random(), 5.0 + (0.3 if i == 3 else 0.02 * i)
+        t.set_user_attr("val/lm_loss", lm)
+        study.tell(t, amr)
+        params = {"optim.lr": lr, "criterion@criteria.align": crit}
+        rows.append({"trial_id": f"t{i}", "control": i == 0, "params": params,
+                     "metrics": {"val/amr": amr, "val/lm_loss": lm, "train/step": 24.0},
+                     "replay": f"python -m raysal.train optim.lr={lr}"})  # fmt: skip
+    for tid, color in (("t0", (200, 0, 0)), ("t4", (0, 0, 200))):
+        step = folder / "trials" / tid / "probes" / "step_0000024"
+        step.mkdir(parents=True)
+        (step / "probe0_0.png").write_bytes(_png(color))
+        (step / "scores.json").write_text(json.dumps([{"key": "probe0_0", "image_id": 7, "phrase": "a cat"}]))
+    summary = {
+        "search": "demo", "metric": "val/amr", "mode": "max", "trials": 6, "reported": 5, "rows": rows,
+        "failed": [{"trial_id": "t5", "reason": "diverged: val/lm_loss 9.9 >= 0.98 x ln(V)", "replay": "python -m x"}],
+        "control": "t0", "lm_limit": 5.0 * 1.02, "excluded_by_lm_tolerance": ["t3"],
+        "best": {"trial_id": "t4", "replay": "python -m raysal.train optim.lr=0.001"},
+        "trials_dir": str(folder / "trials"),
+    }  # fmt: skip
+    (folder / "summary.json").write_text(json.dumps(summary))
+    return folder
+
+
+def _not_blank(png: bytes) -> bool:
+    a = np.asarray(Image.open(io.BytesIO(png)).convert("L"), dtype=np.float32)
+    return a.std() > 10 and (a < 200).mean() > 0.02
+
+
+def test_report_has_every_figure_and_lists_failures(search):
+    report = build_report(search)
+    page = report.html.read_text()
+    assert set(report.figures) == {"plane", "importance", "history", "parallel", "probes"}
+    for name, png in report.figures.items():
+        assert _not_blank(png), name
+        assert (search / "report" / f"{name}.png").read_bytes() == png
+        assert f'<figure id="{name}">' in page or name == "probes"
+    assert "diverged: val/lm_loss 9.9" in page and "(LM over the limit)" in page and "t4</td>" in page
+    assert page.count("data:image/png;base64,") == 4 + 2  # 4 figures + best and control probe heatmaps
+    assert not re.search(r'src="(?!data:)', page), "every picture is embedded: the page opens offline"
+
+
+def test_pareto_front():
+    pts = [(5.0, 1.0), (5.1, 1.2), (5.2, 1.1), (4.9, 0.9), (5.3, 1.3)]
+    assert pareto_front(pts, maximise=True) == [3, 0, 1, 4]
+
+
+def test_cli_says_what_is_missing(tmp_path, capsys):
+    assert main([str(tmp_path)]) == 2
+    assert "no summary.json" in capsys.readouterr().err
