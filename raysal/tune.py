@@ -1,10 +1,13 @@
-"""A search: ``python -m raysal.tune SPACE.yaml [hydra overrides] [resume=auto|true|false]``.
+"""A search: ``python -m raysal.tune SPACE.yaml [hydra overrides] [resume=auto|true|false] [-v]``.
 
 Each trial is a Tune function that composes the run config from the file's base overrides + the CLI overrides +
 the sampled parameters, and runs a Ray Train `TorchTrainer` (Train V2: ``Tuner(TorchTrainer)`` is not allowed)
 with ``TuneReportCallback``. Optuna (TPE, define-by-run for conditional spaces) samples into a persistent SQLite
 study; ASHA stops weak trials on the worker-reported step. At the end: a table of the top trials with replay
 commands, and the best trial's best checkpoint exported as a peft adapter + ``best.json``.
+
+The console shows one line per trial event (started, evaluated, stopped early, failed, finished); ``-v`` adds Ray's
+own output (worker logs, status tables).
 
 Running the same command again continues an interrupted search (``Tuner.restore``): finished trials are kept,
 unfinished ones resume from their Train checkpoints, the Optuna study continues.
@@ -148,7 +151,9 @@ def _max_concurrent(spec: SearchSpec, encode_cpus: float) -> int | None:
     return n or None  # 0: the GPU nodes are not up yet (autoscaling) — let Tune queue trials
 
 
-def _parse_cli(argv: list[str]) -> tuple[Path, list[str], str]:
+def _parse_cli(argv: list[str]) -> tuple[Path, list[str], str, bool]:
+    verbose = any(a in ("-v", "--verbose") for a in argv)
+    argv = [a for a in argv if a not in ("-v", "--verbose")]
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         sys.exit(0 if argv else 2)
@@ -161,7 +166,7 @@ def _parse_cli(argv: list[str]) -> tuple[Path, list[str], str]:
                 raise SearchSpaceError(argv[0], "resume", f"must be auto, true or false, got {resume!r}")
         else:
             overrides.append(a)
-    return Path(argv[0]), overrides, resume
+    return Path(argv[0]), overrides, resume, verbose
 
 
 def _trial_id(result: Any) -> str:
@@ -245,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:  # every check before Ray starts: bad input is one `error:` line and exit 2
-        path, cli, resume = _parse_cli(list(sys.argv[1:] if argv is None else argv))
+        path, cli, resume, verbose = _parse_cli(list(sys.argv[1:] if argv is None else argv))
         profile = next((o.split("=", 1)[1] for o in cli if o.startswith("experiment=")), None)
         spec = load_search_space(path, profile)
         base = [*spec.base_overrides, *resource_overrides(spec), *cli]
@@ -268,10 +273,10 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         return print_user_error(e)
     print(f"raysal: {sizes.describe()}", flush=True)
-    return _search(spec, base, run_spec, resume)
+    return _search(spec, base, run_spec, resume, verbose)
 
 
-def _search(spec: SearchSpec, base: list[str], run_spec: Any, resume: str) -> int:
+def _search(spec: SearchSpec, base: list[str], run_spec: Any, resume: str, verbose: bool = False) -> int:
     import optuna
     import ray
     from ray import tune
@@ -282,6 +287,7 @@ def _search(spec: SearchSpec, base: list[str], run_spec: Any, resume: str) -> in
     from raysal.orchestration.wandb_run import resolve_mode, sync_hint
     from raysal.search.control import ControlAwareASHA, enqueue_control
     from raysal.search.optuna_search import ReasonedOptunaSearch
+    from raysal.search.progress import ProgressLines
     from raysal.search.space import define_by_run
 
     storage = run_spec.storage_path
@@ -291,11 +297,16 @@ def _search(spec: SearchSpec, base: list[str], run_spec: Any, resume: str) -> in
     if "://" in search_dir:
         local_dir = Path(run_spec.config["cache_dir"]) / "searches" / spec.name
     control = spec.control.overrides if spec.control else ()
+    # the console shows raysal's one line per trial event (`ProgressLines`); -v brings back Ray's own output:
+    # worker logs, status tables, Ray's INFO lines and its slow-callback warnings
+    quiet: dict[str, Any] = {} if verbose else {"log_to_driver": False, "logging_level": logging.WARNING}
+    if not verbose:
+        os.environ.setdefault("TUNE_WARN_THRESHOLD_S", "60")
     if not ray.is_initialized():
         if os.environ.get("RAY_ADDRESS"):
-            ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=JOB_RUNTIME_ENV)
+            ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=JOB_RUNTIME_ENV, **quiet)
         else:  # a local cluster: advertise the trial-driver resource the head node has on a real cluster
-            ray.init(resources={DRIVER_RESOURCE: 64}, runtime_env=JOB_RUNTIME_ENV)
+            ray.init(resources={DRIVER_RESOURCE: 64}, runtime_env=JOB_RUNTIME_ENV, **quiet)
     # SIGTERM (a preempted head, `kill`) stops the search the way Ctrl-C does: Tune's SIGINT handler stops the
     # trials and saves the experiment state, so the same command resumes it. Tune's graceful stop can wait on a
     # trial whose Train worker group is still starting; after STOP_GRACE_S a second SIGINT skips that wait (Tune's
@@ -355,7 +366,11 @@ def _search(spec: SearchSpec, base: list[str], run_spec: Any, resume: str) -> in
             else FIFOScheduler()
         )
         # removes the Train placement group of an ended trial if Ray Train did not (see placement_groups.py)
-        callbacks: list = [PlacementGroupJanitor(f"{search_dir}/trials", str(local_dir))]
+        callbacks: list = [
+            PlacementGroupJanitor(f"{search_dir}/trials", str(local_dir)),
+            ProgressLines(spec.metric, spec.scheduler.time_attr, spec.scheduler.max_t if s.type == "asha" else None,
+                          f"{search_dir}/trials"),
+        ]  # fmt: skip
         if wandb_mode != "disabled":
             callbacks.append(
                 SearchWandbCallback(
@@ -379,6 +394,7 @@ def _search(spec: SearchSpec, base: list[str], run_spec: Any, resume: str) -> in
             ),
             run_config=tune.RunConfig(
                 name=spec.name,
+                verbose=2 if verbose else 0,  # 0: no status tables (raysal prints a line per trial event)
                 storage_path=storage,
                 callbacks=callbacks,
                 failure_config=tune.FailureConfig(max_failures=0),  # retries happen inside the trial (Ray Train)

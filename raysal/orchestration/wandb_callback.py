@@ -112,7 +112,8 @@ class SearchWandbCallback(WandbLoggerCallback):
     _logger_actor_cls = _SearchWandbLoggingActor
 
     def __init__(self, *, trials_dir: str, **kwargs: Any) -> None:
-        super().__init__(**{"resume": "allow", **kwargs})
+        # reinit: W&B deprecated Ray's boolean; resume: a restored trial continues its W&B run
+        super().__init__(**{"resume": "allow", "reinit": "finish_previous", **kwargs})
         self.trials_dir = trials_dir
 
     def _start_logging_actor(self, trial: Any, exclude_results: list[str], **wandb_init_kwargs: Any) -> None:
