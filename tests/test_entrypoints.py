@@ -141,8 +141,11 @@ def test_search_on_the_coconut_defaults_adapter_wandb_and_no_key_on_disk(tmp_pat
     base = load_model(str(cache / "tiny" / "llava"), dtype="float32")
     model = PeftModel.from_pretrained(base, folder / "best_adapter")
     assert any("lora_A" in n for n, _ in model.named_parameters())
-    runs = wandb_runs(folder)
-    assert len(runs) == 2 and {r["group"] for r in runs} == {"itune"}
+    every = wandb_runs(folder)
+    report_runs = [r for r in every if any(k.startswith("report/") for h in r["history"] for k in h)]
+    runs = [r for r in every if r not in report_runs]  # one per trial
+    assert len(runs) == 2 and len(report_runs) == 1 and {r["group"] for r in every} == {"itune"}
+    assert {"report/plane/_type", "report/probes/_type"} <= set(report_runs[0]["history"][0])
     for r in runs:  # every trial evaluated the hold-out the driver printed, and shows its probe heatmaps
         assert {h["val/images"] for h in r["history"] if "val/images" in h} == {n}
         media = [h for h in r["history"] if h.get("probes/scores/_type") == "table-file"]
