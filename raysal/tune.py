@@ -249,6 +249,9 @@ def main(argv: list[str] | None = None) -> int:
     from raysal.orchestration.errors import print_user_error
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if not {"-v", "--verbose"} & set(sys.argv[1:] if argv is None else argv):
+        # Tune's "operation took 2.8 s, which may be a performance bottleneck": read when ray.tune is imported
+        os.environ.setdefault("TUNE_WARN_THRESHOLD_S", "60")
     try:  # every check before Ray starts: bad input is one `error:` line and exit 2
         path, cli, resume, verbose = _parse_cli(list(sys.argv[1:] if argv is None else argv))
         profile = next((o.split("=", 1)[1] for o in cli if o.startswith("experiment=")), None)
@@ -300,8 +303,6 @@ def _search(spec: SearchSpec, base: list[str], run_spec: Any, resume: str, verbo
     # the console shows raysal's one line per trial event (`ProgressLines`); -v brings back Ray's own output:
     # worker logs, status tables, Ray's INFO lines and its slow-callback warnings
     quiet: dict[str, Any] = {} if verbose else {"log_to_driver": False, "logging_level": logging.WARNING}
-    if not verbose:
-        os.environ.setdefault("TUNE_WARN_THRESHOLD_S", "60")
     if not ray.is_initialized():
         if os.environ.get("RAY_ADDRESS"):
             ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=JOB_RUNTIME_ENV, **quiet)

@@ -46,9 +46,16 @@ def _latest_probe_step(run_dir: Path) -> Path | None:
     return steps[-1] if steps else None
 
 
-def _probe_section(trials_dir: Path, best: str | None, control: str | None) -> tuple[str, bytes | None]:
-    """Best trial's heatmaps beside the control's, phrase by phrase (the last evaluation of each)."""
-    cols = [(name, tid) for name, tid in (("best", best), ("LM-only control", control)) if tid]
+def _probe_section(
+    trials_dir: Path, best: str | None, control: str | None, top: str | None
+) -> tuple[str, bytes | None]:
+    """Best trial's heatmaps beside the control's (and the top trial by the objective, when the LM limit made
+    another one best), phrase by phrase, at each one's last evaluation."""
+    labels: dict[str, list[str]] = {}
+    for name, tid in (("best", best), ("LM-only control", control), ("top by the objective", top)):
+        if tid:
+            labels.setdefault(tid, []).append(name)
+    cols = [(" = ".join(names), tid) for tid, names in labels.items()]
     steps = {tid: _latest_probe_step(trials_dir / tid) for _, tid in cols}
     cols = [(name, tid) for name, tid in cols if steps[tid] is not None]
     if not cols:
@@ -169,8 +176,10 @@ def build_report(search_dir: Path | str) -> Report:
         figure("parallel", "Parallel coordinates", figures.parallel_coordinates(study),
                "Every completed trial's sampled values, coloured by the objective.",
                "Fewer than 2 completed sampled trials.")  # fmt: skip
-    probes, grid = _probe_section(trials_dir, best, control)
-    sections.append("<h2>Where the attention goes: best trial vs LM-only control</h2>"
+    ranked = [r for r in summary.get("rows", []) if metric in r["metrics"]]
+    top = max(ranked, key=lambda r: r["metrics"][metric] * (1 if mode == "max" else -1))["trial_id"] if ranked else None
+    probes, grid = _probe_section(trials_dir, best, control, top)
+    sections.append("<h2>Where the attention goes: best trial, LM-only control, top trial</h2>"
                     "<p>The evaluation protocol's attention for each probe phrase, on the original image; the phrase's "
                     "region is outlined; greyed parts were cropped away by the processor.</p>" + probes)  # fmt: skip
     if grid is not None:
