@@ -303,6 +303,8 @@ def _search(spec: SearchSpec, base: list[str], run_spec: Any, resume: str, verbo
     # the console shows raysal's one line per trial event (`ProgressLines`); -v brings back Ray's own output:
     # worker logs, status tables, Ray's INFO lines and its slow-callback warnings
     quiet: dict[str, Any] = {} if verbose else {"log_to_driver": False, "logging_level": logging.WARNING}
+    if not verbose:
+        optuna.logging.set_verbosity(optuna.logging.WARNING)  # "A new study created ...": raysal says it
     if not ray.is_initialized():
         if os.environ.get("RAY_ADDRESS"):
             ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=JOB_RUNTIME_ENV, **quiet)
