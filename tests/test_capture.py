@@ -89,3 +89,26 @@ def test_capture_names_missing_layers(tiny_llava, small_shards):
         model(**model_inputs(batch))
     with pytest.raises(RuntimeError, match=r"layers \[1\] produced nothing"):
         cap.stacked()
+
+
+@pytest.mark.parametrize("arch", ["llava", "llava_next"])
+def test_reduced_capture_equals_the_mean_of_the_stored_maps(arch, tiny_llava, tiny_next, small_shards):
+    """Evaluation's running mean over layers × heads is the mean of the per-layer maps (to float tolerance), and
+    holds only (B, T, I)."""
+    ckpt = tiny_llava if arch == "llava" else tiny_next
+    batch = _batch(ckpt, small_shards, "right", n=2)
+    model = load_model(str(ckpt), dtype="float32").eval()
+    enable_capture(model)
+    t = grounding_targets(batch, model_info(model).image_token_id)
+    layers, heads = [0, 1, 3], [0, 1, 3]
+    with torch.no_grad(), AttentionCapture(layers, heads, t.query_pos, t.key_pos) as full:
+        model(**model_inputs(batch))
+    with torch.no_grad(), AttentionCapture(layers, heads, t.query_pos, t.key_pos, reduce=True) as reduced:
+        model(**model_inputs(batch))
+    assert not reduced.request.out  # no per-layer maps kept
+    expected = full.stacked().mean((1, 2))  # (B, T, I)
+    assert reduced.mean().shape == expected.shape
+    torch.testing.assert_close(reduced.mean(), expected, atol=1e-6, rtol=1e-5)
+    with pytest.raises(RuntimeError, match="no-grad"), AttentionCapture(layers, heads, t.query_pos, t.key_pos,
+                                                                        reduce=True):  # fmt: skip
+        pass

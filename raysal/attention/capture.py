@@ -40,6 +40,9 @@ class _Request:
     query_pos: torch.Tensor  # (B, T) long: sequence positions of the query rows
     key_pos: torch.Tensor  # (B, I) long: sequence positions of the image tokens
     out: dict[int, torch.Tensor] = field(default_factory=dict)  # layer → (B, h, T, I)
+    reduce: bool = False  # keep only the running sum over layers × heads (evaluation: (B, T, I), not ℓ × h maps)
+    total: torch.Tensor | None = None  # (B, T, I) fp32 when reducing
+    seen: set[int] = field(default_factory=set)  # layers that ran (reducing)
 
 
 _ACTIVE: ContextVar[_Request | None] = ContextVar("raysal_attention_capture", default=None)
@@ -100,7 +103,13 @@ def capture_attention_forward(
     req = _ACTIVE.get()
     layer = getattr(module, "layer_idx", None)
     if req is not None and layer in req.layers:
-        req.out[layer] = _image_probs(module, query, key, attention_mask, scaling, req)
+        probs = _image_probs(module, query, key, attention_mask, scaling, req)  # (B, h, T, I)
+        if req.reduce:
+            part = probs.sum(1)  # (B, T, I): this layer's heads, added to the running sum and dropped
+            req.total = part if req.total is None else req.total + part
+            req.seen.add(layer)
+        else:
+            req.out[layer] = probs
     return out, None
 
 
@@ -154,29 +163,48 @@ class AttentionCapture:
         heads: Sequence[int],
         query_pos: torch.Tensor,  # (B, T) long
         key_pos: torch.Tensor,  # (B, I) long
+        *,
+        reduce: bool = False,
     ) -> None:
+        """``reduce=True`` (no-grad evaluation): keep only the mean over the layers × heads, (B, T, I), read with
+        `mean()`; the per-layer maps, ℓ × h times larger, are never held together."""
         self.layers = tuple(sorted(layers))
         self.request = _Request(
             layers=frozenset(self.layers),
             heads=torch.as_tensor(list(heads), dtype=torch.long),
             query_pos=query_pos.long(),
             key_pos=key_pos.long(),
+            reduce=reduce,
         )
         self._token = None
 
     def __enter__(self) -> AttentionCapture:
+        if self.request.reduce and torch.is_grad_enabled():
+            # a checkpointed layer re-runs its forward in backward and would be added twice; training captures
+            # keep per-layer maps (their criteria may weigh layers)
+            raise RuntimeError("AttentionCapture(reduce=True) is for no-grad evaluation (torch.no_grad())")
         self._token = _ACTIVE.set(self.request)
         return self
 
     def __exit__(self, *exc) -> None:
         _ACTIVE.reset(self._token)
 
-    def stacked(self) -> torch.Tensor:
-        """(B, n_layers_sel, n_heads_sel, T, I) in layer order; raises if a layer never ran through the capture."""
-        missing = [i for i in self.layers if i not in self.request.out]
+    def _check_ran(self, ran: set[int] | dict) -> None:
+        missing = [i for i in self.layers if i not in ran]
         if missing:
             raise RuntimeError(
                 f"attention capture: layers {missing} produced nothing; was enable_capture(model) called and do "
                 "these layers exist in the language model?"
             )
+
+    def mean(self) -> torch.Tensor:
+        """(B, T, I) fp32: the mean over the captured layers × heads (``reduce=True`` captures)."""
+        if not self.request.reduce:
+            raise RuntimeError("mean() needs AttentionCapture(..., reduce=True); use stacked()")
+        self._check_ran(self.request.seen)
+        return self.request.total / (len(self.layers) * len(self.request.heads))
+
+    def stacked(self) -> torch.Tensor:
+        """(B, n_layers_sel, n_heads_sel, T, I) in layer order; raises if a layer never ran through the capture."""
+        self._check_ran(self.request.out)
         return torch.stack([self.request.out[i] for i in self.layers], dim=1)

@@ -75,11 +75,10 @@ def phrase_maps(
             ]  # fmt: skip
             batch = {key: v.to(device) for key, v in collate(encoded, pad_id, padding_side).items()}
             t = grounding_targets(batch, info.image_token_id, protocol.query_offset)
-            with AttentionCapture(protocol.layers, protocol.heads, t.query_pos, t.key_pos) as cap:
-                with autocast or contextlib.nullcontext():
-                    model(**model_inputs(batch))
-                att = cap.stacked()  # (B, ℓ, h, T, I)
-            p = renormalise(att.float().mean((1, 2)), t.key_valid)  # (B, T, I)
+            capture = AttentionCapture(protocol.layers, protocol.heads, t.query_pos, t.key_pos, reduce=True)
+            with capture as cap, autocast or contextlib.nullcontext():
+                model(**model_inputs(batch))
+            p = renormalise(cap.mean(), t.key_valid)  # (B, T, I) mean over the protocol's layers × heads
             to_pixels = Backprojection(*segment_map.shape, processor)
             for j, phrase in enumerate(probe.phrases):
                 heat, scores = _one_phrase(p[j], t.token_valid[j], t.region[j], t.key_valid[j], segment_map.shape,
