@@ -24,17 +24,19 @@ import time
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from raysal.attention.capture import enable_capture
+from raysal.attention.capture import AttentionCapture, enable_capture
 from raysal.criteria.kl import KLCriterion
 from raysal.criteria.lm import LMCriterion
 from raysal.criteria.seed_kl import SeedKLCriterion
-from raysal.loop.step import capture_plan, train_step
+from raysal.loop.evaluate import evaluate
+from raysal.loop.step import CapturePlan, capture_plan, train_step
 from raysal.model.build import apply_lora, model_info
 
 H100_BF16_PEAK = 989e12  # dense bf16 FLOP/s of an H100 SXM (NVIDIA datasheet); A100: 312e12
@@ -191,6 +193,35 @@ def _steps(model, batch, criteria, plan, info, opt, autocast, device, warmup: in
             times.append(time.perf_counter() - t0)
 
 
+EVAL_METHODS = ("evaluation", "evaluation_stored_maps")  # the protocol = all layers x all heads, no grad
+
+
+class _StoredMaps(AttentionCapture):
+    """Evaluation as it was before the reduction: every protocol layer's (B, h, T, I) kept, then stacked and
+    averaged. Swapped into `evaluate` for an A/B of the same code."""
+
+    def __init__(self, *args, reduce: bool = False, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+
+    def mean(self) -> torch.Tensor:
+        return self.stacked().float().mean((1, 2))  # (B, T, I)
+
+
+def _evals(model, batch, info, method, autocast, device, warmup: int, reps: int, times: list) -> None:
+    protocol = CapturePlan(tuple(range(info.n_layers)), tuple(range(info.n_heads)), 0)
+    for i in range(warmup + reps):
+        t0 = time.perf_counter()
+        if method == "evaluation":
+            evaluate(model, [batch], info, protocol, device=device, autocast=autocast)
+        else:
+            with mock.patch("raysal.loop.evaluate.AttentionCapture", _StoredMaps):
+                evaluate(model, [batch], info, protocol, device=device, autocast=autocast)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+
+
 def profile_step(model, batch, criteria, plan, info, autocast) -> str:
     """The allocations of one step, by operator (torch.profiler, memory on): where a method's memory goes."""
     from torch.profiler import ProfilerActivity, profile
@@ -211,7 +242,7 @@ def run_one(
     if checkpointing:  # as the 7B configs train: the layer inputs are kept, the rest is recomputed in backward
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = apply_lora(base, rank=16, alpha=32, targets="qv")
-    criteria = methods(preset.text["num_hidden_layers"])[method]
+    criteria = methods(preset.text["num_hidden_layers"]).get(method, [LMCriterion()])  # evaluations: no criteria
     info = model_info(model)
     plan = capture_plan(criteria, info)
     if method == "seed_eager":
@@ -230,7 +261,10 @@ def run_one(
     rss = RSSPeak()
     try:
         with rss:
-            _steps(model, batch, criteria, plan, info, opt, autocast, device, warmup, reps, times)
+            if method in EVAL_METHODS:
+                _evals(model, batch, info, method, autocast, device, warmup, reps, times)
+            else:
+                _steps(model, batch, criteria, plan, info, opt, autocast, device, warmup, reps, times)
     except torch.OutOfMemoryError:
         return {"status": "oom"}
     table = profile_step(model, batch, criteria, plan, info, autocast) if profile else None
@@ -277,7 +311,7 @@ def main() -> int:
     if preset.gpu_only and not args.device.startswith("cuda"):
         ap.error(f"preset {args.preset} has 7B shapes: run it on a GPU (--device cuda)")
     results = {}
-    for name in methods(preset.text["num_hidden_layers"]):
+    for name in [*methods(preset.text["num_hidden_layers"]), *EVAL_METHODS]:
         cmd = [sys.executable, __file__, "--preset", args.preset, "--method", name, "--reps", str(args.reps),
                "--warmup", str(args.warmup), "--device", args.device]  # fmt: skip
         if not args.checkpointing:
@@ -303,6 +337,12 @@ def main() -> int:
         "seed_eager_over_capture_kl_2layers_peak_mem": ratio(seed, cap, "peak_mem_bytes"),
         "seed_eager_over_capture_kl_2layers_time": ratio(seed, cap, "median_s"),
         "capture_all_layers_over_plain_time": ratio(results["capture_kl_all_layers"], plain, "median_s"),
+        # evaluation (all layers x all heads, reduced on the fly) against a training step at the same batch
+        "evaluation_over_capture_kl_2layers_peak_mem": ratio(results["evaluation"], cap, "peak_mem_bytes"),
+        "evaluation_over_plain_peak_mem": ratio(results["evaluation"], plain, "peak_mem_bytes"),
+        "evaluation_stored_maps_over_evaluation_peak_mem": ratio(
+            results["evaluation_stored_maps"], results["evaluation"], "peak_mem_bytes"
+        ),
     }
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({os.cpu_count()} cores)"
     out = {
