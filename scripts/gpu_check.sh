@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The GPU check: one command the day a GPU is lent (no Ray, no registry: torch/transformers/peft/pyarrow only).
+#   scripts/gpu_check.sh            everything (~20 min on an H100)
+#   scripts/gpu_check.sh tests      the `gpu` tests: capture = eager in bf16 under SDPA's flash / efficient / math
+#                                   kernels (LLaVA and NeXT), NeXT-7B at batch 2 fits (step and evaluation)
+#   scripts/gpu_check.sh bench15    the LLaVA-1.5-7B preset of scripts/bench_attention.py (plain, seed eager,
+#                                   capture 2 layers / 8 heads / all layers, evaluation reduced / stored; MFU)
+#   scripts/gpu_check.sh benchnext  the LLaVA-NeXT-7B preset
+# Parts fit the device tool's 10-minute calls. JSON goes to $OUT (default docs/); record the figures with device
+# and date in docs/benchmarks.md.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+OUT="${OUT:-docs}"
+mkdir -p "$OUT"
+part="${1:-all}"
+status=0
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu_check_device.txt"
+python -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)" | tee -a "$OUT/gpu_check_device.txt"
+if [[ "$part" == all || "$part" == tests ]]; then
+  python -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py tests/test_grounding_metrics.py 2>&1 | tee "$OUT/gpu_tests.txt" || status=1
+fi
+if [[ "$part" == all || "$part" == bench15 ]]; then
+  python scripts/bench_attention.py --preset llava-1.5-7b --reps 5 --warmup 2 --json "$OUT/bench_attention_llava15_7b_gpu.json" || status=1
+fi
+if [[ "$part" == all || "$part" == benchnext ]]; then
+  python scripts/bench_attention.py --preset llava-next-7b --reps 5 --warmup 2 --json "$OUT/bench_attention_next_7b_gpu.json" || status=1
+fi
+exit $status
