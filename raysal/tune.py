@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from raysal.orchestration.compose import compose_cfg
+from raysal.orchestration.storage import is_uri
 from raysal.search.space import (
     CONTROL_KEY,
     SearchSpaceError,
@@ -271,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         if spec.control is not None:  # the control trial's config must compose too, before anything runs
             spec_from_cfg(compose_cfg([*base, *spec.control.overrides]))
         sizes = preflight(run_spec)  # once, here, rather than racing in concurrent trials
-        if "://" in run_spec.storage_path:  # the Optuna study is a local SQLite file
+        if is_uri(run_spec.storage_path):  # the Optuna study is a local SQLite file
             check_writable(str(Path(run_spec.config["cache_dir"]) / "searches"), "cache_dir")
     except Exception as e:
         return print_user_error(e)
@@ -297,7 +298,7 @@ def _search(spec: SearchSpec, base: list[str], run_spec: Any, resume: str, verbo
     search_dir = f"{storage}/{spec.name}"
     # the driver's own files (Optuna's SQLite study, summary.json) stay on the head node's disk
     local_dir = Path(search_dir)
-    if "://" in search_dir:
+    if is_uri(search_dir):
         local_dir = Path(run_spec.config["cache_dir"]) / "searches" / spec.name
     control = spec.control.overrides if spec.control else ()
     # the console shows raysal's one line per trial event (`ProgressLines`); -v brings back Ray's own output:
@@ -335,7 +336,7 @@ def _search(spec: SearchSpec, base: list[str], run_spec: Any, resume: str, verbo
     if wandb_mode == "offline":
         os.environ["WANDB_MODE"] = "offline"  # Ray's callback insists on an API key unless W&B itself is offline
     # restorable = Tune wrote its experiment state there (a folder left by a search that failed to start is not)
-    restore = resume != "false" and "://" not in search_dir and any(Path(search_dir).glob("experiment_state-*.json"))
+    restore = resume != "false" and not is_uri(search_dir) and any(Path(search_dir).glob("experiment_state-*.json"))
     if resume == "true" and not restore:
         print(f"error: resume=true but there is no search to restore in {search_dir}", file=sys.stderr)
         return 2
@@ -382,7 +383,7 @@ def _search(spec: SearchSpec, base: list[str], run_spec: Any, resume: str, verbo
                     entity=run_spec.wandb.get("entity"),
                     group=spec.name,
                     mode=wandb_mode,
-                    dir=str(Path(search_dir) if "://" not in search_dir else Path.cwd()),
+                    dir=str(Path(search_dir) if not is_uri(search_dir) else Path.cwd()),
                     tags=run_spec.wandb.get("tags") or None,
                 )
             )
@@ -444,7 +445,7 @@ def _report(local_dir: Path, run_spec: Any, wandb_mode: str, search_dir: str, na
         print(f"raysal: report {report.html}", flush=True)
         w = run_spec.wandb
         log_search_summary(report.figures, project=w["project"], entity=w.get("entity"), group=name, mode=wandb_mode,
-                           directory=Path(search_dir) if "://" not in search_dir else Path.cwd(),
+                           directory=Path(search_dir) if not is_uri(search_dir) else Path.cwd(),
                            tags=w.get("tags") or None)  # fmt: skip
     except Exception as e:
         log.warning("the search report could not be written (python -m raysal.report %s retries): %s", local_dir, e)

@@ -10,24 +10,20 @@ from __future__ import annotations
 
 import pyarrow.fs
 
+from raysal.orchestration.storage import filesystem
+
 FILE = "fail_reason.txt"
 
 
-def _fs(run_dir: str) -> tuple[pyarrow.fs.FileSystem, str]:
-    if "://" in run_dir:
-        return pyarrow.fs.FileSystem.from_uri(run_dir)
-    return pyarrow.fs.LocalFileSystem(), run_dir
-
-
 def write_reason(run_dir: str, reason: str) -> None:
-    fs, root = _fs(run_dir)
+    fs, root = filesystem(run_dir)
     fs.create_dir(root, recursive=True)
     with fs.open_output_stream(f"{root}/{FILE}") as f:
         f.write(reason.encode())
 
 
 def read_reason(run_dir: str) -> str | None:
-    fs, root = _fs(run_dir)
+    fs, root = filesystem(run_dir)
     if fs.get_file_info(f"{root}/{FILE}").type != pyarrow.fs.FileType.File:
         return None
     with fs.open_input_stream(f"{root}/{FILE}") as f:
@@ -35,6 +31,6 @@ def read_reason(run_dir: str) -> str | None:
 
 
 def clear_reason(run_dir: str) -> None:
-    fs, root = _fs(run_dir)
+    fs, root = filesystem(run_dir)
     if fs.get_file_info(f"{root}/{FILE}").type == pyarrow.fs.FileType.File:
         fs.delete_file(f"{root}/{FILE}")

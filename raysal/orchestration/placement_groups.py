@@ -30,6 +30,8 @@ from typing import Any
 import pyarrow.fs
 from ray.tune import Callback
 
+from raysal.orchestration.storage import filesystem
+
 log = logging.getLogger(__name__)
 FILE = "placement_group.txt"
 GRACE_S = 5.0  # Ray Train's own shutdown (or its cleaner) goes first; the janitor only removes what they left
@@ -45,12 +47,6 @@ def pin_ray_address() -> None:
     os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
 
 
-def _fs(run_dir: str) -> tuple[pyarrow.fs.FileSystem, str]:
-    if "://" in run_dir:
-        return pyarrow.fs.FileSystem.from_uri(run_dir)
-    return pyarrow.fs.LocalFileSystem(), run_dir
-
-
 def record_placement_group(run_dir: str) -> None:
     """Rank 0 of a Train run: write the id of the placement group its workers run in (rewritten on every restart
     of the worker group, so it always names the live one)."""
@@ -59,14 +55,14 @@ def record_placement_group(run_dir: str) -> None:
     pg = get_current_placement_group()
     if pg is None:  # not under Ray Train's worker group (a test calling the loop directly)
         return
-    fs, root = _fs(run_dir)
+    fs, root = filesystem(run_dir)
     fs.create_dir(root, recursive=True)
     with fs.open_output_stream(f"{root}/{FILE}") as f:
         f.write(pg.id.hex().encode())
 
 
 def recorded_placement_group(run_dir: str) -> str | None:
-    fs, root = _fs(run_dir)
+    fs, root = filesystem(run_dir)
     if fs.get_file_info(f"{root}/{FILE}").type != pyarrow.fs.FileType.File:
         return None
     with fs.open_input_stream(f"{root}/{FILE}") as f:

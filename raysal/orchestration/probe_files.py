@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import pyarrow.fs
 
+from raysal.orchestration.storage import filesystem
 from raysal.probes.phrase_maps import PhraseMap
 from raysal.probes.probe_set import Probe
 from raysal.probes.render import png_bytes, render
@@ -27,12 +28,6 @@ FOLDER = "probes"
 SCORES = "scores.json"
 KEY_PREFIX = "probes/"  # W&B keys: probes/probe0_1 (images), probes/scores (table)
 COLUMNS = ["key", "image_id", "phrase", "amr", "ap", "nss", "pointing"]
-
-
-def _fs(run_dir: str) -> tuple[pyarrow.fs.FileSystem, str]:
-    if "://" in run_dir:
-        return pyarrow.fs.FileSystem.from_uri(run_dir)
-    return pyarrow.fs.LocalFileSystem(), run_dir
 
 
 def _write(fs: pyarrow.fs.FileSystem, path: str, data: bytes) -> None:
@@ -45,14 +40,14 @@ def step_folder(step: int) -> str:
 
 
 def write_probe_set(run_dir: str, probes: list[Probe]) -> None:
-    fs, root = _fs(run_dir)
+    fs, root = filesystem(run_dir)
     fs.create_dir(f"{root}/{FOLDER}", recursive=True)
     _write(fs, f"{root}/{FOLDER}/probes.json", json.dumps([p.describe() for p in probes], indent=2).encode())
 
 
 def write_step(run_dir: str, step: int, maps: list[PhraseMap]) -> tuple[list[dict[str, Any]], dict[str, bytes]]:
     """PNGs + scores.json of one evaluation; returns what `read_step` reads back."""
-    fs, root = _fs(run_dir)
+    fs, root = filesystem(run_dir)
     folder = f"{root}/{step_folder(step)}"
     fs.create_dir(folder, recursive=True)
     rows, pictures = [], {}
@@ -66,7 +61,7 @@ def write_step(run_dir: str, step: int, maps: list[PhraseMap]) -> tuple[list[dic
 
 def read_step(run_dir: str, step: int) -> tuple[list[dict[str, Any]], dict[str, bytes]]:
     """(score rows, {key: PNG bytes}) of one evaluation; nothing if it wrote none."""
-    fs, root = _fs(run_dir)
+    fs, root = filesystem(run_dir)
     folder = f"{root}/{step_folder(step)}"
     if fs.get_file_info(f"{folder}/{SCORES}").type != pyarrow.fs.FileType.File:
         return [], {}

@@ -15,6 +15,7 @@ from raysal.loop.fit import FitConfig
 from raysal.loop.step import validate_criteria
 from raysal.model.build import lora_target_regex, resolve_dtype
 from raysal.orchestration.errors import ConfigError
+from raysal.orchestration.storage import is_uri
 
 log = logging.getLogger(__name__)
 _KNOBS = frozenset({"weight", "layers", "heads", "query_offset", "per_layer", "smoothing"})  # shared criterion knobs
@@ -39,7 +40,7 @@ class RunSpec:
 
 def absolute_storage(path: str) -> str:
     """Ray needs absolute local paths; URIs (s3://, gs://) pass through."""
-    return path if "://" in path else str(Path(path).expanduser().resolve())
+    return path if is_uri(path) else str(Path(path).expanduser().resolve())
 
 
 def _get(c: dict, key: str) -> Any:

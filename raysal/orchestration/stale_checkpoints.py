@@ -13,19 +13,15 @@ import logging
 
 import pyarrow.fs
 
+from raysal.orchestration.storage import filesystem
+
 log = logging.getLogger(__name__)
 SNAPSHOT = "checkpoint_manager_snapshot.json"
 
 
-def _filesystem(run_dir: str) -> tuple[pyarrow.fs.FileSystem, str]:
-    if "://" in run_dir:
-        return pyarrow.fs.FileSystem.from_uri(run_dir)
-    return pyarrow.fs.LocalFileSystem(), run_dir
-
-
 def remove_stale_checkpoints(run_dir: str) -> list[str]:
     """Delete ``checkpoint_*`` folders of ``run_dir`` that Ray's snapshot does not list; returns their names."""
-    fs, root = _filesystem(run_dir)
+    fs, root = filesystem(run_dir)
     if fs.get_file_info(root).type != pyarrow.fs.FileType.Directory:
         return []
     known: set[str] = set()

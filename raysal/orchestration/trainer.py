@@ -18,6 +18,7 @@ from ray.train.torch import TorchTrainer
 from raysal.loop.checkpoint import ADAPTER
 from raysal.orchestration.data import run_datasets
 from raysal.orchestration.spec import RunSpec
+from raysal.orchestration.storage import is_uri
 from raysal.orchestration.worker import train_loop_per_worker
 
 
@@ -66,7 +67,7 @@ def export_adapter(checkpoint: ray.train.Checkpoint, dest: str, metrics: dict[st
         out = Path(tmp) / "export"
         shutil.copytree(local / ADAPTER, out)
         (out / "best.json").write_text(json.dumps({"checkpoint": checkpoint.path, "metrics": metrics}, indent=2))
-        if "://" in dest:
+        if is_uri(dest):
             pyarrow.fs.copy_files(str(out), dest)
         else:
             shutil.rmtree(dest, ignore_errors=True)

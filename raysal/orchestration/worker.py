@@ -27,6 +27,7 @@ from raysal.orchestration.fail_reason import write_reason
 from raysal.orchestration.placement_groups import record_placement_group
 from raysal.orchestration.probe_files import wandb_media, write_probe_set, write_step
 from raysal.orchestration.spec import RunSpec
+from raysal.orchestration.storage import is_uri
 from raysal.orchestration.wandb_run import STEP, relog
 from raysal.probes.phrase_maps import phrase_maps
 from raysal.probes.probe_set import select_probes
@@ -39,7 +40,7 @@ FAIL_REASON = "fail_reason"  # key of the last result of a run that stopped itse
 def wandb_dir(spec: RunSpec) -> Path:
     if spec.wandb.get("dir"):
         return Path(spec.wandb["dir"])
-    if "://" not in spec.storage_path:
+    if not is_uri(spec.storage_path):
         return Path(spec.storage_path) / spec.name
     return Path(os.environ.get("RAYSAL_CACHE", Path.home() / ".cache" / "raysal")) / "wandb" / spec.name
 

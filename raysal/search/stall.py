@@ -18,13 +18,14 @@ from collections.abc import Callable
 import pyarrow.fs
 
 from raysal.orchestration.stale_checkpoints import SNAPSHOT
+from raysal.orchestration.storage import filesystem
 
 log = logging.getLogger(__name__)
 
 
 def last_progress(run_dir: str) -> float | None:
     """Time of the run's last report (its snapshot's mtime), or None before the first one."""
-    fs, root = pyarrow.fs.FileSystem.from_uri(run_dir) if "://" in run_dir else (pyarrow.fs.LocalFileSystem(), run_dir)
+    fs, root = filesystem(run_dir)
     info = fs.get_file_info(f"{root}/{SNAPSHOT}")
     if info.type != pyarrow.fs.FileType.File or info.mtime is None:
         return None
