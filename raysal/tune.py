@@ -225,7 +225,7 @@ def summarise(result_grid: Any, spec: SearchSpec, base: list[str], search_dir: s
             {
                 "trial_id": row["trial_id"],
                 "control": bool(row["config"].get(CONTROL_KEY)),
-                "params": {k: v for k, v in params_to_overrides(row["config"]).items()},
+                "params": params_to_overrides(row["config"]),
                 "metrics": {k: v for k, v in row["metrics"].items() if k.startswith(("val/", "train/"))},
                 "replay": row["replay"],
             }
