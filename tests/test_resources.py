@@ -25,31 +25,31 @@ def test_data_pipelines_fit_in_the_budget_with_room_for_a_read(budget, workers):
 def test_default_concurrency_counts_workers_and_data(monkeypatch):
     import ray
 
-    from raysal import tune
+    from raysal.orchestration import search
 
     demo = load_search_space(ROOT / "search_spaces" / "criteria.yaml", "demo")
     demo = type(demo)(**{**demo.__dict__, "max_concurrent_trials": None})
-    assert tune.trial_cpus(demo, 0.5) == 1.5
+    assert search.trial_cpus(demo, 0.5) == 1.5
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
-    assert tune._max_concurrent(demo, 0.5) == 1  # 2 // (1 worker CPU + 0.5 data): not 2 trials on 2 CPUs
+    assert search._max_concurrent(demo, 0.5) == 1  # 2 // (1 worker CPU + 0.5 data): not 2 trials on 2 CPUs
     gpu = load_search_space(ROOT / "search_spaces" / "criteria.yaml", None)  # 1 GPU + 6 CPUs per trial
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 48.0, "GPU": 4.0})
-    assert tune._max_concurrent(gpu, 1.0) == 4  # GPU-bound
+    assert search._max_concurrent(gpu, 1.0) == 4  # GPU-bound
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 16.0, "GPU": 4.0})
-    assert tune._max_concurrent(gpu, 1.0) == 2  # CPU-bound: 16 // 7
+    assert search._max_concurrent(gpu, 1.0) == 2  # CPU-bound: 16 // 7
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0})
-    assert tune._max_concurrent(gpu, 1.0) is None  # GPU nodes not up yet: Tune queues trials
+    assert search._max_concurrent(gpu, 1.0) is None  # GPU nodes not up yet: Tune queues trials
 
 
 def test_a_trial_run_is_named_by_its_trial_id_even_when_it_reads_as_a_number():
     """Tune trial ids are hex: 71e76940 is a float to Hydra (inf); the run name must stay the id."""
-    from raysal import tune
+    from raysal.orchestration import search
     from raysal.orchestration.compose import compose_cfg
 
-    overrides = tune.trial_run_overrides(["experiment=demo"], {"optim.lr": 0.003}, (), "71e76940", "/tmp/t 1")
+    overrides = search.trial_run_overrides(["experiment=demo"], {"optim.lr": 0.003}, (), "71e76940", "/tmp/t 1")
     cfg = compose_cfg(overrides)
     assert cfg.name == "71e76940" and cfg.storage_path == "/tmp/t 1" and cfg.optim.lr == 0.003
-    control = tune.trial_run_overrides(["experiment=demo"], {"raysal_control": True}, ("~criterion@criteria.align",),
+    control = search.trial_run_overrides(["experiment=demo"], {"raysal_control": True}, ("~criterion@criteria.align",),
                                        "1e5", "/tmp/t")  # fmt: skip
     cfg = compose_cfg(control)
     assert (

@@ -1,0 +1,112 @@
+"""The end of a search: the ranked table, failed trials with their reasons, the best trial's adapter exported
+(`summarise`, what ``summary.json`` holds), and the report with its W&B summary run (`report`)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from raysal.orchestration.storage import is_uri
+from raysal.search.space import CONTROL_KEY, SearchSpec, format_override, params_to_overrides
+
+log = logging.getLogger("raysal.tune")
+
+
+def trial_overrides(base: list[str], params: dict[str, Any], control: tuple[str, ...] = ()) -> list[str]:
+    """A trial's Hydra overrides: the search's base + its sampled values (the control: base + control overrides)."""
+    if params.get(CONTROL_KEY):
+        return [*base, *control]
+    return [*base, *(format_override(k, v) for k, v in params_to_overrides(params).items())]
+
+
+def _trial_id(result: Any) -> str:
+    return (result.metrics or {}).get("trial_id") or Path(result.path).name  # trial folders are named by trial id
+
+
+def summarise(result_grid: Any, spec: SearchSpec, base: list[str], search_dir: str, top: int = 10) -> dict:
+    """The top trials with replay commands, the failed ones with their reasons; export the best trial's best
+    checkpoint. A failed trial (diverged, stalled, errored) is never ranked, whatever it reported before."""
+    import ray.train
+
+    from raysal.orchestration.errors import first_line
+    from raysal.orchestration.fail_reason import read_reason
+    from raysal.orchestration.trainer import export_adapter
+    from raysal.search.control import choose_best
+
+    metric, mode = spec.objectives[0].metric, spec.objectives[0].mode
+    control = spec.control.overrides if spec.control else ()
+    rows, failed = [], []
+    for r in result_grid:
+        trial_id, metrics = _trial_id(r), r.metrics or {}
+        replay = "python -m raysal.train " + " ".join(trial_overrides(base, r.config, control))
+        if r.error is not None:
+            reason = read_reason(f"{search_dir}/trials/{trial_id}") or first_line(str(r.error))
+            failed.append({"trial_id": trial_id, "reason": reason, "replay": replay})
+        elif metric in metrics:
+            rows.append({"trial_id": trial_id, "metrics": metrics, "config": r.config, "replay": replay})
+    best, decision = choose_best(rows, metric, mode, spec.control.lm_tolerance if spec.control else None)
+    excluded = set(decision["excluded_by_lm_tolerance"])
+    rows.sort(key=lambda x: x["metrics"][metric], reverse=mode == "max")
+    lines = [
+        f"| rank | trial | {metric} | val/lm_loss | step | sampled parameters | replay |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for i, row in enumerate(rows[:top]):
+        shown = " ".join(format_override(k, v) for k, v in params_to_overrides(row["config"]).items())
+        if row["config"].get(CONTROL_KEY):
+            shown = "control: " + " ".join(control)
+        mark = " (best)" if row is best else " (lm > limit)" if row["trial_id"] in excluded else ""
+        lines.append(
+            f"| {i + 1}{mark} | {row['trial_id']} | {row['metrics'][metric]:.4g} | "
+            f"{row['metrics'].get('val/lm_loss', float('nan')):.4g} | "
+            f"{row['metrics'].get('train/step', float('nan')):.0f} | {shown} | `{row['replay']}` |"
+        )
+    for f in failed:
+        lines.append(f"| failed | {f['trial_id']} | | | | {f['reason']} | `{f['replay']}` |")
+    summary: dict[str, Any] = {
+        "search": spec.name,
+        "metric": metric,
+        "mode": mode,
+        "trials": len(result_grid),
+        "reported": len(rows),
+        "trials_dir": f"{search_dir}/trials",
+        "rows": [  # every ranked trial, for `python -m raysal.report`
+            {
+                "trial_id": row["trial_id"],
+                "control": bool(row["config"].get(CONTROL_KEY)),
+                "params": params_to_overrides(row["config"]),
+                "metrics": {k: v for k, v in row["metrics"].items() if k.startswith(("val/", "train/"))},
+                "replay": row["replay"],
+            }
+            for row in rows
+        ],
+        "failed": failed,
+        **decision,
+        "table": "\n".join(lines),
+    }
+    if best is not None:
+        run = ray.train.Result.from_path(f"{search_dir}/trials/{best['trial_id']}")
+        ckpt = run.get_best_checkpoint(metric, mode)
+        if ckpt is not None:
+            metrics = next(m for c, m in run.best_checkpoints if c.path == ckpt.path)
+            summary["best"] = {"trial_id": best["trial_id"], "replay": best["replay"], "checkpoint": ckpt.path}
+            export_adapter(ckpt, f"{search_dir}/best_adapter", {**metrics, **summary["best"]})
+            summary["best_adapter"] = f"{search_dir}/best_adapter"
+    return summary
+
+
+def report(local_dir: Path, run_spec: Any, wandb_mode: str, search_dir: str, name: str) -> None:
+    """report.html + the W&B summary run; a finished search stays finished if its report fails (said, not hidden)."""
+    from raysal.orchestration.wandb_run import log_search_summary
+    from raysal.search.report_html import build_report
+
+    try:
+        report = build_report(local_dir)
+        print(f"raysal: report {report.html}", flush=True)
+        w = run_spec.wandb
+        log_search_summary(report.figures, project=w["project"], entity=w.get("entity"), group=name, mode=wandb_mode,
+                           directory=Path(search_dir) if not is_uri(search_dir) else Path.cwd(),
+                           tags=w.get("tags") or None)  # fmt: skip
+    except Exception as e:
+        log.warning("the search report could not be written (python -m raysal.report %s retries): %s", local_dir, e)
