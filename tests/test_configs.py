@@ -87,7 +87,8 @@ def test_bad_search_space_fails_before_any_trial(case, tmp_path, capsys, monkeyp
 
 
 def test_shipped_search_spaces_validate_against_the_configs():
-    from raysal.search.space import load_search_space, validate_against
+    from raysal.search.space_file import load_search_space
+    from raysal.search.validate_space import validate_against
 
     for name in ("criteria", "lora"):
         for profile in (None, "demo"):

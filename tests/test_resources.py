@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from raysal.orchestration.data import DataCPUs
-from raysal.search.space import load_search_space
+from raysal.search.space_file import load_search_space
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -14,6 +14,9 @@ import pytest
 import yaml
 from omegaconf import OmegaConf, open_dict
 
+from raysal.search.optuna_params import params_to_overrides
+from raysal.search.override_text import format_override
+from raysal.search.sampling import define_by_run, sample
 from raysal.search.space import (
     Choice,
     Fixed,
@@ -26,13 +29,9 @@ from raysal.search.space import (
     Space,
     TrialResources,
     Uniform,
-    define_by_run,
-    format_override,
-    load_search_space,
-    params_to_overrides,
-    sample,
-    validate_against,
 )
+from raysal.search.space_file import load_search_space
+from raysal.search.validate_space import validate_against
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 

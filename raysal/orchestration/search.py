@@ -20,13 +20,10 @@ from typing import Any
 from raysal.orchestration.compose import compose_cfg
 from raysal.orchestration.search_summary import report, summarise, trial_overrides
 from raysal.orchestration.storage import is_uri
-from raysal.search.space import (
-    SearchSpaceError,
-    SearchSpec,
-    format_override,
-    load_search_space,
-    validate_against,
-)
+from raysal.search.override_text import format_override
+from raysal.search.space import SearchSpaceError, SearchSpec
+from raysal.search.space_file import load_search_space
+from raysal.search.validate_space import validate_against
 
 log = logging.getLogger("raysal.tune")
 STOP_GRACE_S = 20.0  # after SIGTERM, how long Tune may take to stop trials gracefully
@@ -171,7 +168,7 @@ def run_search(spec: SearchSpec, base: list[str], run_spec: Any, resume: str, ve
     from raysal.search.control import ControlAwareASHA, enqueue_control
     from raysal.search.optuna_search import ReasonedOptunaSearch
     from raysal.search.progress import ProgressLines
-    from raysal.search.space import define_by_run
+    from raysal.search.sampling import define_by_run
 
     storage = run_spec.storage_path
     search_dir = f"{storage}/{spec.name}"

@@ -8,7 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from raysal.orchestration.storage import is_uri
-from raysal.search.space import CONTROL_KEY, SearchSpec, format_override, params_to_overrides
+from raysal.search.optuna_params import CONTROL_KEY, params_to_overrides
+from raysal.search.override_text import format_override
+from raysal.search.space import SearchSpec
 
 log = logging.getLogger("raysal.tune")
 

@@ -16,7 +16,8 @@ from typing import Any
 import optuna
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
-from raysal.search.space import CONTROL_KEY, SearchSpec
+from raysal.search.optuna_params import CONTROL_KEY
+from raysal.search.space import SearchSpec
 
 LM_METRIC = "val/lm_loss"
 

@@ -16,7 +16,8 @@ from ray.tune import Callback
 
 from raysal.orchestration.errors import first_line
 from raysal.orchestration.fail_reason import read_reason
-from raysal.search.space import CONTROL_KEY, format_override, params_to_overrides
+from raysal.search.optuna_params import CONTROL_KEY, params_to_overrides
+from raysal.search.override_text import format_override
 
 SHOWN = ("val/lm_loss", "train/loss")  # printed after the objective at every evaluation
 

@@ -1,0 +1,43 @@
+"""Profiles of a search-space file: `profiles.<name>` merged over the top level (`experiment=demo` selects
+`profiles.demo`, which sizes a GPU-cluster search for a laptop)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from raysal.search.space import SearchSpaceError
+
+_PROFILE_KEYS = ("num_samples", "max_concurrent_trials", "seed", "scheduler", "resources", "base_overrides", "space")
+
+
+def apply_profile(path: Path, raw: Any, profile: str | None) -> Any:
+    """Merge ``profiles.<profile>`` over the top level: mappings (scheduler, resources, space) key-wise,
+    base_overrides appended.
+
+    A file is sized for a GPU cluster; its ``profiles.demo`` (selected by ``experiment=demo``) sizes the same
+    search for a laptop. A profile the file does not define changes nothing.
+    """
+    if not isinstance(raw, dict) or "profiles" not in raw:
+        return raw
+    raw = dict(raw)
+    profiles = raw.pop("profiles")
+    if not isinstance(profiles, dict):
+        raise SearchSpaceError(path, "profiles", "expected a mapping of profile name → settings")
+    for name, body in profiles.items():
+        if not isinstance(body, dict):
+            raise SearchSpaceError(path, f"profiles.{name}", "expected a mapping")
+        unknown = [k for k in body if k not in _PROFILE_KEYS]
+        if unknown:
+            raise SearchSpaceError(
+                path, f"profiles.{name}.{unknown[0]}", f"unknown key (known: {', '.join(_PROFILE_KEYS)})"
+            )
+    for key, value in (profiles.get(profile) or {}).items():
+        if key == "base_overrides":  # a profile's override replaces the file's override of the same key
+            mine = {str(o).split("=", 1)[0] for o in value}
+            raw[key] = [o for o in raw.get(key) or [] if str(o).split("=", 1)[0] not in mine] + list(value)
+        elif isinstance(value, dict) and isinstance(raw.get(key), dict):
+            raw[key] = {**raw[key], **value}
+        else:
+            raw[key] = value
+    return raw
