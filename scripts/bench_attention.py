@@ -36,7 +36,7 @@ from raysal.criteria.kl import KLCriterion
 from raysal.criteria.lm import LMCriterion
 from raysal.criteria.seed_kl import SeedKLCriterion
 from raysal.loop.evaluate import evaluate
-from raysal.loop.step import CapturePlan, capture_plan, train_step
+from raysal.loop.step import CapturePlan, plan_step, train_step
 from raysal.model.build import apply_lora, model_info
 
 H100_BF16_PEAK = 989e12  # dense bf16 FLOP/s of an H100 SXM (NVIDIA datasheet); A100: 312e12
@@ -140,8 +140,13 @@ def make_batch(preset: Preset, device: torch.device, dtype: torch.dtype, seed: i
     segs[:, P + n_image :, 0] = torch.where(named, torch.randint(1, S + 1, (B, T), generator=g), -1).int()
     cov = torch.rand(B, n_image, S, generator=g)
     cov = cov / cov.sum(-1, keepdim=True)  # (B, I, S)
+    rows = [torch.nonzero(r).squeeze(1) for r in (segs >= 0).any(-1) & (labels != -100)]  # as encode_sample finds
+    grounded = torch.full((B, max(len(r) for r in rows)), -1, dtype=torch.long)  # (B, T), −1 pad
+    for i, r in enumerate(rows):
+        grounded[i, : len(r)] = r
     batch = {
         "input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels, "token_segments": segs,
+        "image_pos": torch.arange(P, P + n_image).expand(B, n_image).clone(), "grounded_pos": grounded,
         "pixel_values": enc["pixel_values"].expand(B, *enc["pixel_values"].shape[1:]).clone().to(dtype),
         "coverage": cov, "segment_ids": torch.arange(1, S + 1).expand(B, S).int(),
     }  # fmt: skip
@@ -181,10 +186,10 @@ class RSSPeak:
         self.thread.join()
 
 
-def _steps(model, batch, criteria, plan, info, opt, autocast, device, warmup: int, reps: int, times: list) -> None:
+def _steps(model, batch, criteria, plan, opt, autocast, device, warmup: int, reps: int, times: list) -> None:
     for i in range(warmup + reps):
         t0 = time.perf_counter()
-        train_step(model, batch, criteria, plan, info, step=i, autocast=autocast)
+        train_step(model, batch, criteria, plan, step=i, autocast=autocast)
         opt.step()
         opt.zero_grad(set_to_none=True)
         if device.type == "cuda":
@@ -212,22 +217,22 @@ def _evals(model, batch, info, method, autocast, device, warmup: int, reps: int,
     for i in range(warmup + reps):
         t0 = time.perf_counter()
         if method == "evaluation":
-            evaluate(model, [batch], info, protocol, device=device, autocast=autocast)
+            evaluate(model, [batch], protocol, device=device, autocast=autocast)
         else:
             with mock.patch("raysal.loop.evaluate.AttentionCapture", _StoredMaps):
-                evaluate(model, [batch], info, protocol, device=device, autocast=autocast)
+                evaluate(model, [batch], protocol, device=device, autocast=autocast)
         if device.type == "cuda":
             torch.cuda.synchronize()
         if i >= warmup:
             times.append(time.perf_counter() - t0)
 
 
-def profile_step(model, batch, criteria, plan, info, autocast) -> str:
+def profile_step(model, batch, criteria, plan, autocast) -> str:
     """The allocations of one step, by operator (torch.profiler, memory on): where a method's memory goes."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        train_step(model, batch, criteria, plan, info, step=0, autocast=autocast)
+        train_step(model, batch, criteria, plan, step=0, autocast=autocast)
     return prof.key_averages().table(sort_by="self_cpu_memory_usage", row_limit=12, max_name_column_width=40)
 
 
@@ -244,7 +249,7 @@ def run_one(
     model = apply_lora(base, rank=16, alpha=32, targets="qv")
     criteria = methods(preset.text["num_hidden_layers"]).get(method, [LMCriterion()])  # evaluations: no criteria
     info = model_info(model)
-    plan = capture_plan(criteria, info)
+    plan = plan_step(criteria, info)
     if method == "seed_eager":
         model.set_attn_implementation({"text_config": "eager"})
     else:
@@ -264,10 +269,10 @@ def run_one(
             if method in EVAL_METHODS:
                 _evals(model, batch, info, method, autocast, device, warmup, reps, times)
             else:
-                _steps(model, batch, criteria, plan, info, opt, autocast, device, warmup, reps, times)
+                _steps(model, batch, criteria, plan, opt, autocast, device, warmup, reps, times)
     except torch.OutOfMemoryError:
         return {"status": "oom"}
-    table = profile_step(model, batch, criteria, plan, info, autocast) if profile else None
+    table = profile_step(model, batch, criteria, plan, autocast) if profile else None
     if device.type == "cuda":
         peak, kind = torch.cuda.max_memory_allocated() - base_mem, "cuda_max_allocated_over_model"
         peak_total = torch.cuda.max_memory_allocated()

@@ -4,16 +4,17 @@ import pytest
 import torch
 
 from raysal.attention.capture import AttentionCapture, enable_capture
+from raysal.batch import PixelNorm, model_inputs
 from raysal.criteria.targets import grounding_targets
-from raysal.model.build import load_model, load_processor, model_info
+from raysal.model.build import load_model, load_processor
 from raysal.preprocess.batches import batch_factory, load_encoded
-from raysal.preprocess.collate import model_inputs
 
 
 def _batch(ckpt, shards, padding_side, n=3):
     proc = load_processor(str(ckpt))
     samples = load_encoded(shards, "val2017", proc, limit=n)
-    return next(batch_factory(samples, n, proc.tokenizer.pad_token_id, shuffle=False, padding_side=padding_side)(0))
+    pad, px = proc.tokenizer.pad_token_id, PixelNorm.from_processor(proc)
+    return next(batch_factory(samples, n, pad, px, shuffle=False, padding_side=padding_side)(0))
 
 
 def _eager_reference(att_layers, layers, heads, t):
@@ -32,9 +33,8 @@ def test_capture_equals_eager_values_and_gradients(arch, padding_side, tiny_llav
     ckpt = tiny_llava if arch == "llava" else tiny_next
     batch = _batch(ckpt, small_shards, padding_side)
     model = load_model(str(ckpt), dtype="float32")
-    info = model_info(model)
     assert batch["attention_mask"].eq(0).any(), "the batch must be padded"
-    t = grounding_targets(batch, info.image_token_id, query_offset=-1)
+    t = grounding_targets(batch, query_offset=-1)
     layers, heads = (1, 3), (0, 2, 3)  # on NeXT heads 0 and 2/3 read different KV heads (GQA, 2 groups)
     weights = torch.rand(len(layers), len(heads), *t.region.shape, generator=torch.Generator().manual_seed(0))
     weights = weights.permute(2, 0, 1, 3, 4) * t.token_valid[:, None, None, :, None] * t.key_valid[:, None, None, None]
@@ -72,8 +72,7 @@ def test_capture_respects_causality(tiny_llava, small_shards):
     batch = _batch(tiny_llava, small_shards, "left", n=2)
     model = load_model(str(tiny_llava), dtype="float32")
     enable_capture(model)
-    info = model_info(model)
-    t = grounding_targets(batch, info.image_token_id)
+    t = grounding_targets(batch)
     early = torch.zeros_like(t.query_pos)  # position 0: BOS or left padding
     with torch.no_grad(), AttentionCapture([0], [0, 1], early, t.key_pos) as cap:
         model(**model_inputs(batch))
@@ -84,7 +83,7 @@ def test_capture_respects_causality(tiny_llava, small_shards):
 def test_capture_names_missing_layers(tiny_llava, small_shards):
     batch = _batch(tiny_llava, small_shards, "right", n=1)
     model = load_model(str(tiny_llava), dtype="float32")  # capture not enabled: nothing is recorded
-    t = grounding_targets(batch, model_info(model).image_token_id)
+    t = grounding_targets(batch)
     with torch.no_grad(), AttentionCapture([1], [0], t.query_pos, t.key_pos) as cap:
         model(**model_inputs(batch))
     with pytest.raises(RuntimeError, match=r"layers \[1\] produced nothing"):
@@ -99,7 +98,7 @@ def test_reduced_capture_equals_the_mean_of_the_stored_maps(arch, tiny_llava, ti
     batch = _batch(ckpt, small_shards, "right", n=2)
     model = load_model(str(ckpt), dtype="float32").eval()
     enable_capture(model)
-    t = grounding_targets(batch, model_info(model).image_token_id)
+    t = grounding_targets(batch)
     layers, heads = [0, 1, 3], [0, 1, 3]
     with torch.no_grad(), AttentionCapture(layers, heads, t.query_pos, t.key_pos) as full:
         model(**model_inputs(batch))

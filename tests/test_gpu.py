@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from raysal.attention.capture import AttentionCapture, enable_capture, image_attention_from_maps
+from raysal.batch import PixelNorm, model_inputs
 from raysal.criteria.targets import grounding_targets
 from raysal.model.build import load_model, load_processor, model_info
 from raysal.preprocess.batches import batch_factory, load_encoded
-from raysal.preprocess.collate import model_inputs
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -21,8 +21,8 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 def _batch(ckpt: Path, shards: Path, n: int) -> dict:
     proc = load_processor(str(ckpt))
     samples = load_encoded(shards, "val2017", proc, limit=n)
-    batch = next(batch_factory(samples, n, proc.tokenizer.pad_token_id, shuffle=False)(0))
-    return {k: v.cuda() for k, v in batch.items()}
+    pad, px = proc.tokenizer.pad_token_id, PixelNorm.from_processor(proc)
+    return next(batch_factory(samples, n, pad, px, shuffle=False, device="cuda")(0))
 
 
 @pytest.mark.parametrize("backend", ["FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH"])
@@ -35,7 +35,7 @@ def test_capture_equals_eager_in_bf16_under_each_sdpa_kernel(arch, backend, tiny
     batch = _batch(ckpt, small_shards, 1 if backend == "FLASH_ATTENTION" else 3)
     model = load_model(str(ckpt), dtype="bfloat16", device="cuda").eval()
     info = model_info(model)
-    t = grounding_targets(batch, info.image_token_id)
+    t = grounding_targets(batch)
     layers, heads = list(range(info.n_layers)), list(range(info.n_heads))
     with torch.no_grad():
         model.set_attn_implementation({"text_config": "eager"})

@@ -8,6 +8,7 @@ pointing — the untrained layers dominate the average; KL on every layer moves 
 
 import torch
 
+from raysal.batch import PixelNorm
 from raysal.criteria.kl import KLCriterion
 from raysal.criteria.lm import LMCriterion
 from raysal.loop.fit import FitConfig, fit
@@ -19,15 +20,15 @@ def test_kl_doubles_held_out_amr_without_raising_lm_loss(tiny_llava, small_shard
     proc = load_processor(str(tiny_llava))
     train = load_encoded(small_shards, "train2017", proc)
     val = load_encoded(small_shards, "val2017", proc)
-    pad = proc.tokenizer.pad_token_id
+    pad, px = proc.tokenizer.pad_token_id, PixelNorm.from_processor(proc)
     cfg = FitConfig(max_steps=60, lr=5e-3, warmup_steps=4, eval_every=40, seed=0, eval_layers="all", eval_heads="all")
 
     def run(criteria):
         torch.manual_seed(0)
         model = apply_lora(load_model(str(tiny_llava), dtype="float32"), rank=16, alpha=32, targets="all-linear",
                            train_projector=True)  # fmt: skip
-        return fit(model, criteria, batch_factory(train, 8, pad, seed=0),
-                   lambda: batch_factory(val, 8, pad, shuffle=False)(0), cfg)  # fmt: skip
+        return fit(model, criteria, batch_factory(train, 8, pad, px, seed=0),
+                   lambda: batch_factory(val, 8, pad, px, shuffle=False)(0), cfg)  # fmt: skip
 
     lm = run([LMCriterion()])
     kl = run([LMCriterion(), KLCriterion(weight=1.0, layers="all", heads="all")])

@@ -4,6 +4,7 @@ import pytest
 import torch
 from peft import PeftModel
 
+from raysal.batch import PixelNorm
 from raysal.criteria.kl import KLCriterion
 from raysal.criteria.lm import LMCriterion
 from raysal.loop.checkpoint import ADAPTER, STATE, load_history
@@ -19,8 +20,9 @@ def data(tiny_llava, small_shards):
     proc = load_processor(str(tiny_llava))
     train = load_encoded(small_shards, "train2017", proc, limit=12)
     val = load_encoded(small_shards, "val2017", proc, limit=4)
-    pad = proc.tokenizer.pad_token_id
-    return tiny_llava, batch_factory(train, 4, pad, seed=1), (lambda: batch_factory(val, 4, pad, shuffle=False)(0))
+    pad, px = proc.tokenizer.pad_token_id, PixelNorm.from_processor(proc)
+    val_batches = lambda: batch_factory(val, 4, pad, px, shuffle=False)(0)  # noqa: E731
+    return tiny_llava, batch_factory(train, 4, pad, px, seed=1), val_batches
 
 
 def fresh(ckpt):
@@ -111,12 +113,13 @@ def test_evaluation_with_nothing_to_measure_is_an_error(data):
     enable_capture(model)
     info = model_info(model)
     protocol = CapturePlan(tuple(range(info.n_layers)), tuple(range(info.n_heads)))
-    assert evaluate(model, val(), info, protocol)["tokens"] > 0
+    assert evaluate(model, val(), protocol)["tokens"] > 0
     with pytest.raises(EvaluationError, match="0 image"):
-        evaluate(model, iter([]), info, protocol)
-    blind = [{**b, "token_segments": torch.full_like(b["token_segments"], -1)} for b in val()]  # no tag anywhere
+        evaluate(model, iter([]), protocol)
+    untag = {"token_segments": -1, "grounded_pos": -1}  # no tag anywhere
+    blind = [{**b, **{k: torch.full_like(b[k], v) for k, v in untag.items()}} for b in val()]
     with pytest.raises(EvaluationError, match="0 grounded token"):
-        evaluate(model, blind, info, protocol)
+        evaluate(model, blind, protocol)
 
 
 class _FakeRun:

@@ -63,13 +63,15 @@ def test_bad_settings_are_named():
 
 def test_gradient_checkpointing_with_capture_matches(tiny_llava, small_shards):
     """Checkpointing re-runs layer forwards in backward: the capture context must give the same gradients."""
+    from raysal.batch import PixelNorm
     from raysal.criteria.kl import KLCriterion
     from raysal.criteria.lm import LMCriterion
-    from raysal.loop.step import capture_plan, train_step
+    from raysal.loop.step import plan_step, train_step
     from raysal.preprocess.batches import batch_factory, load_encoded
 
     proc = load_processor(str(tiny_llava))
-    batch = next(batch_factory(load_encoded(small_shards, "val2017", proc, limit=2), 2, 0, shuffle=False)(0))
+    samples = load_encoded(small_shards, "val2017", proc, limit=2)
+    batch = next(batch_factory(samples, 2, 0, PixelNorm.from_processor(proc), shuffle=False)(0))
     crits = [LMCriterion(), KLCriterion(layers="all")]
     grads = []
     for gc in (False, True):
@@ -80,7 +82,7 @@ def test_gradient_checkpointing_with_capture_matches(tiny_llava, small_shards):
         enable_capture(model)
         model.train()
         info = model_info(model)
-        m = train_step(model, batch, crits, capture_plan(crits, info), info, step=0)
+        m = train_step(model, batch, crits, plan_step(crits, info), step=0)
         grads.append((m, torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])))
     (m0, g0), (m1, g1) = grads
     assert m0["loss"] == pytest.approx(m1["loss"], rel=1e-6)

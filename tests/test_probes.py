@@ -41,7 +41,7 @@ def test_phrase_maps_render_on_the_original_image(arch, tiny_llava, tiny_next, s
     info = model_info(model)
     protocol = CapturePlan(resolve_layers("all", info.n_layers), resolve_heads("all", info.n_heads), 0)
     probes = select_probes(small_shards, "val2017", images=2, phrases=2)
-    maps = phrase_maps(model, processor, probes, info, protocol)
+    maps = phrase_maps(model, processor, probes, protocol)
     assert len(maps) == sum(len(p.phrases) for p in probes)
     assert len({m.key for m in maps}) == len(maps)
     for m in maps:

@@ -58,6 +58,38 @@ def test_ray_dataset_decodes_every_valid_sample(tmp_path, broken_root, ray_local
     assert isinstance(raw["image"], bytes) and "segment_map" not in raw
 
 
+@pytest.mark.integration
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_ray_batches_equal_the_in_process_batches(side, tiny_next, small_shards, ray_local):
+    """The Ray route (encode actors → uint8 columns → `Collate` in iter_torch_batches → `to_device`) gives the
+    batches the in-process route gives, key by key (NeXT: ragged patches, image tokens and positions)."""
+    import ray.data
+    import torch
+
+    from raysal.batch import PixelNorm
+    from raysal.data.ray_dataset import coconut_dataset
+    from raysal.model.build import load_processor
+    from raysal.orchestration.data import EncodeBatch, iter_collated
+    from raysal.preprocess.batches import batch_factory, load_encoded
+    from raysal.preprocess.encode import DEFAULT_PROMPT
+
+    proc = load_processor(str(tiny_next))
+    pad, px = proc.tokenizer.pad_token_id, PixelNorm.from_processor(proc)
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    ds = coconut_dataset(small_shards, "val2017", decode=False).map_batches(
+        EncodeBatch, fn_constructor_kwargs={"processor_path": str(tiny_next), "prompt": DEFAULT_PROMPT},
+        batch_size=4, compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.5,
+    )  # fmt: skip
+    via_ray = list(iter_collated(ds.iterator(), 3, pad, side, device=torch.device("cpu"), pixels=px))
+    in_process = list(batch_factory(load_encoded(small_shards, "val2017", proc), 3, pad, px, shuffle=False,
+                                    padding_side=side)(0))  # fmt: skip
+    assert len(via_ray) == len(in_process) > 1
+    for a, b in zip(via_ray, in_process, strict=True):
+        assert sorted(a) == sorted(b)
+        for k in a:
+            assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+
+
 def test_missing_split_is_a_clear_error(tmp_path, clean_root):
     ray_dataset = pytest.importorskip("raysal.data.ray_dataset")
     write_shards(clean_root, tmp_path / "s", splits=["val2017"])

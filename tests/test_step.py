@@ -4,22 +4,23 @@ import pytest
 import torch
 
 from raysal.attention.capture import CAPTURE_IMPL, enable_capture
+from raysal.batch import PixelNorm, model_inputs
 from raysal.criteria.cal import CALCriterion, smooth3
 from raysal.criteria.kl import KLCriterion
 from raysal.criteria.lm import LMCriterion
 from raysal.criteria.mse import MSECriterion
 from raysal.criteria.seed_kl import SeedKLCriterion
-from raysal.loop.step import NonFiniteLossError, capture_plan, train_step, validate_criteria
+from raysal.loop.step import NonFiniteLossError, capture_plan, plan_step, train_step, validate_criteria
 from raysal.model.build import apply_lora, load_model, load_processor, model_info
 from raysal.preprocess.batches import batch_factory, load_encoded
-from raysal.preprocess.collate import model_inputs
 
 
 @pytest.fixture(scope="module")
 def setup(tiny_llava, small_shards):
     proc = load_processor(str(tiny_llava))
     samples = load_encoded(small_shards, "val2017", proc, limit=3)
-    batch = next(batch_factory(samples, 3, proc.tokenizer.pad_token_id, shuffle=False)(0))
+    pad, px = proc.tokenizer.pad_token_id, PixelNorm.from_processor(proc)
+    batch = next(batch_factory(samples, 3, pad, px, shuffle=False)(0))
     return tiny_llava, batch
 
 
@@ -34,8 +35,7 @@ def test_lm_equals_transformers_loss(setup):
     ckpt, batch = setup
     model = fresh(ckpt)
     out = model(**model_inputs(batch), labels=batch["labels"])
-    plan = capture_plan([LMCriterion()], model_info(model))
-    m = train_step(model, batch, [LMCriterion()], plan, model_info(model), step=0)
+    m = train_step(model, batch, [LMCriterion()], plan_step([LMCriterion()], model_info(model)), step=0)
     assert m["loss/lm"] == pytest.approx(float(out.loss.detach()), rel=1e-5)
 
 
@@ -47,7 +47,7 @@ def test_weight_scales_linearly_and_terms_are_logged(setup):
         model = fresh(ckpt)
         info = model_info(model)
         crits = [LMCriterion(), KLCriterion(weight=w, layers="late")]
-        m = train_step(model, batch, crits, capture_plan(crits, info), info, step=0)
+        m = train_step(model, batch, crits, plan_step(crits, info), step=0)
         grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
         results.append((m, grads))
     (m1, g1), (m2, g2) = results
@@ -55,7 +55,7 @@ def test_weight_scales_linearly_and_terms_are_logged(setup):
     assert m1["loss"] - m1["loss/lm"] == pytest.approx(0.5 * m1["loss/kl"], rel=1e-5)
     assert m2["loss"] - m2["loss/lm"] == pytest.approx(1.0 * m2["loss/kl"], rel=1e-5)
     model = fresh(ckpt)
-    m0 = train_step(model, batch, [LMCriterion()], None, info, step=0)
+    m0 = train_step(model, batch, [LMCriterion()], plan_step([LMCriterion()], info), step=0)
     g0 = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
     assert torch.allclose(g2 - g0, 2 * (g1 - g0), atol=1e-6)  # the kl gradient scales with its weight
     assert m1["grounded_tokens"] > 0 and m0.keys() == {"loss", "loss/lm"}
@@ -66,11 +66,11 @@ def test_seed_kl_on_eager_equals_kl_on_capture(setup):
     model = fresh(ckpt)
     info = model_info(model)
     kl = [KLCriterion(weight=1.0, layers="all", heads="all", query_offset=-1)]
-    a = train_step(model, batch, kl, capture_plan(kl, info), info, step=0)
+    a = train_step(model, batch, kl, plan_step(kl, info), step=0)
     model.set_attn_implementation({"text_config": "eager"})
     seed = [SeedKLCriterion(weight=1.0, layers="all", query_offset=-1)]
     assert capture_plan(seed, info) is None
-    b = train_step(model, batch, seed, None, info, step=0)
+    b = train_step(model, batch, seed, plan_step(seed, info), step=0)
     assert b["loss/seed_kl"] == pytest.approx(a["loss/kl"], rel=1e-5)
     model.set_attn_implementation({"text_config": CAPTURE_IMPL})
 
@@ -88,7 +88,7 @@ def test_cal_masks_images_in_a_no_grad_forward(setup, monkeypatch):
 
     monkeypatch.setattr(model, "forward", spy)
     cal = CALCriterion()
-    m = train_step(model, batch, [cal], None, info, step=0)
+    m = train_step(model, batch, [cal], plan_step([cal], info), step=0)
     assert len(calls) == 2
     (mask_main, grad_main), (mask_blind, grad_blind) = calls
     image = batch["input_ids"] == info.image_token_id
@@ -120,7 +120,7 @@ def test_non_finite_loss_names_step_and_term(setup):
 
     crits = [LMCriterion(), Exploding(name="boom")]
     with pytest.raises(NonFiniteLossError, match=r"step 7: loss term 'boom'"):
-        train_step(model, batch, crits, capture_plan(crits, info), info, step=7)
+        train_step(model, batch, crits, plan_step(crits, info), step=7)
 
 
 def test_config_errors_are_named():
@@ -169,13 +169,13 @@ def test_mixed_eager_and_capture_criteria_share_the_eager_maps(setup):
     kl = KLCriterion(weight=1.0, layers="late", heads=[0, 1], query_offset=-1)
     model = fresh(ckpt)
     info = model_info(model)
-    alone = train_step(model, batch, [kl], capture_plan([kl], info), info, step=0)
+    alone = train_step(model, batch, [kl], plan_step([kl], info), step=0)
     g_alone = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
 
     model = fresh(ckpt)
     model.set_attn_implementation({"text_config": "eager"})
     mixed = [SeedKLCriterion(weight=0.0, query_offset=-1), kl]
-    m = train_step(model, batch, mixed, capture_plan(mixed, info), info, step=0)
+    m = train_step(model, batch, mixed, plan_step(mixed, info), step=0)
     g_mixed = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
     assert m["loss/kl"] == pytest.approx(alone["loss/kl"], rel=1e-5)
     assert torch.allclose(g_mixed, g_alone, atol=1e-6)  # seed_kl has weight 0: the gradient is kl's alone

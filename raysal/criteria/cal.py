@@ -19,10 +19,9 @@ import torch
 import torch.nn.functional as F
 
 from raysal.attention.capture import no_capture
+from raysal.batch import IGNORE, model_inputs
 from raysal.criteria.inputs import CriterionInputs
 from raysal.criteria.lm import next_token_ce
-from raysal.preprocess.collate import model_inputs
-from raysal.preprocess.encode import IGNORE
 
 
 def smooth3(w: torch.Tensor, valid: torch.Tensor, per_sequence: bool) -> torch.Tensor:

@@ -8,8 +8,8 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
+from raysal.batch import IGNORE
 from raysal.criteria.inputs import CriterionInputs
-from raysal.preprocess.encode import IGNORE
 
 
 def next_token_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

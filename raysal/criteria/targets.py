@@ -12,8 +12,6 @@ from dataclasses import dataclass
 
 import torch
 
-from raysal.preprocess.encode import IGNORE
-
 
 @dataclass
 class GroundingTargets:
@@ -26,36 +24,28 @@ class GroundingTargets:
     n_invisible: int  # grounded tokens dropped because their region is outside the model's view
 
 
-def _pad_positions(rows: list[torch.Tensor], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    n = max([len(r) for r in rows] + [1])
-    pos = torch.zeros(len(rows), n, dtype=torch.long, device=device)
-    valid = torch.zeros(len(rows), n, dtype=torch.bool, device=device)
-    for b, r in enumerate(rows):
-        pos[b, : len(r)] = r
-        valid[b, : len(r)] = True
-    return pos, valid
-
-
-def grounding_targets(batch: dict, image_token_id: int, query_offset: int = 0) -> GroundingTargets:
+def grounding_targets(batch: dict, query_offset: int = 0) -> GroundingTargets:
+    """From the positions the batch carries (`raysal.batch`: ``image_pos``, ``grounded_pos``, found once when the
+    sample was encoded), so no step searches ``input_ids`` row by row again."""
     if query_offset not in (0, -1):
         raise ValueError(
             f"query_offset must be 0 (the token's own row) or -1 (the row that predicts it), got {query_offset}"
         )
-    ids, labels, segs = batch["input_ids"], batch["labels"], batch["token_segments"]  # (B, L), (B, L), (B, L, K)
-    device = ids.device
-    key_pos, key_valid = _pad_positions([torch.nonzero(r == image_token_id).squeeze(1) for r in ids], device)
-    grounded = (segs >= 0).any(-1) & (labels != IGNORE)  # (B, L)
-    token_pos, token_valid = _pad_positions([torch.nonzero(g).squeeze(1) for g in grounded], device)
+    segs = batch["token_segments"]  # (B, L, K)
+    key_valid = batch["image_pos"] >= 0  # (B, I)
+    key_pos = batch["image_pos"].clamp(min=0).long()
+    token_valid = batch["grounded_pos"] >= 0  # (B, T)
+    token_pos = batch["grounded_pos"].clamp(min=0).long()
 
     # region: which of the image's segments each token names, times coverage
     tok_segs = segs.gather(1, token_pos[:, :, None].expand(-1, -1, segs.shape[-1]))  # (B, T, K)
-    seg_ids = batch["segment_ids"].to(device)  # (B, S), −1 pad
+    seg_ids = batch["segment_ids"]  # (B, S), −1 pad
     names = ((tok_segs[..., None] == seg_ids[:, None, None, :]) & (tok_segs[..., None] >= 0)).any(2)  # (B, T, S)
-    cov = batch["coverage"].to(device)  # (B, I, S), rows in image-token order
+    cov = batch["coverage"]  # (B, I, S), rows in image-token order
     region = torch.bmm(names.float(), cov.float().transpose(1, 2)).clamp(max=1.0)  # (B, T, I)
     region = region * token_valid[:, :, None] * key_valid[:, None, :]
     visible = region.sum(-1) > 0
-    n_invisible = int((token_valid & ~visible).sum())
+    invisible = token_valid & ~visible
     token_valid = token_valid & visible
     return GroundingTargets(
         token_pos=token_pos,
@@ -64,5 +54,5 @@ def grounding_targets(batch: dict, image_token_id: int, query_offset: int = 0) -
         key_pos=key_pos,
         key_valid=key_valid,
         region=region,
-        n_invisible=n_invisible,
+        n_invisible=int(invisible.sum()),
     )

@@ -12,14 +12,12 @@ from collections.abc import Iterable
 import torch
 
 from raysal.attention.capture import AttentionCapture
+from raysal.batch import IGNORE, model_inputs
 from raysal.criteria.inputs import renormalise
 from raysal.criteria.lm import next_token_ce
 from raysal.criteria.targets import grounding_targets
 from raysal.loop.step import CapturePlan
 from raysal.metrics.grounding import GroundingMeter
-from raysal.model.build import ModelInfo
-from raysal.preprocess.collate import model_inputs
-from raysal.preprocess.encode import IGNORE
 
 
 class EvaluationError(RuntimeError):
@@ -29,8 +27,7 @@ class EvaluationError(RuntimeError):
 @torch.no_grad()
 def evaluate(
     model: torch.nn.Module,
-    batches: Iterable[dict],
-    info: ModelInfo,
+    batches: Iterable[dict],  # device batches (`raysal.batch.to_device`)
     protocol: CapturePlan,
     *,
     device: torch.device | str = "cpu",
@@ -45,7 +42,7 @@ def evaluate(
     try:
         for batch in batches:
             batch = {k: v.to(device) for k, v in batch.items()}
-            t = grounding_targets(batch, info.image_token_id, protocol.query_offset)
+            t = grounding_targets(batch, protocol.query_offset)
             # reduced on the fly: only the mean over the protocol's layers × heads is used, so only (B, T, I) is
             # held — not ℓ × h maps (≈ 9.5 GB for LLaVA-NeXT-7B at batch 8 with all 32 × 32)
             capture = AttentionCapture(protocol.layers, protocol.heads, t.query_pos, t.key_pos, reduce=True)

@@ -25,7 +25,7 @@ from raysal.loop.checkpoint import Progress, load_checkpoint, load_history, save
 from raysal.loop.divergence import DivergenceConfig, DivergenceGuard
 from raysal.loop.evaluate import evaluate
 from raysal.loop.schedule import make_scheduler
-from raysal.loop.step import CapturePlan, capture_plan, needs_eager, train_step, validate_criteria
+from raysal.loop.step import CapturePlan, plan_step, train_step
 from raysal.model.build import ModelInfo, model_info, param_groups
 
 Report = Callable[[dict[str, float], Path | None], None]
@@ -96,14 +96,13 @@ def fit(
     device = torch.device(device)
     core = unwrap(model)  # DDP (Ray Train, several workers) hides the HF/peft model behind .module
     info = model_info(core)
-    validate_criteria(criteria)
-    plan = capture_plan(criteria, info)
+    plan = plan_step(criteria, info)  # per-run facts, resolved once
     protocol = CapturePlan(
         resolve_layers(cfg.eval_layers, info.n_layers),
         resolve_heads(cfg.eval_heads, info.n_heads),
         cfg.eval_query_offset,
     )
-    train_attn = "eager" if needs_eager(criteria) else CAPTURE_IMPL
+    train_attn = "eager" if plan.eager else CAPTURE_IMPL
     enable_capture(core)
 
     optimizer = torch.optim.AdamW(param_groups(model, cfg.lr, cfg.projector_lr, cfg.weight_decay))
@@ -133,7 +132,7 @@ def fit(
         )  # fmt: skip
         if val_batches is not None:
             core.set_attn_implementation({"text_config": CAPTURE_IMPL})
-            val = evaluate(core, val_batches(), info, protocol, device=device, autocast=autocast, theta=cfg.eval_theta)
+            val = evaluate(core, val_batches(), protocol, device=device, autocast=autocast, theta=cfg.eval_theta)
             if after_eval is not None:
                 after_eval(core, info, protocol, progress.step, autocast)
             core.set_attn_implementation({"text_config": train_attn})
@@ -164,7 +163,7 @@ def fit(
                 continue  # consumed before the checkpoint this run resumed from
             batch = {k: v.to(device) for k, v in batch.items()}
             m = train_step(
-                model, batch, criteria, plan, info, step=progress.step, loss_scale=1 / cfg.grad_accum, autocast=autocast
+                model, batch, criteria, plan, step=progress.step, loss_scale=1 / cfg.grad_accum, autocast=autocast
             )
             guard.after_micro_batch(m)
             for k, v in m.items():

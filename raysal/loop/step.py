@@ -16,11 +16,11 @@ import torch
 
 from raysal.attention.capture import AttentionCapture, image_attention_from_maps
 from raysal.attention.selection import resolve_heads, resolve_layers
+from raysal.batch import model_inputs
 from raysal.criteria.inputs import NEEDS, CriterionInputs
 from raysal.criteria.targets import grounding_targets
 from raysal.loop.divergence import DivergedError
 from raysal.model.build import ModelInfo
-from raysal.preprocess.collate import model_inputs
 
 
 class NonFiniteLossError(DivergedError, FloatingPointError):
@@ -34,6 +34,37 @@ class CapturePlan:
     layers: tuple[int, ...]
     heads: tuple[int, ...]
     query_offset: int = 0
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """What the step needs to know about a run's criteria and model, resolved once at set-up (`plan_step`)."""
+
+    capture: CapturePlan | None  # layers × heads the attention criteria read; None: no criterion reads them
+    query_offset: int  # 0 / −1: the query rows judged, shared by every attention criterion of the run
+    eager: bool  # a criterion needs the full (B, H, L, L) maps: eager attention; the capture's input is cut from them
+    grounded: bool  # a criterion needs grounding targets
+    needs_model: bool  # a criterion runs its own forward (`cal`)
+    n_layers: int  # language-model layers
+    n_heads: int  # query heads per layer
+
+
+def plan_step(criteria: Sequence[Any], info: ModelInfo) -> StepPlan:
+    """Check the criteria (`validate_criteria`) and resolve what every step of the run will do."""
+    validate_criteria(criteria)
+    capture = capture_plan(criteria, info)
+    offset = next((c.query_offset for c in criteria if hasattr(c, "query_offset")), 0)
+    if capture is not None:
+        offset = capture.query_offset
+    return StepPlan(
+        capture=capture,
+        query_offset=offset,
+        eager=needs_eager(criteria),
+        grounded=any(c.needs & {"image_attention", "attentions"} for c in criteria),
+        needs_model=any("model" in c.needs for c in criteria),
+        n_layers=info.n_layers,
+        n_heads=info.n_heads,
+    )
 
 
 def validate_criteria(criteria: Sequence[Any]) -> None:
@@ -72,44 +103,44 @@ def train_step(
     model: torch.nn.Module,
     batch: dict,
     criteria: Sequence[Any],
-    plan: CapturePlan | None,
-    info: ModelInfo,
+    plan: StepPlan,
     *,
     step: int,
     loss_scale: float = 1.0,
     autocast: contextlib.AbstractContextManager | None = None,
 ) -> dict[str, float]:
-    """Forward, every criterion, backward of ``loss_scale · total``. Returns the unscaled values as floats."""
-    offset = plan.query_offset if plan else next((c.query_offset for c in criteria if hasattr(c, "query_offset")), 0)
-    grounded = any(c.needs & {"image_attention", "attentions"} for c in criteria)
-    targets = grounding_targets(batch, info.image_token_id, offset) if grounded else None
-    eager = needs_eager(criteria)
+    """Forward, every criterion, backward of ``loss_scale · total``. Returns the unscaled values as floats.
+
+    ``batch`` is a device batch (`raysal.batch.to_device`); ``plan`` comes from `plan_step` on the same criteria.
+    """
+    targets = grounding_targets(batch, plan.query_offset) if plan.grounded else None
+    cp = plan.capture
     with contextlib.ExitStack() as stack:
         cap = None
-        if plan is not None and not eager:
+        if cp is not None and not plan.eager:
             assert targets is not None
-            cap = stack.enter_context(AttentionCapture(plan.layers, plan.heads, targets.query_pos, targets.key_pos))
+            cap = stack.enter_context(AttentionCapture(cp.layers, cp.heads, targets.query_pos, targets.key_pos))
         with autocast or contextlib.nullcontext():
-            out = model(**model_inputs(batch), output_attentions=eager)
+            out = model(**model_inputs(batch), output_attentions=plan.eager)
         image_attention = None
         if cap is not None:
             image_attention = cap.stacked()
-        elif plan is not None:  # eager maps exist anyway (a seed-style criterion): cut the capture's input from them
+        elif cp is not None:  # eager maps exist anyway (a seed-style criterion): cut the capture's input from them
             assert targets is not None
             image_attention = image_attention_from_maps(
-                out.attentions, plan.layers, plan.heads, targets.query_pos, targets.key_pos
+                out.attentions, cp.layers, cp.heads, targets.query_pos, targets.key_pos
             )
         inputs = CriterionInputs(
             batch=batch,
             logits=out.logits,
             targets=targets,
-            n_layers=info.n_layers,
-            n_heads=info.n_heads,
+            n_layers=plan.n_layers,
+            n_heads=plan.n_heads,
             image_attention=image_attention,
-            captured_layers=plan.layers if plan else (),
-            captured_heads=plan.heads if plan else (),
-            attentions=out.attentions if eager else None,
-            model=model if any("model" in c.needs for c in criteria) else None,
+            captured_layers=cp.layers if cp else (),
+            captured_heads=cp.heads if cp else (),
+            attentions=out.attentions if plan.eager else None,
+            model=model if plan.needs_model else None,
         )
         terms = {c.name: c(inputs) for c in criteria}
         for name, value in terms.items():

@@ -8,12 +8,14 @@ from typing import Any
 
 import numpy as np
 import ray.data
+import torch
 
+from raysal.batch import PixelNorm, to_device
 from raysal.data.decode import decode_row
 from raysal.data.ray_dataset import coconut_dataset
 from raysal.model.build import load_processor
 from raysal.preprocess.batches import encode_row
-from raysal.preprocess.collate import collate
+from raysal.preprocess.collate import Collate
 
 
 class EncodeBatch:
@@ -74,13 +76,19 @@ def run_datasets(
 
 
 def iter_collated(
-    shard: Any, batch_size: int, pad_token_id: int, padding_side: str, *, shuffle_seed: int | None = None
+    shard: Any,
+    batch_size: int,
+    pad_token_id: int,
+    padding_side: str,
+    *,
+    device: torch.device,
+    pixels: PixelNorm,
+    shuffle_seed: int | None = None,
 ) -> Iterator[dict]:
-    """A Ray Train dataset shard → collated torch batches (the core's batch format)."""
-    kwargs: dict[str, Any] = {"batch_size": batch_size, "batch_format": "numpy"}
+    """A Ray Train dataset shard → device batches (`raysal.batch`): Ray collates the columns in its prefetch
+    thread (`Collate`) and moves the tensors to ``device``; the uint8 pixels are normalised there."""
+    kwargs: dict[str, Any] = {"batch_size": batch_size, "collate_fn": Collate(pad_token_id, padding_side)}
     if shuffle_seed is not None:
         kwargs.update(local_shuffle_buffer_size=batch_size * 8, local_shuffle_seed=shuffle_seed)
-    for batch in shard.iter_batches(**kwargs):
-        n = len(batch["input_ids"])
-        rows = [{k: np.asarray(v[i]) for k, v in batch.items() if k != "image_id"} for i in range(n)]
-        yield collate(rows, pad_token_id, padding_side)
+    for batch in shard.iter_torch_batches(device=device, **kwargs):
+        yield to_device(batch, device, pixels)

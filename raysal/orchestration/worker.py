@@ -17,6 +17,7 @@ import ray.train
 import ray.train.torch
 import torch
 
+from raysal.batch import PixelNorm
 from raysal.loop.checkpoint import load_history
 from raysal.loop.divergence import DivergedError
 from raysal.loop.fit import AfterEval, fit
@@ -63,7 +64,7 @@ def probe_hook(spec: RunSpec, processor: Any, padding: str, device: torch.device
     def after_eval(
         model: torch.nn.Module, info: ModelInfo, protocol: CapturePlan, step: int, autocast: AbstractContextManager
     ) -> None:
-        maps = phrase_maps(model, processor, probes, info, protocol, prompt=d["prompt"], padding_side=padding,
+        maps = phrase_maps(model, processor, probes, protocol, prompt=d["prompt"], padding_side=padding,
                            device=device, autocast=autocast, theta=spec.fit.eval_theta)  # fmt: skip
         rows, pictures = write_step(run_dir, step, maps)
         if run is not None:
@@ -92,11 +93,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     val_shard = ray.train.get_dataset_shard("val")
     padding = spec.model.get("padding_side", "right")
 
+    pixels = PixelNorm.from_processor(processor)
+
     def train_batches(epoch: int):
-        return iter_collated(train_shard, spec.batch_size, pad_id, padding, shuffle_seed=spec.seed * 1000 + epoch)
+        seed = spec.seed * 1000 + epoch
+        return iter_collated(train_shard, spec.batch_size, pad_id, padding, device=device, pixels=pixels,
+                             shuffle_seed=seed)  # fmt: skip
 
     def val_batches():
-        return iter_collated(val_shard, spec.batch_size, pad_id, padding)
+        return iter_collated(val_shard, spec.batch_size, pad_id, padding, device=device, pixels=pixels)
 
     run = None
     if rank == 0:

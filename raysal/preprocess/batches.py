@@ -1,4 +1,4 @@
-"""In-process data path (no Ray): shard rows → decoded → encoded → shuffled, collated batches.
+"""In-process data path (no Ray): shard rows → decoded → encoded → shuffled, collated device batches.
 
 Used by tests, benchmarks and single-process runs; under Ray the same `encode_sample` runs in ``map_batches``.
 """
@@ -11,7 +11,9 @@ from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
+import torch
 
+from raysal.batch import PixelNorm, to_device
 from raysal.data.decode import decode_row
 from raysal.data.shards import shard_files
 from raysal.preprocess.collate import collate
@@ -32,16 +34,17 @@ def load_encoded(shard_dir: Path | str, split: str, processor: Any, limit: int |
 
 
 def batch_factory(
-    samples: Sequence[dict], batch_size: int, pad_token_id: int, *, shuffle: bool = True, seed: int = 0,
-    padding_side: str = "right", drop_last: bool = False,
+    samples: Sequence[dict], batch_size: int, pad_token_id: int, pixels: PixelNorm, *, shuffle: bool = True,
+    seed: int = 0, padding_side: str = "right", drop_last: bool = False, device: torch.device | str = "cpu",
 ) -> Callable[[int], Iterator[dict]]:  # fmt: skip
-    """``epoch → batches``: the same order for the same (seed, epoch), as `raysal.loop.fit.fit` requires."""
+    """``epoch → device batches``: the same order for the same (seed, epoch), as `raysal.loop.fit.fit` requires.
+    ``pixels``: the processor's normalisation (`PixelNorm.from_processor`), applied on ``device``."""
 
     def batches(epoch: int = 0) -> Iterator[dict]:
         order = np.random.default_rng([seed, epoch]).permutation(len(samples)) if shuffle else np.arange(len(samples))
         stop = len(order) - (len(order) % batch_size if drop_last else 0)
         for lo in range(0, stop, batch_size):
             chunk = [samples[i] for i in order[lo : lo + batch_size]]
-            yield collate([{k: v for k, v in s.items() if k != "image_id"} for s in chunk], pad_token_id, padding_side)
+            yield to_device(collate(chunk, pad_token_id, padding_side), device, pixels)
 
     return batches

@@ -1,14 +1,19 @@
-"""Pad encoded samples into a batch. Variable lengths: text (L), segments per token (K), image tokens (I,
-LLaVA-NeXT only), segments per image (S), NeXT patches."""
+"""Pad encoded samples into a `raysal.batch.Batch`, column by column.
+
+Ray Data hands `iter_torch_batches(collate_fn=...)` a batch as columns (one numpy array per key, an object array
+of per-sample arrays where lengths differ), so the collate works on columns; `collate` adapts a list of samples
+(the in-process path). Variable lengths: text (L), segments per token (K), image tokens (I, LLaVA-NeXT only),
+grounded tokens (T), segments per image (S), NeXT patches (P).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
 
-from raysal.preprocess.encode import IGNORE
+from raysal.batch import PAD, POSITION_KEYS, SEQUENCE_KEYS, Batch
 
 
 def _pad(arrays: Sequence[np.ndarray], value: float, left: bool = False) -> np.ndarray:
@@ -23,28 +28,44 @@ def _pad(arrays: Sequence[np.ndarray], value: float, left: bool = False) -> np.n
     return out
 
 
-def collate(samples: Sequence[dict[str, np.ndarray]], pad_token_id: int, padding_side: str = "right") -> dict:
-    """Encoded samples (see `encode_sample`) → a dict of tensors for the model and the criteria."""
+def collate_columns(
+    columns: Mapping[str, Sequence[np.ndarray] | np.ndarray], pad_token_id: int, padding_side: str = "right"
+) -> Batch:
+    """{key: per-sample arrays} → a `Batch` of tensors. Keys outside the contract (``image_id``) are dropped."""
     if padding_side not in ("left", "right"):
         raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
     left = padding_side == "left"
-    batch = {
-        "input_ids": _pad([s["input_ids"] for s in samples], pad_token_id, left),  # (B, L)
-        "attention_mask": _pad([s["attention_mask"] for s in samples], 0, left),  # (B, L)
-        "labels": _pad([s["labels"] for s in samples], IGNORE, left),  # (B, L)
-        "token_segments": _pad([s["token_segments"] for s in samples], -1, left),  # (B, L, K)
-        "pixel_values": _pad([s["pixel_values"] for s in samples], 0.0),  # (B, 3, H, W) | (B, P, 3, H, W)
-        "coverage": _pad([s["coverage"] for s in samples], 0.0),  # (B, I, S)
-        "segment_ids": _pad([s["segment_ids"] for s in samples], -1),  # (B, S)
-    }
-    if "image_sizes" in samples[0]:
-        batch["image_sizes"] = np.stack([s["image_sizes"] for s in samples])  # (B, 2)
-    return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in batch.items()}
+    lengths = np.array([len(ids) for ids in columns["input_ids"]])
+    batch: dict[str, np.ndarray] = {}
+    missing = [k for k in PAD if k not in columns]
+    if missing:
+        raise KeyError(f"batch columns {missing} missing (samples come from raysal.preprocess.encode.encode_sample)")
+    for key, pad in PAD.items():
+        arrays = [np.asarray(a) for a in columns[key]]
+        value = pad_token_id if pad == "pad_token_id" else pad
+        batch[key] = _pad(arrays, value, left and key in SEQUENCE_KEYS)
+    if left:  # positions index the padded sequence: shift by each sample's left padding
+        shift = (lengths.max() - lengths)[:, None]  # (B, 1)
+        for key in POSITION_KEYS:
+            if key in batch:
+                batch[key] = np.where(batch[key] >= 0, batch[key] + shift, -1)
+    if "image_sizes" in columns:
+        batch["image_sizes"] = np.stack([np.asarray(a) for a in columns["image_sizes"]])  # (B, 2)
+    return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in batch.items()}  # type: ignore[return-value]
 
 
-MODEL_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_sizes")
+def collate(samples: Sequence[Mapping[str, np.ndarray]], pad_token_id: int, padding_side: str = "right") -> Batch:
+    """Encoded samples (see `encode_sample`) → a `Batch`."""
+    columns = {k: [s[k] for s in samples] for k in samples[0]}
+    return collate_columns(columns, pad_token_id, padding_side)
 
 
-def model_inputs(batch: dict) -> dict:
-    """The subset of a batch the HF model's forward takes."""
-    return {k: batch[k] for k in MODEL_KEYS if k in batch}
+class Collate:
+    """``collate_fn`` for Ray's ``iter_torch_batches``: picklable, runs in Ray's prefetch threads, off the training
+    thread; Ray then moves the tensors to the worker's device (`raysal.batch.to_device` normalises the pixels)."""
+
+    def __init__(self, pad_token_id: int, padding_side: str = "right") -> None:
+        self.pad_token_id, self.padding_side = pad_token_id, padding_side
+
+    def __call__(self, columns: dict[str, np.ndarray]) -> Batch:
+        return collate_columns(columns, self.pad_token_id, self.padding_side)

@@ -16,14 +16,14 @@ import numpy as np
 import torch
 
 from raysal.attention.capture import AttentionCapture
+from raysal.batch import PixelNorm, model_inputs, to_device
 from raysal.criteria.inputs import renormalise
 from raysal.criteria.targets import grounding_targets
 from raysal.data.decode import decode_image
 from raysal.data.mask import decode_mask_png
 from raysal.loop.step import CapturePlan
 from raysal.metrics.grounding import METRICS, token_scores
-from raysal.model.build import ModelInfo
-from raysal.preprocess.collate import collate, model_inputs
+from raysal.preprocess.collate import collate
 from raysal.preprocess.encode import DEFAULT_PROMPT, encode_sample
 from raysal.probes.backproject import Backprojection
 from raysal.probes.probe_set import Probe
@@ -51,7 +51,6 @@ def phrase_maps(
     model: torch.nn.Module,
     processor,
     probes: list[Probe],
-    info: ModelInfo,
     protocol: CapturePlan,
     *,
     prompt: str = DEFAULT_PROMPT,
@@ -61,6 +60,7 @@ def phrase_maps(
     theta: float = 0.5,
 ) -> list[PhraseMap]:
     pad_id = processor.tokenizer.pad_token_id
+    pixels = PixelNorm.from_processor(processor)
     out: list[PhraseMap] = []
     was_training = model.training
     model.eval()
@@ -73,8 +73,8 @@ def phrase_maps(
                               processor, prompt)
                 for p in probe.phrases
             ]  # fmt: skip
-            batch = {key: v.to(device) for key, v in collate(encoded, pad_id, padding_side).items()}
-            t = grounding_targets(batch, info.image_token_id, protocol.query_offset)
+            batch = to_device(collate(encoded, pad_id, padding_side), device, pixels)
+            t = grounding_targets(batch, protocol.query_offset)
             capture = AttentionCapture(protocol.layers, protocol.heads, t.query_pos, t.key_pos, reduce=True)
             with capture as cap, autocast or contextlib.nullcontext():
                 model(**model_inputs(batch))
