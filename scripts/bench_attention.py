@@ -31,6 +31,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from peak_memory import RSSPeak, tensor_peak  # scripts/ is on sys.path: this file runs as a script
+
 from raysal.attention.capture import AttentionCapture, enable_capture
 from raysal.criteria.kl import KLCriterion
 from raysal.criteria.lm import LMCriterion
@@ -155,37 +157,6 @@ def make_batch(preset: Preset, device: torch.device, dtype: torch.dtype, seed: i
     return {k: v.to(device) for k, v in batch.items()}, n_image
 
 
-class RSSPeak:
-    """Samples this process's resident set every 2 ms in a thread: the peak RSS of a code region on a CPU
-    (ru_maxrss is a process-lifetime high-water mark, which model building would dominate)."""
-
-    def __init__(self) -> None:
-        import os
-        import threading
-
-        self.page = os.sysconf("SC_PAGE_SIZE")
-        self.peak = self.current()
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    def current(self) -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * self.page
-
-    def _run(self) -> None:
-        while not self.stop.wait(0.002):
-            self.peak = max(self.peak, self.current())
-
-    def __enter__(self) -> RSSPeak:
-        self.base = self.current()
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop.set()
-        self.thread.join()
-
-
 def _steps(model, batch, criteria, plan, opt, autocast, device, warmup: int, reps: int, times: list) -> None:
     for i in range(warmup + reps):
         t0 = time.perf_counter()
@@ -275,17 +246,23 @@ def run_one(
     table = profile_step(model, batch, criteria, plan, autocast) if profile else None
     if device.type == "cuda":
         peak, kind = torch.cuda.max_memory_allocated() - base_mem, "cuda_max_allocated_over_model"
-        peak_total = torch.cuda.max_memory_allocated()
+        peak_total, tensors = torch.cuda.max_memory_allocated(), peak
     else:
         peak, kind, peak_total = rss.peak - rss.base, "rss_peak_increase_over_model_sampled", rss.peak
+        # one more step (or evaluation) with the allocations recorded: the CPU counterpart of the CUDA figure
+        if method in EVAL_METHODS:
+            tensors = tensor_peak(lambda: _evals(model, batch, info, method, autocast, device, 0, 1, []))
+        else:
+            tensors = tensor_peak(lambda: _steps(model, batch, criteria, plan, opt, autocast, device, 0, 1, []))
     lm = model.base_model.model.model.language_model
     n_params = sum(p.numel() for n, p in lm.named_parameters() if "embed" not in n and "lora" not in n)
     n_vision = sum(p.numel() for p in model.base_model.model.model.vision_tower.parameters())
     q = np.quantile(times, [0.1, 0.9]).tolist()
     return {
         "status": "ok", "median_s": statistics.median(times), "p10_s": q[0], "p90_s": q[1], "reps": reps,
-        "peak_mem_bytes": peak, "peak_total_bytes": peak_total, "mem_kind": kind,
-        "tokens": int(batch["input_ids"].numel()), "image_tokens": n_image, "lm_params": n_params,
+        "peak_mem_bytes": peak, "peak_total_bytes": peak_total, "mem_kind": kind, "peak_tensor_bytes": tensors,
+        "tokens": int(batch["input_ids"].numel()), "image_tokens": n_image,
+        "grounded_tokens": int(batch["grounded_pos"].shape[1]), "lm_params": n_params,
         "vision_params": n_vision, **({"profile": table} if table else {}),
     }  # fmt: skip
 
@@ -330,11 +307,13 @@ def main() -> int:
         else:
             results[name] = json.loads(proc.stdout.strip().splitlines()[-1])
         r = results[name]
-        print(
-            f"{name:<28} {r['status']:<5} "
-            + (f"{r['median_s']:.3f}s  {r['peak_mem_bytes'] / 2**20:9.1f} MiB" if r["status"] == "ok" else ""),
-            flush=True,
-        )
+        line = f"{name:<28} {r['status']:<5}"
+        if r["status"] == "ok":
+            mib = {k: r[k] / 2**20 for k in ("peak_mem_bytes", "peak_tensor_bytes")}
+            line += (
+                f" {r['median_s']:.3f}s  {mib['peak_mem_bytes']:9.1f} MiB  tensors {mib['peak_tensor_bytes']:9.1f} MiB"
+            )
+        print(line, flush=True)
     plain, seed, cap = results["plain_sdpa"], results["seed_eager"], results["capture_kl_2layers"]
     ratios = {
         "capture_kl_2layers_over_plain_time": ratio(cap, plain, "median_s"),

@@ -6,6 +6,7 @@
 #   scripts/gpu_check.sh bench15    the LLaVA-1.5-7B preset of scripts/bench_attention.py (plain, seed eager,
 #                                   capture 2 layers / 8 heads / all layers, evaluation reduced / stored; MFU)
 #   scripts/gpu_check.sh benchnext  the LLaVA-NeXT-7B preset
+# After each preset, scripts/memory_model.py compares its measured peaks with the memory model's prediction.
 # Parts fit the device tool's 10-minute calls. JSON goes to $OUT (default docs/); record the figures with device
 # and date in docs/benchmarks.md.
 set -uo pipefail
@@ -22,8 +23,10 @@ if [[ "$part" == all || "$part" == tests ]]; then
 fi
 if [[ "$part" == all || "$part" == bench15 ]]; then
   python scripts/bench_attention.py --preset llava-1.5-7b --reps 5 --warmup 2 --json "$OUT/bench_attention_llava15_7b_gpu.json" || status=1
+  python scripts/memory_model.py --compare "$OUT/bench_attention_llava15_7b_gpu.json" --json "$OUT/memory_model_llava15_7b_gpu.json" || status=1
 fi
 if [[ "$part" == all || "$part" == benchnext ]]; then
   python scripts/bench_attention.py --preset llava-next-7b --reps 5 --warmup 2 --json "$OUT/bench_attention_next_7b_gpu.json" || status=1
+  python scripts/memory_model.py --compare "$OUT/bench_attention_next_7b_gpu.json" --json "$OUT/memory_model_next_7b_gpu.json" || status=1
 fi
 exit $status

@@ -58,3 +58,20 @@ def small_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     generate(base / "root", images=40, seed=2, max_side=320)
     write_shards(base / "root", base / "shards")
     return base / "shards"
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("raysal_cache")
+
+
+@pytest.fixture(scope="module")
+def single_split(tmp_path_factory) -> Path:
+    """COCONut-format data laid out as PanCap ships it: one split (train2017), 900 small images."""
+    from raysal.data.shards import write_shards
+    from raysal.data.synthetic import generate
+
+    base = tmp_path_factory.mktemp("single_split")
+    generate(base / "root", images=900, seed=4, max_side=48, val_fraction=0.0)
+    write_shards(base / "root", base / "shards")
+    return base / "shards"

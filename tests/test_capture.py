@@ -6,7 +6,7 @@ import torch
 from raysal.attention.capture import AttentionCapture, enable_capture
 from raysal.batch import PixelNorm, model_inputs
 from raysal.criteria.targets import grounding_targets
-from raysal.model.build import load_model, load_processor
+from raysal.model.build import load_model, load_processor, model_info
 from raysal.preprocess.batches import batch_factory, load_encoded
 
 
@@ -29,13 +29,17 @@ def _eager_reference(att_layers, layers, heads, t):
 
 @pytest.mark.parametrize("arch", ["llava", "llava_next"])
 @pytest.mark.parametrize("padding_side", ["left", "right"])
-def test_capture_equals_eager_values_and_gradients(arch, padding_side, tiny_llava, tiny_next, small_shards):
+@pytest.mark.parametrize("heads", [(0, 2, 3), "all"])
+def test_capture_equals_eager_values_and_gradients(arch, padding_side, heads, tiny_llava, tiny_next, small_shards):
     ckpt = tiny_llava if arch == "llava" else tiny_next
     batch = _batch(ckpt, small_shards, padding_side)
     model = load_model(str(ckpt), dtype="float32")
     assert batch["attention_mask"].eq(0).any(), "the batch must be padded"
     t = grounding_targets(batch, query_offset=-1)
-    layers, heads = (1, 3), (0, 2, 3)  # on NeXT heads 0 and 2/3 read different KV heads (GQA, 2 groups)
+    # a subset: on NeXT heads 0 and 2/3 read different KV heads (GQA, 2 groups); all heads: each key head is read
+    # in place with its query heads stacked (no key copy)
+    layers = (1, 3)
+    heads = tuple(range(model_info(model).n_heads)) if heads == "all" else heads
     weights = torch.rand(len(layers), len(heads), *t.region.shape, generator=torch.Generator().manual_seed(0))
     weights = weights.permute(2, 0, 1, 3, 4) * t.token_valid[:, None, None, :, None] * t.key_valid[:, None, None, None]
 

@@ -1,22 +1,16 @@
-"""Search-space files: parsing, errors that name the key, the Optuna sampler (alone and through Ray's OptunaSearch),
-Hydra override text, and validation against a composed config. No Ray cluster: OptunaSearch runs in-process."""
+"""Search-space files: parsing, errors that name the file and key, and Hydra override text."""
 
 from __future__ import annotations
 
-import copy
 import math
 import pickle
 from pathlib import Path
 from typing import Any
 
-import optuna
 import pytest
-import yaml
-from omegaconf import OmegaConf, open_dict
+from search_space_files import EXAMPLE, minimal, write
 
-from raysal.search.optuna_params import params_to_overrides
 from raysal.search.override_text import format_override
-from raysal.search.sampling import define_by_run, sample
 from raysal.search.space import (
     Choice,
     Fixed,
@@ -26,105 +20,15 @@ from raysal.search.space import (
     Scheduler,
     SearchSpaceError,
     SearchSpec,
-    Space,
     TrialResources,
     Uniform,
 )
 from raysal.search.space_file import load_search_space
-from raysal.search.validate_space import validate_against
-
-optuna.logging.set_verbosity(optuna.logging.WARNING)
-
-EXAMPLE = """\
-name: criteria                    # search name (W&B group, folder name); default: the file stem
-objectives:                       # one or more; ASHA only with exactly one
-  - {metric: val/amr, mode: max}
-  # - {metric: val/lm_loss, mode: min}
-num_samples: 48
-max_concurrent_trials: null       # null: derived later from cluster resources
-seed: 0                           # sampler seed
-scheduler:                        # type asha | fifo
-  type: asha
-  time_attr: train/step
-  max_t: 2000
-  grace_period: 200
-  reduction_factor: 3
-resources:                        # per trial
-  num_workers: 1
-  use_gpu: true
-  cpus_per_worker: 4
-  gpus_per_worker: 1
-base_overrides:                   # Hydra overrides applied to every trial
-  - trainer.max_steps=2000
-space:                            # keys are Hydra override paths
-  criterion@criteria.align:       # options carry their own sub-spaces (conditional parameters)
-    choice:
-      kl:
-        criteria.align.weight: {loguniform: [0.05, 2.0]}
-        criteria.align.smoothing: {uniform: [0.0, 0.2]}
-      mse:
-        criteria.align.weight: {loguniform: [0.1, 10.0]}
-      mass: {}
-  criteria.align.layers: {choice: [early, middle, late, all, [-2, -1]]}
-  criteria.align.query_offset: {choice: [0, -1]}
-  lora.rank: {choice: [8, 16, 64]}
-  optim.lr: {loguniform: [5.0e-5, 5.0e-4]}
-  trainer.grad_accum: {int: [1, 4]}
-  optim.warmup_steps: {int: {low: 0, high: 100, step: 10}}
-  lora.dropout: 0.05                                       # a plain value = fixed
-"""
-
-
-def write(tmp_path: Path, text: str, name: str = "criteria.yaml") -> Path:
-    path = tmp_path / name
-    path.write_text(text)
-    return path
 
 
 @pytest.fixture
 def spec(tmp_path: Path) -> SearchSpec:
     return load_search_space(write(tmp_path, EXAMPLE))
-
-
-def minimal(**changes: Any) -> str:
-    """A small valid file as YAML text, with top-level entries replaced (None removes one)."""
-    doc: dict[str, Any] = {
-        "objectives": [{"metric": "val/amr", "mode": "max"}],
-        "num_samples": 4,
-        "scheduler": {"type": "asha", "max_t": 100, "grace_period": 10},
-        "space": {"optim.lr": {"loguniform": [1e-5, 1e-3]}},
-    }
-    for key, value in changes.items():
-        if value is None:
-            doc.pop(key, None)
-        else:
-            doc[key] = value
-    return yaml.safe_dump(doc, sort_keys=False)
-
-
-def check_active(spec_or_space: SearchSpec | Space, overrides: dict[str, Any]) -> None:
-    """`overrides` holds exactly the keys active under its own choices, each value inside its distribution."""
-    space = spec_or_space.space if isinstance(spec_or_space, SearchSpec) else spec_or_space
-    expected: list[str] = []
-
-    def walk(s: Space) -> None:
-        for p in s.params:
-            expected.append(p.key)
-            assert p.key in overrides, p.key
-            v, d = overrides[p.key], p.dist
-            if isinstance(d, Fixed):
-                assert v == d.value
-            elif isinstance(d, Uniform | LogUniform):
-                assert isinstance(v, float) and d.low <= v <= d.high
-            elif isinstance(d, IntRange):
-                assert isinstance(v, int) and d.low <= v <= d.high and (v - d.low) % d.step == 0
-            else:
-                matches = [o for o in d.options if o.value == v and type(o.value) is type(v)]
-                assert len(matches) == 1, (p.key, v)
-                walk(matches[0].space)
-
-    walk(space)
-    assert list(overrides) == expected  # only active keys, in file order
 
 
 # ------------------------------------------------------------------------------------------------------ parsing
@@ -310,125 +214,6 @@ def test_floats_like_omegaconf(tmp_path: Path) -> None:
     assert spec.space.params[0].dist == LogUniform(5e-5, 1e-3)
 
 
-# ----------------------------------------------------------------------------------------------------- sampling
-
-
-def test_sample_with_optuna(spec: SearchSpec) -> None:
-    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=0))
-    seen_options, seen_layers = set(), []
-    for i in range(30):
-        trial = study.ask()
-        overrides = sample(trial, spec)
-        check_active(spec, overrides)
-        # Conditional keys appear only with their option.
-        option = overrides["criterion@criteria.align"]
-        seen_options.add(option)
-        assert ("criteria.align.weight" in overrides) == (option in ("kl", "mse"))
-        assert ("criteria.align.smoothing" in overrides) == (option == "kl")
-        if option == "mse":
-            assert 0.1 <= overrides["criteria.align.weight"] <= 10.0
-        seen_layers.append(overrides["criteria.align.layers"])
-        # The params Optuna recorded (what Tune hands the trainable) give back the same overrides.
-        assert params_to_overrides(trial.params) == overrides
-        assert spec.trial_overrides(trial.params)[0] == "trainer.max_steps=2000"
-        study.tell(trial, float(i % 7))
-    assert seen_options == {"kl", "mse", "mass"}
-    assert [-2, -1] in seen_layers  # a list option survives Optuna as a list
-
-
-def test_null_and_odd_options_round_trip(tmp_path: Path) -> None:
-    space = {
-        "a.b": {"choice": [None, [1, "x y"], "json:not-json", 1.5, False, {"k": [1, 2]}]},
-        "g/sub@pkg": {
-            "choice": {"v1.5": {"p.q": {"uniform": [0, 1]}}, "a/b|c%d": {"p.q": {"int": [1, 2]}}, None: None}
-        },
-    }
-    spec = load_search_space(write(tmp_path, minimal(space=space)))
-    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
-    values, options = [], set()
-    for _ in range(40):
-        trial = study.ask()
-        overrides = sample(trial, spec)
-        check_active(spec, overrides)
-        assert params_to_overrides(trial.params) == overrides
-        values.append(overrides["a.b"])
-        options.add(overrides["g/sub@pkg"])
-        study.tell(trial, 0.0)
-    assert None in values and [1, "x y"] in values and "json:not-json" in values and {"k": [1, 2]} in values
-    assert options == {"v1.5", "a/b|c%d", None}
-
-
-def test_define_by_run_pickles_and_returns_none(spec: SearchSpec) -> None:
-    fn = pickle.loads(pickle.dumps(define_by_run(spec)))
-    trial = optuna.create_study().ask()
-    assert fn(trial) is None
-    check_active(spec, params_to_overrides(trial.params))
-
-
-def test_define_by_run_through_ray_optuna_search(spec: SearchSpec) -> None:
-    pytest.importorskip("ray.tune")
-    from ray.tune.search.optuna import OptunaSearch
-
-    searcher = OptunaSearch(
-        space=define_by_run(spec),
-        metric=spec.metric,
-        mode=spec.mode,
-        sampler=optuna.samplers.TPESampler(seed=0),
-    )
-    for i in range(6):
-        config = searcher.suggest(f"t{i}")
-        assert not any(isinstance(v, dict) for v in config.values())  # Ray's unflatten_dict left the names flat
-        overrides = params_to_overrides(config)
-        check_active(spec, overrides)
-        lines = spec.trial_overrides(config)
-        assert lines[0] == "trainer.max_steps=2000"
-        assert f"criterion@criteria.align={overrides['criterion@criteria.align']}" in lines
-        searcher.on_trial_complete(f"t{i}", {"val/amr": 0.1 * i, "train/step": 100, "training_iteration": 1})
-    done = [t for t in searcher._ot_study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    assert len(done) == 6
-
-
-def test_multi_objective(tmp_path: Path) -> None:
-    text = minimal(
-        objectives=[{"metric": "val/amr", "mode": "max"}, {"metric": "val/lm_loss", "mode": "min"}],
-        scheduler={"type": "fifo"},
-    )
-    spec = load_search_space(write(tmp_path, text))
-    assert spec.metric == ["val/amr", "val/lm_loss"] and spec.mode == ["max", "min"]
-    pytest.importorskip("ray.tune")
-    from ray.tune.search.optuna import OptunaSearch
-
-    searcher = OptunaSearch(space=define_by_run(spec), metric=spec.metric, mode=spec.mode)
-    config = searcher.suggest("t0")
-    assert set(params_to_overrides(config)) == {"optim.lr"}
-    searcher.on_trial_complete("t0", {"val/amr": 0.5, "val/lm_loss": 2.0})
-    (trial,) = searcher._ot_study.trials
-    assert trial.values == [0.5, 2.0]
-
-
-def test_sqlite_study_resumes(spec: SearchSpec, tmp_path: Path) -> None:
-    url = "sqlite:///" + str(tmp_path / "optuna.db")
-    study = optuna.create_study(
-        storage=optuna.storages.RDBStorage(url),
-        study_name=spec.name,
-        direction="maximize",
-        sampler=optuna.samplers.TPESampler(seed=0),
-    )
-    asked = []
-    for i in range(3):
-        trial = study.ask()
-        overrides = sample(trial, spec)
-        asked.append((trial.params, overrides))
-        study.tell(trial, 0.1 * i)
-    again = optuna.load_study(study_name=spec.name, storage=optuna.storages.RDBStorage(url))
-    assert len(again.trials) == 3
-    for stored, (params, overrides) in zip(again.trials, asked, strict=True):
-        assert stored.state == optuna.trial.TrialState.COMPLETE
-        assert stored.params == params  # lists stay JSON text, fixed values and None survive the storage
-        assert params_to_overrides(stored.params) == overrides
-    check_active(spec, sample(again.ask(), spec))  # same distributions: the resumed study keeps sampling
-
-
 # --------------------------------------------------------------------------------------------- override strings
 
 
@@ -473,109 +258,3 @@ def test_format_override_reads_back_in_hydra(value: Any) -> None:
     assert parsed.value() == value
     if isinstance(value, float):
         assert math.copysign(1, parsed.value()) == math.copysign(1, value)
-
-
-# --------------------------------------------------------------------------------------- validate_against config
-
-GROUP = {
-    "kl": {"name": "kl", "weight": 1.0, "smoothing": 0.0},
-    "mse": {"name": "mse", "weight": 1.0},
-    "mass": {"name": "mass"},
-    "v1.5": {"name": "v15", "weight": 0.5},
-}
-BASE = {
-    "criteria": {"align": {"name": "kl", "weight": 1.0, "smoothing": 0.0, "layers": "late", "query_offset": 0}},
-    "lora": {"rank": 8, "dropout": "???"},
-    "optim": {"lr": 1e-4, "warmup_steps": 0},
-    "trainer": {"max_steps": 10, "grad_accum": 1},
-}
-
-
-def fake_compose(overrides: list[str]) -> Any:
-    """Hydra in miniature: `criterion@criteria.align=<option>` swaps the group node (keeping layers/query_offset,
-    which the real config sets outside the group); any other override must name an existing key (struct mode)."""
-    cfg = OmegaConf.create(copy.deepcopy(BASE))
-    OmegaConf.set_struct(cfg, True)
-    for override in overrides:
-        key, _, text = override.partition("=")
-        value = yaml.safe_load(text)
-        if key == "criterion@criteria.align":
-            if value not in GROUP:
-                raise ValueError(f"Could not find 'criterion/{value}'")
-            keep = {k: cfg.criteria.align[k] for k in ("layers", "query_offset")}
-            with open_dict(cfg):
-                cfg.criteria.align = {**GROUP[value], **keep}
-        else:
-            OmegaConf.update(cfg, key, value, merge=False)
-    return cfg
-
-
-def test_validate_against_accepts_the_example(spec: SearchSpec) -> None:
-    calls: list[list[str]] = []
-
-    def compose(overrides: list[str]) -> Any:
-        calls.append(overrides)
-        return fake_compose(overrides)
-
-    validate_against(spec, compose)
-    assert calls[0] == ["trainer.max_steps=2000"]
-    assert ["trainer.max_steps=2000", "criterion@criteria.align=mse"] in calls
-    assert ["trainer.max_steps=2000", "criteria.align.layers=[-2,-1]"] in calls  # list options compose too
-
-
-def space_file(tmp_path: Path, space: dict[str, Any]) -> SearchSpec:
-    return load_search_space(write(tmp_path, minimal(space=space, base_overrides=["trainer.max_steps=5"])))
-
-
-def test_validate_against_unknown_key(tmp_path: Path) -> None:
-    spec = space_file(tmp_path, {"optim.lr": {"uniform": [0.1, 0.2]}, "optim.bogus": {"int": [1, 2]}})
-    with pytest.raises(SearchSpaceError, match=r": space\[optim\.bogus\]: 'optim\.bogus' is not in the config"):
-        validate_against(spec, fake_compose)
-
-
-def test_validate_against_unknown_option(tmp_path: Path) -> None:
-    spec = space_file(tmp_path, {"criterion@criteria.align": {"choice": ["kl", "focal"]}})
-    with pytest.raises(SearchSpaceError, match=r": space\[criterion@criteria\.align\]: option focal does not compose"):
-        validate_against(spec, fake_compose)
-
-
-def test_validate_against_fixed_group_value(tmp_path: Path) -> None:
-    validate_against(space_file(tmp_path, {"criterion@criteria.align": "mse"}), fake_compose)
-    spec = space_file(tmp_path, {"criterion@criteria.align": "focal"})
-    with pytest.raises(SearchSpaceError, match=r": space\[criterion@criteria\.align\]: value 'focal' does not compose"):
-        validate_against(spec, fake_compose)
-
-
-def test_validate_against_key_missing_under_one_option(tmp_path: Path) -> None:
-    space = {
-        "criterion@criteria.align": {
-            "choice": {
-                "kl": {"criteria.align.smoothing": {"uniform": [0, 0.1]}},
-                "v1.5": {"criteria.align.weight": 0.3},
-            }
-        }
-    }
-    validate_against(space_file(tmp_path, space), fake_compose)  # dots in option names compose fine
-    space["criterion@criteria.align"]["choice"]["mse"] = {"criteria.align.smoothing": 0.1}
-    with pytest.raises(SearchSpaceError) as info:
-        validate_against(space_file(tmp_path, space), fake_compose)
-    assert info.value.key == "space[criterion@criteria.align=mse][criteria.align.smoothing]"
-    assert "composed with criterion@criteria.align=mse" in info.value.reason
-
-
-def test_validate_against_outer_key_lost_by_an_option(tmp_path: Path) -> None:
-    # `weight` exists in the default (kl) config, but the `mass` option drops it: a key set next to the choice must
-    # survive every option.
-    spec = space_file(tmp_path, {"criterion@criteria.align": {"choice": ["kl", "mass"]}, "criteria.align.weight": 2.0})
-    with pytest.raises(SearchSpaceError) as info:
-        validate_against(spec, fake_compose)
-    assert info.value.key == "space[criteria.align.weight]"
-    assert "composed with criterion@criteria.align=mass" in info.value.reason
-
-
-def test_validate_against_base_and_missing_values(tmp_path: Path) -> None:
-    # A ??? value is a key that exists (OmegaConf.select alone would call it absent).
-    validate_against(space_file(tmp_path, {"lora.dropout": {"uniform": [0, 0.1]}}), fake_compose)
-    bad = load_search_space(write(tmp_path, minimal(base_overrides=["trainer.nope=1"])))
-    with pytest.raises(SearchSpaceError, match=r": base_overrides: the base overrides does not compose"):
-        validate_against(bad, fake_compose)

@@ -68,11 +68,18 @@ def _image_probs(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor
     groups = n_q_heads // key.shape[1]  # GQA: query head j reads key head j // groups
     heads = req.heads.to(query.device)
     T, I = req.query_pos.shape[1], req.key_pos.shape[1]
-    q = query[:, heads]  # (B, h, L, D)
-    q = q.gather(2, req.query_pos[:, None, :, None].expand(B, len(heads), T, D))  # (B, h, T, D): only the rows asked
-    k = key[:, heads // groups]  # (B, h, L, D)
+    # rows first, then heads: only (B, H, T, D) is ever copied, never (B, h, L, D)
+    q = query.gather(2, req.query_pos[:, None, :, None].expand(B, n_q_heads, T, D))  # (B, H, T, D)
     scale = scaling if scaling is not None else D**-0.5
-    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale  # (B, h, T, L) fp32
+    if len(heads) == n_q_heads:  # every head: read each key head in place, its query heads stacked (no key copy)
+        n_kv = key.shape[1]
+        q = q.reshape(B, n_kv, groups * T, D)  # query head j = kv head j // groups, as repeat_kv orders them
+        scores = torch.matmul(q.float(), key.float().transpose(-1, -2)) * scale  # (B, kv, groups·T, L) fp32
+        scores = scores.view(B, n_q_heads, T, L)  # (B, H, T, L)
+    else:
+        q = q[:, heads]  # (B, h, T, D)
+        k = key[:, heads // groups]  # (B, h, L, D)
+        scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale  # (B, h, T, L) fp32
     allowed, additive = _allowed_keys(mask, req.query_pos, L)
     if allowed is None:  # float additive mask: fully masked rows hold a large negative, not -inf
         allowed = additive > torch.finfo(torch.float32).min / 2

@@ -63,7 +63,7 @@ def blind_logits(model: torch.nn.Module, batch: dict) -> torch.Tensor:
     image_id = getattr(model, "module", model).config.image_token_id  # DDP hides .config
     inputs["attention_mask"] = inputs["attention_mask"] * (batch["input_ids"] != image_id)
     with torch.no_grad(), eval_mode(model), no_capture():
-        return model(**inputs).logits.float()
+        return model(**inputs, use_cache=False).logits.float()
 
 
 @dataclass

@@ -42,7 +42,12 @@ class CriterionInputs:
             raise RuntimeError("criterion needs image_attention, but the step captured none")
         li = [self.captured_layers.index(i) for i in resolve_layers(layers, self.n_layers)]
         hi = [self.captured_heads.index(i) for i in resolve_heads(heads, self.n_heads)]
-        att = self.image_attention[:, li][:, :, hi]  # (B, ℓ, h, T, I)
+        att = self.image_attention  # (B, ℓ_cap, h_cap, T, I)
+        # index only for a strict subset: an index copies the maps, and autograd keeps the copy until backward
+        if li != list(range(att.shape[1])):
+            att = att[:, li]
+        if hi != list(range(att.shape[2])):
+            att = att[:, :, hi]  # (B, ℓ, h, T, I)
         p = renormalise(att.mean(2), self.targets.key_valid)  # (B, ℓ, T, I)
         return p if per_layer else p.mean(1, keepdim=True)
 

@@ -47,7 +47,7 @@ def evaluate(
             # held — not ℓ × h maps (≈ 9.5 GB for LLaVA-NeXT-7B at batch 8 with all 32 × 32)
             capture = AttentionCapture(protocol.layers, protocol.heads, t.query_pos, t.key_pos, reduce=True)
             with capture as cap, autocast or contextlib.nullcontext():
-                out = model(**model_inputs(batch))
+                out = model(**model_inputs(batch), use_cache=False)  # no KV cache: 2·n·B·L·d_kv held for nothing
             ce = next_token_ce(out.logits, batch["labels"])
             ce_sum += float(ce.sum())
             ce_n += int((batch["labels"][:, 1:] != IGNORE).sum())

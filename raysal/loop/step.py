@@ -121,7 +121,7 @@ def train_step(
             assert targets is not None
             cap = stack.enter_context(AttentionCapture(cp.layers, cp.heads, targets.query_pos, targets.key_pos))
         with autocast or contextlib.nullcontext():
-            out = model(**model_inputs(batch), output_attentions=plan.eager)
+            out = model(**model_inputs(batch), output_attentions=plan.eager, use_cache=False)
         image_attention = None
         if cap is not None:
             image_attention = cap.stacked()

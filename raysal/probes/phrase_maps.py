@@ -77,7 +77,7 @@ def phrase_maps(
             t = grounding_targets(batch, protocol.query_offset)
             capture = AttentionCapture(protocol.layers, protocol.heads, t.query_pos, t.key_pos, reduce=True)
             with capture as cap, autocast or contextlib.nullcontext():
-                model(**model_inputs(batch))
+                model(**model_inputs(batch), use_cache=False)
             p = renormalise(cap.mean(), t.key_valid)  # (B, T, I) mean over the protocol's layers × heads
             to_pixels = Backprojection(*segment_map.shape, processor)
             for j, phrase in enumerate(probe.phrases):

@@ -1,0 +1,223 @@
+"""Peak memory of a raysal step, predicted from shapes alone: what a 7B trial needs before a GPU has measured it.
+
+    python scripts/memory_model.py                                   # the 7B table (markdown)
+    python scripts/memory_model.py --validate --json docs/memory_model.json   # against the CPU presets
+    python scripts/memory_model.py --compare docs/bench_attention_next_7b_gpu.json   # against a GPU run of a preset
+
+The prediction is the peak of live tensors over the model's weights and optimizer state (what CUDA's
+``max_memory_allocated`` counts), for a LoRA step with gradient checkpointing (non-reentrant, every decoder layer),
+as `scripts/bench_attention.py` runs it. A step peaks in one of two phases:
+
+- **loss**: every layer's checkpoint (its input, (B, L, d)) plus the logits and the fp32 loss around them: the
+  logits (model dtype), the fp32 input of the log-softmax, its output, and the gradient of each (12 bytes per
+  logit beyond the logits themselves);
+- **recompute**: during backward, the checkpoints, the logits `out` still holds, and one decoder layer recomputed
+  with its gradients: (11.2·d + 2·d_kv + 6·f) values per token in the model dtype, plus the fp32 copies RMSNorm
+  makes of a bf16 input (2·d at 4 bytes).
+
+Methods add: the capture keeps its maps (B, ℓ, h, T, I) and their gradient (2 copies), and — gradient
+checkpointing — backward reaches every captured layer's attention at once, so ℓ − 1 captured layers are recomputed
+up to their attention before their turn (softmax rows (B, h, T, L) and their gradient, the image columns, the fp32
+key, the layer's q/k/v and LoRA dropout: ≈ 4·d per token). The seed's eager method keeps every layer's
+(B, H, L, L) map and its gradient, plus the recomputed layer's scores and the causal mask. Evaluation holds no
+checkpoint and no KV cache: the logits and the loss (the fp32 copy on bf16, the contiguous copy cross_entropy
+takes, the log-softmax: 8 or 12 bytes per logit beyond the logits) or one layer's forward, whichever is larger.
+
+The per-layer coefficients (11.2·d, 2·d_kv, 6·f per token; the capture's 4·d) were read off the profiler's
+live-tensor trace of the small fp32 model (vary one dimension, difference the exact peaks); `--validate` checks
+the whole model on the CPU presets, whose shapes (image grid, GQA, batch) differ from those ablations.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from dataclasses import asdict, dataclass, replace
+from datetime import date
+from pathlib import Path
+
+GIB = 2**30
+METHODS = ("plain_sdpa", "capture_kl_2layers", "seed_eager", "evaluation")
+
+
+@dataclass(frozen=True)
+class Shapes:
+    batch: int  # B
+    tokens: int  # L per sample: prompt + image tokens + caption
+    image_tokens: int  # I
+    grounded: int  # T: grounded caption tokens per sample (padded in a batch)
+    hidden: int  # d
+    ffn: int  # f
+    layers: int  # n
+    heads: int  # H query heads
+    kv_heads: int
+    vocab: int  # V
+    dtype_bytes: int = 2  # activations: 2 for bf16 (a GPU run), 4 for fp32 (the CPU presets)
+    captured_layers: int = 2  # ℓ of the capture method
+    params: float = 0.0  # weights, for the "fits" column (bytes = params × dtype_bytes)
+
+
+def predict(s: Shapes, method: str) -> dict[str, float]:
+    """{"peak": bytes, "phase": name, <phase>: bytes...} for one step (or one evaluation batch) of ``method``."""
+    b, E = s.dtype_bytes, s.batch * s.tokens  # E: tokens in the batch
+    d, f, n, V = s.hidden, s.ffn, s.layers, s.vocab
+    d_kv = s.hidden // s.heads * s.kv_heads
+    logits = E * V * (b + 12)
+    if method == "evaluation":
+        # all layers × all heads, reduced on the fly: (B, T, I) fp32, nothing per layer is kept
+        # the loss without gradients: logits, their fp32 copy (bf16 only), the contiguous copy cross_entropy takes
+        # and the log-softmax; no KV cache (evaluate passes use_cache=False)
+        loss = E * V * (b + 8 + (4 if b < 4 else 0))
+        layer = E * (8 * d + 3 * f) * b + 2 * s.batch * s.image_tokens * d * b
+        reduced = s.batch * s.grounded * s.image_tokens * 4
+        phases = {"loss": loss + 2 * E * d * b + reduced, "layer": layer + reduced}
+        return _peak(phases)
+    checkpoints = n * E * d * b
+    layer = E * (11.2 * d + 2 * d_kv + 6 * f) * b + (2 * E * d * 4 if b < 4 else 0)
+    phases = {"loss": logits + checkpoints + 4 * E * d * b, "recompute": checkpoints + E * V * b + layer}
+    if method.startswith("capture"):
+        ell, h = s.captured_layers, s.heads
+        maps = s.batch * h * s.grounded * s.image_tokens * 4  # (B, h, T, I) fp32, one layer
+        rows = s.batch * h * s.grounded * s.tokens * 4  # (B, h, T, L) fp32 softmax rows, one layer
+        kept = 2 * ell * maps
+        per_layer = 2 * rows + maps + E * d_kv * 4  # a captured layer's attention side, recomputed
+        early = (ell - 1) * (per_layer + 4 * E * d * b)  # recomputed before their turn (see the docstring)
+        phases = {"loss": phases["loss"] + kept, "recompute": phases["recompute"] + kept + per_layer + early}
+    elif method == "seed_eager":
+        att = s.batch * s.heads * s.tokens**2 * b  # (B, H, L, L), one layer
+        scores = s.batch * s.heads * s.tokens**2 * 4 if b < 4 else att  # eager's fp32 softmax of the layer recomputed
+        mask = s.batch * s.tokens**2 * b  # the causal mask eager attention materialises
+        phases = {"loss": phases["loss"] + n * att, "recompute": phases["recompute"] + 2 * n * att + scores + mask}
+    elif method != "plain_sdpa":
+        raise ValueError(f"unknown method {method!r} (known: {', '.join(METHODS)})")
+    return _peak(phases)
+
+
+def _peak(phases: dict[str, float]) -> dict[str, float]:
+    phase = max(phases, key=phases.__getitem__)
+    return {"peak": phases[phase], "phase": phase, **phases}  # type: ignore[dict-item]
+
+
+def lm_params(d: int, f: int, n: int, H: int, kv: int, V: int) -> float:
+    d_kv = d // H * kv
+    return 2 * V * d + n * (2 * d * d + 2 * d * d_kv + 3 * d * f + 2 * d) + d
+
+
+CLIP_L_336 = 303.5e6  # vision tower parameters (CLIP ViT-L/14-336)
+
+
+def seven_b(name: str, batch: int) -> Shapes:
+    """The 7B shapes of `scripts/bench_attention.py`'s presets: 24 prompt tokens, 160 caption tokens of which 60 %
+    are grounded; LLaVA-1.5: 576 image tokens; LLaVA-NeXT: a 640×480 image → 2,340 (anyres + newlines)."""
+    if name == "llava-1.5-7b":
+        d, f, H, kv, I = 4096, 11008, 32, 32, 576
+    else:
+        d, f, H, kv, I = 4096, 14336, 32, 8, 2340
+    params = lm_params(d, f, 32, H, kv, 32064) + CLIP_L_336 + 1024 * d + d * d  # + the 2-layer projector
+    return Shapes(batch, 24 + I + 160, I, 96, d, f, 32, H, kv, 32064, 2, 2, params)
+
+
+def table_7b(gpu_gib: float = 80.0) -> list[dict]:
+    rows = []
+    for name in ("llava-1.5-7b", "llava-next-7b"):
+        for batch in (1, 2, 8):
+            s = seven_b(name, batch)
+            weights = s.params * s.dtype_bytes
+            row = {"model": name, "batch": batch, "weights_gib": weights / GIB}
+            for m in METHODS:
+                p = predict(s, m)
+                row[m] = p["peak"] / GIB
+                row[f"{m}_phase"] = p["phase"]
+                row[f"{m}_fits_{int(gpu_gib)}gib"] = (weights + p["peak"]) / GIB <= gpu_gib
+            rows.append(row)
+    return rows
+
+
+def print_7b(rows: list[dict]) -> None:
+    print("| model | batch | weights | plain LoRA step | capture (2 layers) | seed eager | evaluation |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        cells = []
+        for m in METHODS:
+            mark = "" if r[f"{m}_fits_80gib"] else " (> 80 GB)"
+            cells.append(f"{r[m]:.1f} GiB{mark}")
+        print(f"| {r['model']} | {r['batch']} | {r['weights_gib']:.1f} GiB | " + " | ".join(cells) + " |")
+
+
+def measure(preset: str, method: str) -> dict:
+    """One bench_attention method in its own process (1 warm-up, 1 timed, then the profiled step)."""
+    script = Path(__file__).with_name("bench_attention.py")
+    cmd = [sys.executable, str(script), "--preset", preset, "--method", method, "--reps", "1", "--warmup", "1",
+           "--device", "cpu"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def validate() -> dict:
+    sys.path.insert(0, str(Path(__file__).parent))
+    from bench_attention import PRESETS
+
+    rows = []
+    for preset in ("cpu-small", "cpu-small-next"):
+        p = PRESETS[preset]
+        for method in METHODS:
+            r = measure(preset, method)
+            t = p.text
+            s = Shapes(p.batch, r["tokens"] // p.batch, r["image_tokens"], r["grounded_tokens"], t["hidden_size"],
+                       t["intermediate_size"], t["num_hidden_layers"], t["num_attention_heads"],
+                       t["num_key_value_heads"], t["vocab_size"], dtype_bytes=4)  # fmt: skip
+            pred = predict(s, method)
+            rows.append({"preset": preset, "method": method, "shapes": asdict(s), "measured": r["peak_tensor_bytes"],
+                         "predicted": pred["peak"], "phase": pred["phase"],
+                         "error": pred["peak"] / r["peak_tensor_bytes"] - 1})  # fmt: skip
+            e = rows[-1]
+            mib = e["measured"] / 2**20, e["predicted"] / 2**20
+            print(f"{preset:<15} {method:<20} measured {mib[0]:8.1f} MiB  predicted {mib[1]:8.1f} MiB "
+                  f"({e['phase']})  {100 * e['error']:+5.1f} %", flush=True)  # fmt: skip
+    return {"date": date.today().isoformat(), "rows": rows, "max_abs_error": max(abs(r["error"]) for r in rows)}
+
+
+def compare(path: Path) -> dict:
+    """Predicted vs measured for a GPU run of a 7B preset of `scripts/bench_attention.py` (its JSON)."""
+    run = json.loads(path.read_text())
+    rows = []
+    for method in METHODS:
+        r = run["methods"].get(method, {})
+        if r.get("status") != "ok":
+            continue
+        s = replace(
+            seven_b(run["preset"], run["batch"]), grounded=r["grounded_tokens"], tokens=r["tokens"] // run["batch"]
+        )
+        pred = predict(s, method)
+        rows.append({"method": method, "measured": r["peak_tensor_bytes"], "predicted": pred["peak"],
+                     "phase": pred["phase"], "error": pred["peak"] / r["peak_tensor_bytes"] - 1})  # fmt: skip
+        print(f"{run['preset']} batch {run['batch']} {method:<20} measured {r['peak_tensor_bytes'] / GIB:6.2f} GiB  "
+              f"predicted {pred['peak'] / GIB:6.2f} GiB  {100 * rows[-1]['error']:+5.1f} %")  # fmt: skip
+    return {"preset": run["preset"], "device": run["device"], "date": run["date"], "rows": rows}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--validate", action="store_true", help="measure the CPU presets and compare (~8 min)")
+    ap.add_argument("--compare", type=Path, nargs="+", help="bench_attention.py JSON of a 7B preset run on a GPU")
+    ap.add_argument("--json", type=Path, help="write the table (and the validation) here")
+    args = ap.parse_args()
+    if args.compare:
+        out = {"compare": [compare(p) for p in args.compare]}
+        if args.json:
+            args.json.write_text(json.dumps(out, indent=2))
+        return 0
+    out = {"table_7b": table_7b()}
+    print_7b(out["table_7b"])
+    if args.validate:
+        out["validation"] = validate()
+        print(f"\nlargest error: {100 * out['validation']['max_abs_error']:.1f} %")
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

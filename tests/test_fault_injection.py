@@ -1,0 +1,300 @@
+"""Fault injection (marked `slow`; .ci/run runs them after the default suite): a killed and resumed search, a
+SIGKILLed driver, diverging trials, SIGKILLed Train workers, a stalled trial, and the report in a browser. They wait
+on progress (a trial reported, a file appeared), never on a tight wall clock."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from entrypoint_runs import ENV, SMALL, run, space_file
+from wandb_records import read_run
+
+
+@pytest.mark.integration
+@pytest.mark.slow  # fault injection: .ci/run runs it after the default suite
+def test_killed_search_resumes_without_rerunning_finished_trials(tmp_path, cache):
+    import optuna
+
+    space = space_file(tmp_path, 2, "iresume")  # + the control: 3 trials
+    cmd = [sys.executable, "-m", "raysal.tune", str(space), *SMALL, f"storage_path={tmp_path}"]
+    log = open(tmp_path / "first_run.log", "w")  # noqa: SIM115 - closed below, after the process ends
+    proc = subprocess.Popen(cmd, env={**ENV, "RAYSAL_CACHE": str(cache)}, stdout=log, stderr=subprocess.STDOUT)
+    db = f"sqlite:///{tmp_path / 'iresume' / 'optuna.db'}"
+    deadline = time.time() + 400
+    done: list = []
+    while time.time() < deadline and proc.poll() is None:
+        time.sleep(3)
+        try:
+            trials = optuna.load_study(study_name="iresume", storage=db).trials
+        except Exception:  # the study does not exist yet
+            continue
+        done = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+        if done:
+            break
+    assert proc.poll() is None, "the search ended before it could be interrupted"
+    assert done, "no trial completed in time"
+    proc.send_signal(signal.SIGTERM)
+    try:
+        code = proc.wait(timeout=300)
+    finally:
+        proc.kill()
+        log.close()
+    assert code == 130, (tmp_path / "first_run.log").read_text()[-4000:]
+    trials_dir = tmp_path / "iresume" / "trials"
+    before = {d.name: sorted(p.name for p in d.glob("checkpoint_2*")) for d in trials_dir.iterdir()}
+
+    res = run(["raysal.tune", str(space), *SMALL, f"storage_path={tmp_path}"], cache)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "resuming the search" in res.stderr
+    summary = json.loads((tmp_path / "iresume" / "summary.json").read_text())
+    assert summary["trials"] == 3 and summary["reported"] == 3
+    study = optuna.load_study(study_name="iresume", storage=db)
+    numbers = [t.number for t in study.trials]
+    assert len(numbers) == 3 == len(set(numbers)), [(t.number, t.state) for t in study.trials]
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
+    # the trial that had completed was not run again: some trial kept exactly the checkpoints it had before the kill
+    after = {d.name: sorted(p.name for p in d.glob("checkpoint_2*")) for d in trials_dir.iterdir()}
+    unchanged = [name for name, ckpts in before.items() if ckpts and after.get(name) == ckpts]
+    assert unchanged, (before, after)
+    # the search's report, as a person sees it: rendered by a real headless browser
+    report = tmp_path / "iresume" / "report.html"
+    assert f"raysal: report {report}" in res.stdout
+    shot = screenshot(report, tmp_path / "report.png")
+    page = report.read_text()
+    for name in ("plane", "history", "parallel"):
+        assert f'<figure id="{name}">' in page, name
+    blue = (np.abs(shot.astype(int) - (31, 119, 180)).sum(-1) < 30).sum()  # matplotlib's points and bars
+    cyan = (np.abs(shot.astype(int) - (0, 255, 255)).sum(-1) < 30).sum()  # the probe heatmaps' region outlines
+    assert shot.std() > 20 and blue > 100 and cyan > 50, (shot.std(), blue, cyan)
+
+
+@pytest.mark.integration
+@pytest.mark.slow  # fault injection: .ci/run runs it after the default suite
+def test_diverged_and_non_finite_trials_are_never_best(tmp_path, cache):
+    """lr = 1e6 (a model that dies) and an inf weight (a non-finite loss): both trials fail with their reason in
+    summary.json, the table and Optuna's user attrs; neither is best — the LM-only control is."""
+    import optuna
+
+    space = tmp_path / "idiverge.yaml"
+    space.write_text(
+        """
+name: idiverge
+objectives: [{metric: val/amr, mode: max}]
+num_samples: 2
+max_concurrent_trials: 1
+seed: 0                                  # TPE's random start-up draws both weights with this seed
+scheduler: {type: fifo}
+resources: {num_workers: 1, use_gpu: false, cpus_per_worker: 1, gpus_per_worker: 0}
+base_overrides: [trainer.max_steps=4, trainer.eval_every=2]
+space:
+  criteria.align.weight: {choice: [1.0, .inf]}
+  optim.lr: {choice: [1.0e6]}
+"""
+    )
+    res = run(["raysal.tune", str(space), *SMALL, f"storage_path={tmp_path}"], cache)
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads((tmp_path / "idiverge" / "summary.json").read_text())
+    assert summary["trials"] == 3
+    assert len(summary["failed"]) == 2, summary["failed"]
+    assert all(f["reason"].startswith("diverged:") for f in summary["failed"]), summary["failed"]
+    assert any("not finite" in f["reason"] for f in summary["failed"]), summary["failed"]
+    assert summary["best"]["trial_id"] == summary["control"]
+    assert summary["table"].count("| failed |") == 2
+    study = optuna.load_study(study_name="idiverge", storage=f"sqlite:///{tmp_path / 'idiverge' / 'optuna.db'}")
+    failed = [t for t in study.trials if t.state == optuna.trial.TrialState.FAIL]
+    assert len(failed) == 2 and all(t.user_attrs["fail_reason"].startswith("diverged:") for t in failed)
+    control = next(t for t in study.trials if t.user_attrs.get("raysal_control"))
+    assert control.state == optuna.trial.TrialState.COMPLETE
+
+
+def screenshot(html: Path, out: Path) -> np.ndarray:
+    """The page rendered by headless Chromium (Debian's package; .ci/run installs it), as (H, W, 3) uint8."""
+    import shutil
+
+    from PIL import Image
+
+    browser = next((b for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None)
+    assert browser, "no Chromium: apt-get install chromium (.ci/run does)"
+    cmd = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--window-size=1200,4000",
+           f"--screenshot={out}", html.resolve().as_uri()]  # fmt: skip
+    subprocess.run(cmd, capture_output=True, timeout=120, check=True)
+    return np.asarray(Image.open(out).convert("RGB"))
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (from /proc), to clean up what a SIGKILL leaves behind."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+@pytest.fixture
+def another_ray():
+    """A second Ray instance on this host: the condition under which Ray Train's placement-group cleaner died and a
+    stopped trial's placement group starved the next trial (see raysal/orchestration/placement_groups.py)."""
+    code = "import ray, time; ray.init(num_cpus=1, include_dashboard=False); print('up', flush=True); time.sleep(3600)"
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "up"
+        yield
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.mark.integration
+@pytest.mark.slow  # fault injection: .ci/run runs it after the default suite
+def test_a_search_whose_driver_is_sigkilled_finishes_when_run_again(tmp_path, cache, another_ray):
+    """SIGKILL the driver after a trial finished and while the next one is mid-run (it has a checkpoint), with
+    another Ray instance on the host; the same command again finishes the search: the configured trial count, the
+    finished trial not re-run, the interrupted one resumed from its checkpoint, no placement group left."""
+    import optuna
+
+    space = space_file(tmp_path, 1, "isigkill")  # + the control: 2 trials
+    cmd = [sys.executable, "-m", "raysal.tune", str(space), *SMALL, f"storage_path={tmp_path}"]
+    log = open(tmp_path / "first_run.log", "w")  # noqa: SIM115 - closed below, after the process ends
+    proc = subprocess.Popen(cmd, env={**ENV, "RAYSAL_CACHE": str(cache)}, stdout=log, stderr=subprocess.STDOUT)
+    db = f"sqlite:///{tmp_path / 'isigkill' / 'optuna.db'}"
+    trials_dir = tmp_path / "isigkill" / "trials"
+    deadline, done, before, orphans = time.time() + 900, [], {}, []
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            time.sleep(2)
+            try:
+                trials = optuna.load_study(study_name="isigkill", storage=db).trials
+            except Exception:  # the study does not exist yet
+                continue
+            done = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+            if not trials_dir.is_dir():
+                continue
+            before = {d.name: sorted(p.name for p in d.glob("checkpoint_2*")) for d in trials_dir.iterdir()}
+            if done and sum(1 for c in before.values() if c) > len(done):  # the next trial has a checkpoint
+                break
+        assert proc.poll() is None, "the search ended before it could be killed"
+        assert done, "no trial completed in time"
+        orphans = _descendants(proc.pid)
+        proc.kill()
+        proc.wait()
+    finally:
+        proc.kill()
+        log.close()
+    try:
+        res = run(["raysal.tune", str(space), *SMALL, f"storage_path={tmp_path}"], cache, timeout=1200)
+    finally:  # Ray processes the killed driver left behind (its dashboard and runtime-env agents)
+        for pid in orphans:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "resuming the search" in res.stderr
+    summary = json.loads((tmp_path / "isigkill" / "summary.json").read_text())
+    assert summary["trials"] == 2 and summary["reported"] == 2, summary
+    assert summary["leaked_placement_groups"] == 0
+    study = optuna.load_study(study_name="isigkill", storage=db)
+    assert len(study.trials) == 2 and all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
+    after = {d.name: sorted(p.name for p in d.glob("checkpoint_2*")) for d in trials_dir.iterdir()}
+    unchanged = [name for name, ckpts in before.items() if ckpts and after.get(name) == ckpts]
+    assert len(unchanged) == len(done), (done, before, after)  # finished trials were not run again
+    resumed = [name for name, ckpts in before.items() if ckpts and name not in unchanged]
+    assert resumed and all(set(after[n]) - set(before[n]) for n in resumed), (before, after)
+    # W&B: every row each trial reported is in its W&B run (offline: one file per process; `wandb sync` merges
+    # them), the rows the kill took before W&B wrote them included
+    from raysal.orchestration.wandb_callback import checkpoint_history
+
+    for trial in after:
+        logged = set()
+        for p in (tmp_path / "isigkill").glob(f"wandb/offline-run-*-{trial}/run-*.wandb"):
+            logged |= {h["train/step"] for h in read_run(p)["history"] if "train/step" in h}
+        reported = {r["train/step"] for r in checkpoint_history(str(trials_dir / trial))}
+        assert reported and logged == reported, (trial, logged, reported)
+
+
+def _train_worker_pids() -> list[int]:
+    out = subprocess.run(["pgrep", "-f", "ray::RayTrainWorker"], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+@pytest.mark.integration
+@pytest.mark.slow  # fault injection: .ci/run runs it after the default suite
+def test_a_run_recovers_from_killed_train_workers_by_itself(tmp_path, cache):
+    """SIGKILL the Train worker twice, each time after a new checkpoint: the same invocation restores from its latest
+    checkpoint (Ray Train FailureConfig) and finishes at the configured step, rc 0, no human. Waits on progress
+    (a new checkpoint folder), never on a wall clock, so a loaded machine only makes it slower."""
+    import ray.train
+
+    cmd = [sys.executable, "-m", "raysal.train", *SMALL, "trainer.max_steps=10", "trainer.eval_every=2",
+           "trainer.keep_checkpoints=10", f"storage_path={tmp_path}", "name=ikill"]  # fmt: skip
+    log = open(tmp_path / "run.log", "w")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(cmd, env={**ENV, "RAYSAL_CACHE": str(cache)}, stdout=log, stderr=subprocess.STDOUT)
+    run_dir = tmp_path / "ikill"
+    kills, seen, deadline = 0, 0, time.time() + 900
+    try:
+        while kills < 2 and proc.poll() is None and time.time() < deadline:
+            time.sleep(1)
+            n = len(list(run_dir.glob("checkpoint_*")))
+            pids = _train_worker_pids()
+            if n > seen and pids:  # a checkpoint newer than the last kill, and a worker to kill
+                for pid in pids:
+                    os.kill(pid, signal.SIGKILL)
+                kills, seen = kills + 1, n
+        assert kills == 2, f"killed {kills} time(s) before the run ended: {(tmp_path / 'run.log').read_text()[-3000:]}"
+        code = proc.wait(timeout=900)
+    finally:
+        proc.kill()
+        log.close()
+    text = (tmp_path / "run.log").read_text()
+    assert code == 0, text[-4000:]
+    assert "raysal: run ikill finished" in text
+    result = ray.train.Result.from_path(str(run_dir))
+    assert result.metrics["train/step"] == 10
+
+
+@pytest.mark.integration
+@pytest.mark.slow  # fault injection: .ci/run runs it after the default suite
+def test_a_stalled_trial_is_stopped_with_its_reason_and_releases_its_resources(tmp_path, cache):
+    """A trial whose data pipeline can never be scheduled (an encode actor bigger than the free CPUs: the hang seen
+    on 2-CPU machines) reports nothing: after trainer.stall_timeout_s it stops as "stalled", Optuna gets FAIL with
+    the reason, the search ends, and no placement group is left behind."""
+    import optuna
+
+    space = tmp_path / "istall.yaml"
+    space.write_text(
+        """
+name: istall
+objectives: [{metric: val/amr, mode: max}]
+num_samples: 1
+max_concurrent_trials: 1
+control: null
+scheduler: {type: fifo}
+resources: {num_workers: 1, use_gpu: false, cpus_per_worker: 1, gpus_per_worker: 0}
+base_overrides: [trainer.max_steps=4, trainer.eval_every=2, trainer.stall_timeout_s=45, data.encode_cpus=3]
+space:
+  optim.lr: {choice: [0.003]}
+"""
+    )
+    res = run(["raysal.tune", str(space), *SMALL, f"storage_path={tmp_path}"], cache)
+    assert res.returncode == 1, res.stderr[-3000:]  # the search ended; no trial to export
+    summary = json.loads((tmp_path / "istall" / "summary.json").read_text())
+    assert [f["reason"].split(":")[0] for f in summary["failed"]] == ["stalled"], summary["failed"]
+    assert summary["leaked_placement_groups"] == 0
+    study = optuna.load_study(study_name="istall", storage=f"sqlite:///{tmp_path / 'istall' / 'optuna.db'}")
+    (trial,) = study.trials
+    assert trial.state == optuna.trial.TrialState.FAIL and trial.user_attrs["fail_reason"].startswith("stalled")

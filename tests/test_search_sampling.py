@@ -1,0 +1,144 @@
+"""The Optuna sampler of a search space: alone, through Ray's OptunaSearch (in-process, no cluster), several
+objectives, and a study that resumes from SQLite."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import optuna
+import pytest
+from search_space_files import EXAMPLE, check_active, minimal, write
+
+from raysal.search.optuna_params import params_to_overrides
+from raysal.search.sampling import define_by_run, sample
+from raysal.search.space import (
+    SearchSpec,
+)
+from raysal.search.space_file import load_search_space
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+@pytest.fixture
+def spec(tmp_path: Path) -> SearchSpec:
+    return load_search_space(write(tmp_path, EXAMPLE))
+
+
+# ----------------------------------------------------------------------------------------------------- sampling
+
+
+def test_sample_with_optuna(spec: SearchSpec) -> None:
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=0))
+    seen_options, seen_layers = set(), []
+    for i in range(30):
+        trial = study.ask()
+        overrides = sample(trial, spec)
+        check_active(spec, overrides)
+        # Conditional keys appear only with their option.
+        option = overrides["criterion@criteria.align"]
+        seen_options.add(option)
+        assert ("criteria.align.weight" in overrides) == (option in ("kl", "mse"))
+        assert ("criteria.align.smoothing" in overrides) == (option == "kl")
+        if option == "mse":
+            assert 0.1 <= overrides["criteria.align.weight"] <= 10.0
+        seen_layers.append(overrides["criteria.align.layers"])
+        # The params Optuna recorded (what Tune hands the trainable) give back the same overrides.
+        assert params_to_overrides(trial.params) == overrides
+        assert spec.trial_overrides(trial.params)[0] == "trainer.max_steps=2000"
+        study.tell(trial, float(i % 7))
+    assert seen_options == {"kl", "mse", "mass"}
+    assert [-2, -1] in seen_layers  # a list option survives Optuna as a list
+
+
+def test_null_and_odd_options_round_trip(tmp_path: Path) -> None:
+    space = {
+        "a.b": {"choice": [None, [1, "x y"], "json:not-json", 1.5, False, {"k": [1, 2]}]},
+        "g/sub@pkg": {
+            "choice": {"v1.5": {"p.q": {"uniform": [0, 1]}}, "a/b|c%d": {"p.q": {"int": [1, 2]}}, None: None}
+        },
+    }
+    spec = load_search_space(write(tmp_path, minimal(space=space)))
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
+    values, options = [], set()
+    for _ in range(40):
+        trial = study.ask()
+        overrides = sample(trial, spec)
+        check_active(spec, overrides)
+        assert params_to_overrides(trial.params) == overrides
+        values.append(overrides["a.b"])
+        options.add(overrides["g/sub@pkg"])
+        study.tell(trial, 0.0)
+    assert None in values and [1, "x y"] in values and "json:not-json" in values and {"k": [1, 2]} in values
+    assert options == {"v1.5", "a/b|c%d", None}
+
+
+def test_define_by_run_pickles_and_returns_none(spec: SearchSpec) -> None:
+    fn = pickle.loads(pickle.dumps(define_by_run(spec)))
+    trial = optuna.create_study().ask()
+    assert fn(trial) is None
+    check_active(spec, params_to_overrides(trial.params))
+
+
+def test_define_by_run_through_ray_optuna_search(spec: SearchSpec) -> None:
+    pytest.importorskip("ray.tune")
+    from ray.tune.search.optuna import OptunaSearch
+
+    searcher = OptunaSearch(
+        space=define_by_run(spec),
+        metric=spec.metric,
+        mode=spec.mode,
+        sampler=optuna.samplers.TPESampler(seed=0),
+    )
+    for i in range(6):
+        config = searcher.suggest(f"t{i}")
+        assert not any(isinstance(v, dict) for v in config.values())  # Ray's unflatten_dict left the names flat
+        overrides = params_to_overrides(config)
+        check_active(spec, overrides)
+        lines = spec.trial_overrides(config)
+        assert lines[0] == "trainer.max_steps=2000"
+        assert f"criterion@criteria.align={overrides['criterion@criteria.align']}" in lines
+        searcher.on_trial_complete(f"t{i}", {"val/amr": 0.1 * i, "train/step": 100, "training_iteration": 1})
+    done = [t for t in searcher._ot_study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(done) == 6
+
+
+def test_multi_objective(tmp_path: Path) -> None:
+    text = minimal(
+        objectives=[{"metric": "val/amr", "mode": "max"}, {"metric": "val/lm_loss", "mode": "min"}],
+        scheduler={"type": "fifo"},
+    )
+    spec = load_search_space(write(tmp_path, text))
+    assert spec.metric == ["val/amr", "val/lm_loss"] and spec.mode == ["max", "min"]
+    pytest.importorskip("ray.tune")
+    from ray.tune.search.optuna import OptunaSearch
+
+    searcher = OptunaSearch(space=define_by_run(spec), metric=spec.metric, mode=spec.mode)
+    config = searcher.suggest("t0")
+    assert set(params_to_overrides(config)) == {"optim.lr"}
+    searcher.on_trial_complete("t0", {"val/amr": 0.5, "val/lm_loss": 2.0})
+    (trial,) = searcher._ot_study.trials
+    assert trial.values == [0.5, 2.0]
+
+
+def test_sqlite_study_resumes(spec: SearchSpec, tmp_path: Path) -> None:
+    url = "sqlite:///" + str(tmp_path / "optuna.db")
+    study = optuna.create_study(
+        storage=optuna.storages.RDBStorage(url),
+        study_name=spec.name,
+        direction="maximize",
+        sampler=optuna.samplers.TPESampler(seed=0),
+    )
+    asked = []
+    for i in range(3):
+        trial = study.ask()
+        overrides = sample(trial, spec)
+        asked.append((trial.params, overrides))
+        study.tell(trial, 0.1 * i)
+    again = optuna.load_study(study_name=spec.name, storage=optuna.storages.RDBStorage(url))
+    assert len(again.trials) == 3
+    for stored, (params, overrides) in zip(again.trials, asked, strict=True):
+        assert stored.state == optuna.trial.TrialState.COMPLETE
+        assert stored.params == params  # lists stay JSON text, fixed values and None survive the storage
+        assert params_to_overrides(stored.params) == overrides
+    check_active(spec, sample(again.ask(), spec))  # same distributions: the resumed study keeps sampling
