@@ -4,9 +4,14 @@ A non-finite loss is the obvious case (`raysal.loop.step.NonFiniteLossError`). T
 a huge learning rate left a model with uniform predictions and zero gradients — its val LM loss was ln(vocabulary)
 — whose attention still scored a higher val/amr than a healthy trial's. Checks (each off when its setting is None):
 
-* ``lm_loss_of_uniform``: val LM loss ≥ this × ln(V): predictions as flat as a uniform guess over the vocabulary;
+* ``lm_loss_of_uniform``: val LM loss ≥ this × ln(V) — predictions as flat as a uniform guess over the vocabulary —
+  and no lower than the starting model's LM loss: a model that *became* flat. A pretrained model starts far below
+  ln(V), so this is the collapse above; a randomly initialised one (the demo's tiny model) starts at ln(V), and
+  is not stopped for still being near it while its loss falls;
 * ``lm_loss_factor``: val LM loss > this × the LM loss of the very first training micro-batch (the starting model);
-* ``zero_grad_steps``: the gradient norm was 0 for this many optimizer steps in a row.
+* ``zero_grad_steps``: the gradient norm was 0 for this many optimizer steps in a row;
+* ``grad_norm_limit``: the gradient norm (before clipping) exceeded this: the weights are being blown apart (a
+  learning rate far too large; clipping hides it from the update, not from the loss that follows).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ class DivergenceConfig:
     lm_loss_of_uniform: float | None = 0.98
     lm_loss_factor: float | None = 3.0
     zero_grad_steps: int | None = 20
+    grad_norm_limit: float | None = 1e6
 
 
 class DivergenceGuard:
@@ -45,10 +51,14 @@ class DivergenceGuard:
         self.zero_streak = self.zero_streak + 1 if grad_norm == 0.0 else 0
         if n is not None and self.zero_streak >= n:
             raise DivergedError(f"step {step}: gradient norm 0 for {self.zero_streak} steps in a row (the model died)")
+        limit = self.cfg.grad_norm_limit
+        if limit is not None and grad_norm > limit:
+            raise DivergedError(f"step {step}: gradient norm {grad_norm:.3g} > {limit:g} (the weights are blowing up)")
 
     def after_eval(self, step: int, val_lm_loss: float) -> None:
         c = self.cfg
-        if c.lm_loss_of_uniform is not None and val_lm_loss >= c.lm_loss_of_uniform * self.uniform_loss:
+        flat = c.lm_loss_of_uniform is not None and val_lm_loss >= c.lm_loss_of_uniform * self.uniform_loss
+        if flat and (self.first_lm_loss is None or val_lm_loss >= self.first_lm_loss):
             raise DivergedError(
                 f"step {step}: val/lm_loss {val_lm_loss:.4g} ≥ {c.lm_loss_of_uniform:g} × ln(vocabulary) = "
                 f"{c.lm_loss_of_uniform * self.uniform_loss:.4g}: predictions as flat as a uniform guess"

@@ -107,6 +107,7 @@ def check_values(c: dict) -> None:
     _number(c, "trainer.divergence.lm_loss_of_uniform", float, low=0, low_open=True, optional=True)
     _number(c, "trainer.divergence.lm_loss_factor", float, low=1, low_open=True, optional=True)
     _number(c, "trainer.divergence.zero_grad_steps", int, low=1, optional=True)
+    _number(c, "trainer.divergence.grad_norm_limit", float, low=0, low_open=True, optional=True)
     _number(c, "trainer.probes.images", int, low=0)
     _number(c, "trainer.probes.phrases", int, low=1)
     _choice(c, "trainer.objective.mode", ("max", "min"))
