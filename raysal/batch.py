@@ -40,6 +40,7 @@ class Sample(TypedDict, total=False):
     image_sizes: np.ndarray  # (2,) int64, NeXT only: the original (height, width)
     coverage: np.ndarray  # (I, S) float32: fraction of image token i's receptive field in segment s
     segment_ids: np.ndarray  # (S,) int32: the image's segments, the columns of coverage
+    image_id: np.ndarray  # () int64: the dataset's image id (bookkeeping: which samples a rank saw)
 
 
 class Batch(TypedDict, total=False):
@@ -56,6 +57,7 @@ class Batch(TypedDict, total=False):
     image_sizes: torch.Tensor  # (B, 2) long, NeXT only
     coverage: torch.Tensor  # (B, I, S) float32, 0
     segment_ids: torch.Tensor  # (B, S) int32, −1
+    image_id: torch.Tensor  # (B,) long, when the samples carry one
 
 
 # Pad value of every batched key; "pad_token_id" stands for the tokenizer's.

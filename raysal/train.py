@@ -40,7 +40,7 @@ def run(spec: RunSpec, sizes: DataSizes) -> dict:
     from raysal.orchestration.fail_reason import clear_reason, read_reason
     from raysal.orchestration.placement_groups import JOB_RUNTIME_ENV
     from raysal.orchestration.stale_checkpoints import remove_stale_checkpoints
-    from raysal.orchestration.trainer import build_trainer, export_adapter
+    from raysal.orchestration.trainer import build_trainer, export_best
     from raysal.orchestration.wandb_run import resolve_mode, sync_hint
     from raysal.orchestration.worker import wandb_dir
 
@@ -59,9 +59,11 @@ def run(spec: RunSpec, sizes: DataSizes) -> dict:
     metric, mode = spec.objective["metric"], spec.objective["mode"]
     best = result.get_best_checkpoint(metric, mode) if result.best_checkpoints else None
     summary = {"name": spec.name, "run_dir": run_dir, "metrics": result.metrics, "best_adapter": None}
+    exported = None
     if best is not None:
         best_metrics = next(m for c, m in result.best_checkpoints if c.path == best.path)
-        summary["best_adapter"] = export_adapter(best, f"{run_dir}/best_adapter", best_metrics)
+        key, exported = export_best(best, run_dir, best_metrics)  # best_adapter (LoRA) or best_model (full)
+        summary[key] = exported
         summary["best"] = {metric: best_metrics.get(metric), "step": best_metrics.get("train/step")}
     w = (
         sync_hint(wandb_dir(spec))
@@ -75,7 +77,7 @@ def run(spec: RunSpec, sizes: DataSizes) -> dict:
     )
     print(
         f"raysal: run {spec.name} finished in {time.perf_counter() - t0:.0f}s — {best_txt}; "
-        f"adapter: {summary['best_adapter']}; run folder: {run_dir}; {w}"
+        f"exported: {exported}; run folder: {run_dir}; {w}"
     )
     return summary
 

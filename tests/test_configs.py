@@ -10,7 +10,7 @@ GROUP_OPTIONS = {
     "data": ["coconut", "synthetic"],
     "criterion@criteria.base": ["lm", "cal"],
     "criterion@criteria.align": ["kl", "mse", "mass", "bce_dice", "seed_kl"],
-    "lora": ["default", "llava"],
+    "lora": ["default", "llava", "none"],
     "optim": ["adamw"],
     "trainer": ["default"],
     "scaling": ["gpu", "cpu"],
@@ -57,6 +57,21 @@ def test_lora_only_control_and_bad_values():
         spec_from_cfg(compose_cfg(["trainer.objective.mode=up"]))
     with pytest.raises(ValueError, match="max_steps"):
         spec_from_cfg(compose_cfg(["trainer.max_steps=0"]))
+
+
+def test_full_finetuning_and_sharding_strategy():
+    spec = spec_from_cfg(compose_cfg(["experiment=demo", "lora=none", "scaling.strategy=fsdp"]))
+    assert spec.full_finetune and spec.strategy == "fsdp"  # the demo's LoRA settings are unused, not an error
+    assert spec.lora["train_projector"] is True and spec.lora["train_vision"] is False
+    assert not spec_from_cfg(compose_cfg([])).full_finetune and spec_from_cfg(compose_cfg([])).strategy == "ddp"
+    with pytest.raises(ValueError, match=r"scaling.strategy=fsdp with LoRA.*use scaling.strategy=ddp"):
+        spec_from_cfg(compose_cfg(["scaling.strategy=fsdp"]))
+    with pytest.raises(ValueError, match=r"scaling.strategy='zero3': must be one of ddp, fsdp"):
+        spec_from_cfg(compose_cfg(["lora=none", "scaling.strategy=zero3"]))
+    with pytest.raises(ValueError, match=r"lora.train_vison: not a setting of full finetuning"):
+        spec_from_cfg(compose_cfg(["lora=none", "+lora.train_vison=true"]))
+    with pytest.raises(ValueError, match=r"lora.train_vision='yes': must be true or false"):
+        spec_from_cfg(compose_cfg(["lora=none", "lora.train_vision=yes"]))
 
 
 BAD_SPACES = {

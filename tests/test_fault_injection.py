@@ -50,7 +50,7 @@ def test_killed_search_resumes_without_rerunning_finished_trials(tmp_path, cache
         log.close()
     assert code == 130, (tmp_path / "first_run.log").read_text()[-4000:]
     trials_dir = tmp_path / "iresume" / "trials"
-    before = {d.name: sorted(p.name for p in d.glob("checkpoint_2*")) for d in trials_dir.iterdir()}
+    before = {d.name: sorted(p.name for p in d.glob("checkpoint_[0-9]*")) for d in trials_dir.iterdir()}
 
     res = run(["raysal.tune", str(space), *SMALL, f"storage_path={tmp_path}"], cache)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -62,7 +62,7 @@ def test_killed_search_resumes_without_rerunning_finished_trials(tmp_path, cache
     assert len(numbers) == 3 == len(set(numbers)), [(t.number, t.state) for t in study.trials]
     assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
     # the trial that had completed was not run again: some trial kept exactly the checkpoints it had before the kill
-    after = {d.name: sorted(p.name for p in d.glob("checkpoint_2*")) for d in trials_dir.iterdir()}
+    after = {d.name: sorted(p.name for p in d.glob("checkpoint_[0-9]*")) for d in trials_dir.iterdir()}
     unchanged = [name for name, ckpts in before.items() if ckpts and after.get(name) == ckpts]
     assert unchanged, (before, after)
     # the search's report, as a person sees it: rendered by a real headless browser
@@ -186,7 +186,7 @@ def test_a_search_whose_driver_is_sigkilled_finishes_when_run_again(tmp_path, ca
             done = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
             if not trials_dir.is_dir():
                 continue
-            before = {d.name: sorted(p.name for p in d.glob("checkpoint_2*")) for d in trials_dir.iterdir()}
+            before = {d.name: sorted(p.name for p in d.glob("checkpoint_[0-9]*")) for d in trials_dir.iterdir()}
             if done and sum(1 for c in before.values() if c) > len(done):  # the next trial has a checkpoint
                 break
         assert proc.poll() is None, "the search ended before it could be killed"
@@ -210,7 +210,7 @@ def test_a_search_whose_driver_is_sigkilled_finishes_when_run_again(tmp_path, ca
     assert summary["leaked_placement_groups"] == 0
     study = optuna.load_study(study_name="isigkill", storage=db)
     assert len(study.trials) == 2 and all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
-    after = {d.name: sorted(p.name for p in d.glob("checkpoint_2*")) for d in trials_dir.iterdir()}
+    after = {d.name: sorted(p.name for p in d.glob("checkpoint_[0-9]*")) for d in trials_dir.iterdir()}
     unchanged = [name for name, ckpts in before.items() if ckpts and after.get(name) == ckpts]
     assert len(unchanged) == len(done), (done, before, after)  # finished trials were not run again
     resumed = [name for name, ckpts in before.items() if ckpts and name not in unchanged]

@@ -3,10 +3,19 @@ scheduler, position in the data, RNG states.
 
 Layout of a checkpoint folder::
 
-    adapter/        peft ``save_pretrained`` output (what users load; absent for a non-peft model)
-    state.pt        trainable parameters, optimizer, scheduler, step/epoch/micro-batch, RNG states
+    adapter/        LoRA: peft ``save_pretrained`` output (what users load)
+    model/          full finetuning: the whole model, ``save_pretrained`` (what users load with ``from_pretrained``)
+    state.pt        scheduler, step/epoch/micro-batch, RNG states; trainable parameters and optimizer unless sharded
+    sharded/        an FSDP model's trainable parameters and optimizer state, one file per rank
+                    (``torch.distributed.checkpoint``); every rank writes its own part, in parallel
     history.jsonl   every metrics row the run reported up to this checkpoint (one JSON object per line): a resumed
                     run re-logs the rows its W&B run lost to a kill (W&B keeps the steps it already has)
+
+Sharded models use distributed checkpointing rather than a state dict gathered on rank 0: for full finetuning of
+a 7B model the fp32 weights and AdamW moments are ~84 GB, which one process would have to gather into host memory
+and write alone at every checkpoint; here each rank writes its 1/N in parallel, and a run may resume on a different
+number of workers (DCP reshards on load). Only the loadable ``model/`` (bf16 on GPU: 14 GB for 7B) is gathered,
+weights only, for users and for export.
 """
 
 from __future__ import annotations
@@ -19,8 +28,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from raysal.loop.distributed import is_sharded, rank
+
 STATE = "state.pt"
 ADAPTER = "adapter"
+MODEL = "model"
+SHARDED = "sharded"
 HISTORY = "history.jsonl"
 
 
@@ -59,22 +72,62 @@ def save_checkpoint(
     progress: Progress,
     history: list[dict[str, float]] = (),
 ) -> Path:
+    """Write a checkpoint. A sharded (FSDP) model: every rank calls this (collective), each into its own folder
+    or a shared one; rank 0 writes everything but the other ranks' shards. Otherwise rank 0 alone calls it."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    (path / HISTORY).write_text("".join(json.dumps(row) + "\n" for row in history))
+    main, sharded = rank() == 0, is_sharded(model)
+    if sharded:
+        import torch.distributed.checkpoint as dcp
+
+        model_sd, optim_sd = get_sharded_state(model, optimizer)
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path / SHARDED))
     if hasattr(model, "peft_config"):
         model.save_pretrained(path / ADAPTER)
+    else:
+        save_full_model(model, path / MODEL)
+    if not main:
+        return path
+    (path / HISTORY).write_text("".join(json.dumps(row) + "\n" for row in history))
     state = {
-        "trainable": trainable_state(model),
-        "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "progress": asdict(progress),
         "rng": _rng_state(),
+        "sharded": sharded,
     }
+    if not sharded:
+        state.update(trainable=trainable_state(model), optimizer=optimizer.state_dict())
     tmp = path / (STATE + ".tmp")
     torch.save(state, tmp)
     tmp.replace(path / STATE)  # atomic: a preempted save never leaves a half-written state.pt
     return path
+
+
+def get_sharded_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """An FSDP model's trainable parameters and optimizer state as sharded DTensor state dicts (no gathering)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    return get_state_dict(model, optimizer, options=StateDictOptions(ignore_frozen_params=True))
+
+
+def save_full_model(model: torch.nn.Module, dest: Path) -> None:
+    """The whole model, loadable with ``from_pretrained``. Sharded: gathered to rank 0's host memory (every rank
+    takes part), and written by rank 0 with the original class's name in ``config.json``."""
+    if not is_sharded(model):
+        if rank() == 0:
+            model.save_pretrained(dest)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank() != 0:
+        return
+    # fully_shard swaps the class for a generated subclass (FSDPLlava...): name the class users load
+    base = next(c for c in type(model).__mro__ if not c.__name__.startswith("FSDP"))
+    model.save_pretrained(dest, state_dict=full)
+    cfg = json.loads((dest / "config.json").read_text())
+    cfg["architectures"] = [base.__name__]
+    (dest / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
 def load_checkpoint(
@@ -83,18 +136,33 @@ def load_checkpoint(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
 ) -> Progress:
+    """Every rank calls this with the same checkpoint (a sharded model: collective)."""
     file = Path(path) / STATE
     if not file.exists():
         raise FileNotFoundError(f"{file}: not a raysal checkpoint (no {STATE})")
     state = torch.load(file, map_location="cpu", weights_only=False)
-    params = dict(model.named_parameters())
-    missing = sorted(set(state["trainable"]) - set(params))
-    if missing:
-        raise KeyError(f"{file}: checkpoint has parameters the model lacks (different LoRA config?): {missing[:3]}")
-    with torch.no_grad():
-        for name, value in state["trainable"].items():
-            params[name].copy_(value)
-    optimizer.load_state_dict(state["optimizer"])
+    sharded = bool(state.get("sharded"))
+    if sharded != is_sharded(model):
+        have, want = ("sharded (FSDP)", "unsharded") if sharded else ("unsharded", "sharded (FSDP)")
+        raise ValueError(f"{file}: a {have} checkpoint cannot resume a {want} model (same scaling.strategy)")
+    if sharded:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        model_sd, optim_sd = get_sharded_state(model, optimizer)
+        dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(Path(path) / SHARDED))
+        # not strict: the frozen weights (vision tower) are the base model's, never saved
+        set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd,
+                       options=StateDictOptions(ignore_frozen_params=True, strict=False))  # fmt: skip
+    else:
+        params = dict(model.named_parameters())
+        missing = sorted(set(state["trainable"]) - set(params))
+        if missing:
+            raise KeyError(f"{file}: checkpoint has parameters the model lacks (different LoRA config?): {missing[:3]}")
+        with torch.no_grad():
+            for name, value in state["trainable"].items():
+                params[name].copy_(value)
+        optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     _set_rng_state(state["rng"])
     return Progress(**state["progress"])

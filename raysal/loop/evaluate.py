@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 
@@ -15,9 +16,10 @@ from raysal.attention.capture import AttentionCapture
 from raysal.batch import IGNORE, model_inputs
 from raysal.criteria.inputs import renormalise
 from raysal.criteria.lm import next_token_ce
-from raysal.criteria.targets import grounding_targets
+from raysal.criteria.targets import GroundingTargets, grounding_targets
+from raysal.loop.distributed import all_reduce_sum
 from raysal.loop.step import CapturePlan
-from raysal.metrics.grounding import GroundingMeter
+from raysal.metrics.grounding import METRICS, GroundingMeter, scores_from_sums
 
 
 class EvaluationError(RuntimeError):
@@ -33,25 +35,45 @@ def evaluate(
     device: torch.device | str = "cpu",
     autocast: contextlib.AbstractContextManager | None = None,
     theta: float = 0.5,
+    sharded: bool = False,
+    lockstep: bool = False,
 ) -> dict[str, float]:
-    """→ {"lm_loss", "amr", "ap", "nss", "pointing", "images", "tokens"} (un-namespaced; the caller prefixes)."""
+    """→ {"lm_loss", "amr", "ap", "nss", "pointing", "images", "tokens"} (un-namespaced; the caller prefixes).
+
+    ``sharded``: this rank's ``batches`` are its disjoint part of the validation set; the sums behind every metric
+    (LM-loss sum and token count, per-image metric sums and image counts) are added over the ranks, so every rank
+    returns what one process evaluating the whole set returns. ``lockstep``: the model's forward runs collectives
+    (FSDP): a rank whose part is used up runs its last batch again, uncounted, until every rank is done.
+    """
     was_training = model.training
     model.eval()
     meter = GroundingMeter(theta=theta)
     ce_sum, ce_n, images = 0.0, 0, 0
     try:
-        for batch in batches:
-            batch = {k: v.to(device) for k, v in batch.items()}
-            t = grounding_targets(batch, protocol.query_offset)
-            # reduced on the fly: only the mean over the protocol's layers × heads is used, so only (B, T, I) is
-            # held — not ℓ × h maps (≈ 9.5 GB for LLaVA-NeXT-7B at batch 8 with all 32 × 32)
-            capture = AttentionCapture(protocol.layers, protocol.heads, t.query_pos, t.key_pos, reduce=True)
-            with capture as cap, autocast or contextlib.nullcontext():
-                out = model(**model_inputs(batch), use_cache=False)  # no KV cache: 2·n·B·L·d_kv held for nothing
+        it, last = iter(batches), None
+        while True:
+            batch = next(it, None)
+            if lockstep:
+                # one collective per batch: how many ranks still have one, and whether one never had any
+                active, starved = all_reduce_sum([batch is not None, batch is None and last is None], device)
+                if starved and active:
+                    raise EvaluationError(
+                        "a worker's part of the validation set is empty while others are not: fewer validation "
+                        "batches than workers (use fewer workers or more validation images)"
+                    )
+                if not active:
+                    break
+                if batch is None:
+                    _forward(model, last, protocol, device, autocast)  # uncounted: keeps the collectives paired
+                    continue
+            elif batch is None:
+                break
+            last = batch
+            batch, t, out, mean = _forward(model, batch, protocol, device, autocast)
             ce = next_token_ce(out.logits, batch["labels"])
             ce_sum += float(ce.sum())
             ce_n += int((batch["labels"][:, 1:] != IGNORE).sum())
-            p = renormalise(cap.mean(), t.key_valid)  # (B, T, I) mean over protocol layers × heads
+            p = renormalise(mean, t.key_valid)  # (B, T, I) mean over protocol layers × heads
             B, T, I = p.shape
             image_ids = (torch.arange(B, device=p.device) + images)[:, None].expand(B, T)
             v = t.token_valid
@@ -59,11 +81,35 @@ def evaluate(
             images += B
     finally:
         model.train(was_training)
-    if images == 0 or ce_n == 0 or meter.tokens == 0:
+    sums = meter.sums()
+    if sharded:
+        flat = [ce_sum, ce_n, images, meter.tokens, *(x for name in METRICS for x in sums[name])]
+        ce_sum, ce_n, images, tokens, *rest = all_reduce_sum(flat, device)
+        sums = {name: (rest[2 * i], rest[2 * i + 1]) for i, name in enumerate(METRICS)}
+    else:
+        tokens = meter.tokens
+    if images == 0 or ce_n == 0 or tokens == 0:
         # a 0.0 loss or a NaN objective would be reported, ranked and exported as if it were a result
         raise EvaluationError(
-            f"evaluation saw {images} image(s), {ce_n} caption token(s) and {meter.tokens} grounded token(s): "
+            f"evaluation saw {images:.0f} image(s), {ce_n:.0f} caption token(s) and {tokens:.0f} grounded token(s): "
             "nothing to measure (an empty validation set, or every named region outside the model's view)"
         )
-    scores = meter.compute()
-    return {"lm_loss": ce_sum / ce_n, **scores, "images": float(images), "tokens": float(meter.tokens)}
+    return {"lm_loss": ce_sum / ce_n, **scores_from_sums(sums), "images": float(images), "tokens": float(tokens)}
+
+
+def _forward(
+    model: torch.nn.Module,
+    batch: dict,
+    protocol: CapturePlan,
+    device: torch.device | str,
+    autocast: contextlib.AbstractContextManager | None,
+) -> tuple[dict, GroundingTargets, Any, torch.Tensor]:
+    """One evaluation forward → (device batch, targets, model output, (B, T, I) attention mean over the protocol)."""
+    batch = {k: v.to(device) for k, v in batch.items()}
+    t = grounding_targets(batch, protocol.query_offset)
+    # reduced on the fly: only the mean over the protocol's layers × heads is used, so only (B, T, I) is
+    # held — not ℓ × h maps (≈ 9.5 GB for LLaVA-NeXT-7B at batch 8 with all 32 × 32)
+    capture = AttentionCapture(protocol.layers, protocol.heads, t.query_pos, t.key_pos, reduce=True)
+    with capture as cap, autocast or contextlib.nullcontext():
+        out = model(**model_inputs(batch), use_cache=False)  # no KV cache: 2·n·B·L·d_kv held for nothing
+    return batch, t, out, cap.mean()

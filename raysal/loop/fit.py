@@ -22,6 +22,7 @@ import torch
 from raysal.attention.capture import CAPTURE_IMPL, enable_capture
 from raysal.attention.selection import resolve_heads, resolve_layers
 from raysal.loop.checkpoint import Progress, load_checkpoint, load_history, save_checkpoint
+from raysal.loop.distributed import is_sharded, world_size
 from raysal.loop.divergence import DivergenceConfig, DivergenceGuard
 from raysal.loop.evaluate import evaluate
 from raysal.loop.schedule import make_scheduler
@@ -88,13 +89,18 @@ def fit(
     """Train until ``cfg.max_steps`` optimizer steps; returns the last reported metrics.
 
     ``train_batches(epoch)`` must yield the same batches in the same order for the same epoch (seeded shuffling):
-    a resumed run skips the micro-batches its checkpoint already consumed. ``after_eval(model, info, protocol,
-    step, autocast)`` runs after each evaluation with the unwrapped model in the capture attention implementation
-    (the probe heatmaps; rank 0 only: it must not run collectives). Raises `DivergedError` (non-finite loss,
+    a resumed run skips the micro-batches its checkpoint already consumed. Several ranks (torch.distributed up):
+    each rank's ``train_batches`` and ``val_batches`` are its disjoint part (the same number of training batches
+    on every rank); the evaluation's sums are added over the ranks, so every rank reports the whole set's metrics.
+    An FSDP model (`raysal.model.shard`): every rank passes a ``checkpoint_dir`` (its shards go there).
+    ``after_eval(model, info, protocol, step, autocast)`` runs after each evaluation with the unwrapped model in
+    the capture attention implementation (the probe heatmaps): rank 0 alone, unless the model is sharded, when
+    every rank must run its forwards. Raises `DivergedError` (non-finite loss,
     or a model that stopped learning: `raysal.loop.divergence`).
     """
     device = torch.device(device)
     core = unwrap(model)  # DDP (Ray Train, several workers) hides the HF/peft model behind .module
+    sharded = is_sharded(core)  # FSDP: forwards are collectives, checkpoints are written by every rank
     info = model_info(core)
     plan = plan_step(criteria, info)  # per-run facts, resolved once
     protocol = CapturePlan(
@@ -132,7 +138,8 @@ def fit(
         )  # fmt: skip
         if val_batches is not None:
             core.set_attn_implementation({"text_config": CAPTURE_IMPL})
-            val = evaluate(core, val_batches(), protocol, device=device, autocast=autocast, theta=cfg.eval_theta)
+            val = evaluate(core, val_batches(), protocol, device=device, autocast=autocast, theta=cfg.eval_theta,
+                           sharded=world_size() > 1, lockstep=sharded)  # fmt: skip
             if after_eval is not None:
                 after_eval(core, info, protocol, progress.step, autocast)
             core.set_attn_implementation({"text_config": train_attn})
@@ -173,11 +180,10 @@ def fit(
             progress.micro = i + 1
             if pending < cfg.grad_accum:
                 continue
-            norm = float(
-                torch.nn.utils.clip_grad_norm_(  # max_norm inf: only measures (the divergence guard reads it)
-                    [p for g in optimizer.param_groups for p in g["params"]], cfg.max_grad_norm or float("inf")
-                )
+            total = torch.nn.utils.clip_grad_norm_(  # max_norm inf: only measures (the divergence guard reads it)
+                [p for g in optimizer.param_groups for p in g["params"]], cfg.max_grad_norm or float("inf")
             )
+            norm = float(total.full_tensor() if hasattr(total, "full_tensor") else total)  # FSDP: a DTensor
             sums["grad_norm"] += norm * cfg.grad_accum  # averaged per micro-batch in `boundary`
             optimizer.step()
             scheduler.step()

@@ -146,8 +146,11 @@ def token_scores(
     return GroundingScores(amr=amr, ap=ap, nss=nss, pointing=pointing)
 
 
-def _per_image_mean(values: torch.Tensor, image_index: torch.Tensor) -> float:
-    """nanmean of values (N,) within each image, then mean over images with at least one finite value."""
+def _per_image_sums(values: torch.Tensor, image_index: torch.Tensor) -> tuple[float, float]:
+    """(Σ over images of the image's nanmean, images with at least one finite value) for values (N,): the two
+    numbers a metric's aggregate is made of, and what ranks that scored disjoint images add up."""
+    if values.numel() == 0:
+        return 0.0, 0.0
     _, inverse = torch.unique(image_index, return_inverse=True)  # (N,) compact image index in [0, n_images)
     n_images = int(inverse.max().item()) + 1
     ok = ~torch.isnan(values)  # (N,)
@@ -156,9 +159,18 @@ def _per_image_mean(values: torch.Tensor, image_index: torch.Tensor) -> float:
     sums.index_add_(0, inverse, torch.where(ok, values, torch.zeros_like(values)))
     counts.index_add_(0, inverse, ok.to(torch.float64))
     has = counts > 0  # (n_images,) images with a defined value for this metric
-    if not bool(has.any()):
-        return float("nan")
-    return float((sums[has] / counts[has]).mean().item())
+    return float((sums[has] / counts[has]).sum().item()), float(has.sum().item())
+
+
+def _per_image_mean(values: torch.Tensor, image_index: torch.Tensor) -> float:
+    """nanmean of values (N,) within each image, then mean over images with at least one finite value."""
+    total, images = _per_image_sums(values, image_index)
+    return total / images if images else float("nan")
+
+
+def scores_from_sums(sums: dict[str, tuple[float, float]]) -> dict[str, float]:
+    """{"amr", ...} from `GroundingMeter.sums` (added over ranks): the mean over images, NaN where none counts."""
+    return {name: (sums[name][0] / sums[name][1] if sums[name][1] else float("nan")) for name in METRICS}
 
 
 def aggregate(scores: GroundingScores, image_index: torch.Tensor) -> dict[str, float]:
@@ -216,3 +228,14 @@ class GroundingMeter:
         merged = GroundingScores(**{name: torch.cat([getattr(s, name) for s in self._scores]) for name in METRICS})
         image_ids = torch.cat(self._image_ids)  # (N_total,)
         return aggregate(merged, image_ids)
+
+    def sums(self) -> dict[str, tuple[float, float]]:
+        """Per metric (Σ per-image means, images counted): added over ranks that scored *disjoint* images (sharded
+        evaluation), `scores_from_sums` gives exactly what one `compute()` over all their images gives."""
+        if not self._scores:
+            return {name: (0.0, 0.0) for name in METRICS}
+        image_ids = torch.cat(self._image_ids)  # (N_total,)
+        return {
+            name: _per_image_sums(torch.cat([getattr(s, name) for s in self._scores]).to(torch.float64), image_ids)
+            for name in METRICS
+        }

@@ -18,6 +18,8 @@ ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
 LORA_TARGETS = {"qv": ("q_proj", "v_proj"), "qkvo": ATTENTION, "all-linear": ATTENTION + MLP}
 PROJECTOR = "multi_modal_projector"
+VISION = "vision_tower"
+NEWLINE = "image_newline"  # LLaVA-NeXT's learned row separator: trained with the projector (same input side)
 
 
 @dataclass(frozen=True)
@@ -113,17 +115,46 @@ def apply_lora(
     return get_peft_model(model, config)
 
 
+def prepare_full_finetune(
+    model: PreTrainedModel, *, train_projector: bool = True, train_vision: bool = False
+) -> PreTrainedModel:
+    """Full finetuning (the upstream paper's regime): every language-model weight trains (embeddings, decoder
+    layers, norm, lm_head); the projector (and NeXT's image newline) if ``train_projector``; the vision tower only
+    if ``train_vision``. No adapters: checkpoints hold the model itself (`raysal.loop.checkpoint`)."""
+    for name, p in model.named_parameters():
+        if VISION in name:
+            p.requires_grad_(train_vision)
+        elif PROJECTOR in name or NEWLINE in name:
+            p.requires_grad_(train_projector)
+        else:
+            p.requires_grad_(True)
+    return model
+
+
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The language model's decoder layers (LLaVA and LLaVA-NeXT: ``model.language_model.layers``)."""
+    core = getattr(model, "module", model)
+    inner = getattr(core, "model", None)
+    layers = getattr(getattr(inner, "language_model", None), "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList):
+        raise ValueError(f"{type(core).__name__}: no language_model.layers (not a LLaVA / LLaVA-NeXT model?)")
+    return layers
+
+
 def param_groups(
     model: torch.nn.Module, lr: float, projector_lr: float | None = None, weight_decay: float = 0.0
 ) -> list[dict]:
-    """Trainable parameters: LoRA at ``lr``, the projector (if trained) at ``projector_lr`` (LLaVA: lr / 10)."""
-    lora, projector = [], []
+    """Trainable parameters: LoRA (or, full finetuning, the language model and a trained vision tower) at ``lr``,
+    the projector (if trained) at ``projector_lr`` (LLaVA: lr / 10)."""
+    main, projector = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (projector if PROJECTOR in name else lora).append(p)
-    if not lora and not projector:
-        raise ValueError("no trainable parameters: did apply_lora run?")
-    groups = [{"params": lora, "lr": lr, "weight_decay": weight_decay, "name": "lora"}]
+            (projector if PROJECTOR in name or NEWLINE in name else main).append(p)
+    if not main and not projector:
+        raise ValueError("no trainable parameters: did apply_lora or prepare_full_finetune run?")
+    core = getattr(model, "module", model)
+    groups = [{"params": main, "lr": lr, "weight_decay": weight_decay,
+               "name": "lora" if hasattr(core, "peft_config") else "model"}]  # fmt: skip
     if projector:
         groups.append(
             {"params": projector, "lr": projector_lr or lr, "weight_decay": weight_decay, "name": "projector"}

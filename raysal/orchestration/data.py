@@ -38,31 +38,29 @@ class EncodeBatch:
 class DataCPUs:
     """How a run's data CPU budget (``data.encode_cpus``) is shared among its operators.
 
-    A run has one training pipeline (split across workers) and one validation pipeline per worker (every worker
-    evaluates the whole set); each has a read task and an encode actor pool. The long-lived actors take 3/4 of a
-    pipeline's share, so a read task always fits beside them: a run never needs more than
-    ``num_workers × cpus_per_worker + encode_cpus`` CPUs, whatever the data config.
+    A run has two pipelines, training and validation, each split across the workers by one coordinator; each has a
+    read task and an encode actor pool. The long-lived actors take 3/4 of a pipeline's share, so a read task always
+    fits beside them: a run never needs more than ``num_workers × cpus_per_worker + encode_cpus`` CPUs, whatever the
+    data config.
     """
 
     read: float  # per read task (read + hold-out filter)
     encode: float  # per encode actor
 
     @staticmethod
-    def split(budget: float, num_workers: int, encode_actors: int = 1) -> DataCPUs:
-        share = budget / (1 + num_workers)
+    def split(budget: float, encode_actors: int = 1) -> DataCPUs:
+        share = budget / 2
         return DataCPUs(read=share / 4, encode=share * 3 / 4 / encode_actors)
 
 
-def run_datasets(
-    data: dict[str, Any], processor_path: str, *, num_workers: int = 1, encode_actors: int = 1
-) -> dict[str, ray.data.Dataset]:
+def run_datasets(data: dict[str, Any], processor_path: str, *, encode_actors: int = 1) -> dict[str, ray.data.Dataset]:
     """{"train": ..., "val": ...}: encoded samples ready for `iter_collated` (``data`` checked by the preflight)."""
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # the same order every epoch: exact resume
     ctx.enable_progress_bars = False  # one bar per operator per worker drowns the run summary
     same = data["train_split"] == data["val_split"]
     holdout = float(data.get("val_holdout") or 0.0)
-    cpus = DataCPUs.split(float(data["encode_cpus"]), num_workers, encode_actors)
+    cpus = DataCPUs.split(float(data["encode_cpus"]), encode_actors)
     common = {"decode": False, "holdout": holdout if same else 0.0, "num_cpus_per_read": cpus.read}
     train = coconut_dataset(data["shards"], data["train_split"], part="train", **common)
     val = coconut_dataset(data["shards"], data["val_split"], part="val", limit=data.get("val_max_images"), **common)

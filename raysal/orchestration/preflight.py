@@ -202,6 +202,11 @@ def check_data(data: dict[str, Any], num_workers: int) -> DataSizes:
             f"{where} in {shards}, fewer than data.val_min_images={data['val_min_images']}: raise "
             f"data.val_holdout, point data.val_split at a larger split, or lower data.val_min_images"
         )
+    if sizes.eval_images < num_workers:  # each worker evaluates its own part of the validation set
+        raise ConfigError(
+            f"the validation set has {sizes.eval_images} images, fewer than scaling.num_workers={num_workers}: "
+            "every worker evaluates a part of it"
+        )
     if n_train < num_workers:
         raise ConfigError(
             f"data.train_split={train_split!r} leaves {n_train} training images in {shards}, fewer than "

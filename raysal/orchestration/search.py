@@ -305,7 +305,7 @@ def run_search(spec: SearchSpec, base: list[str], run_spec: Any, resume: str, ve
     w = sync_hint(Path(search_dir)) if resolve_mode(run_spec.wandb["mode"]) == "offline" else ""
     print(
         f"raysal: search {spec.name} finished in {time.perf_counter() - t0:.0f}s — {summary['reported']}/"
-        f"{summary['trials']} trials reported; best {best['trial_id'] if best else None}; adapter: "
-        f"{summary.get('best_adapter')}; folder: {search_dir}. {w}"
+        f"{summary['trials']} trials reported; best {best['trial_id'] if best else None}; exported: "
+        f"{summary.get('best_adapter') or summary.get('best_model')}; folder: {search_dir}. {w}"
     )
     return 0 if best else 1  # failed trials are part of a search's result; no trial to export is not

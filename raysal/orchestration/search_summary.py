@@ -33,7 +33,7 @@ def summarise(result_grid: Any, spec: SearchSpec, base: list[str], search_dir: s
 
     from raysal.orchestration.errors import first_line
     from raysal.orchestration.fail_reason import read_reason
-    from raysal.orchestration.trainer import export_adapter
+    from raysal.orchestration.trainer import export_best
     from raysal.search.control import choose_best
 
     metric, mode = spec.objectives[0].metric, spec.objectives[0].mode
@@ -93,8 +93,8 @@ def summarise(result_grid: Any, spec: SearchSpec, base: list[str], search_dir: s
         if ckpt is not None:
             metrics = next(m for c, m in run.best_checkpoints if c.path == ckpt.path)
             summary["best"] = {"trial_id": best["trial_id"], "replay": best["replay"], "checkpoint": ckpt.path}
-            export_adapter(ckpt, f"{search_dir}/best_adapter", {**metrics, **summary["best"]})
-            summary["best_adapter"] = f"{search_dir}/best_adapter"
+            key, path = export_best(ckpt, search_dir, {**metrics, **summary["best"]})
+            summary[key] = path  # best_adapter (a LoRA trial) or best_model (full finetuning)
     return summary
 
 

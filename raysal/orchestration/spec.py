@@ -18,6 +18,7 @@ from raysal.orchestration.errors import ConfigError
 from raysal.orchestration.storage import is_uri
 
 log = logging.getLogger(__name__)
+_LORA_ONLY = frozenset({"rank", "alpha", "dropout", "targets"})
 _KNOBS = frozenset({"weight", "layers", "heads", "query_offset", "per_layer", "smoothing"})  # shared criterion knobs
 
 
@@ -27,7 +28,7 @@ class RunSpec:
     storage_path: str  # absolute local path or a URI (s3://...)
     seed: int
     model: dict[str, Any]
-    lora: dict[str, Any]
+    lora: dict[str, Any]  # apply_lora's arguments; {"enabled": False, ...}: full finetuning (`lora=none`)
     criteria: list[Any]  # instantiated criterion objects
     fit: FitConfig
     batch_size: int
@@ -36,6 +37,14 @@ class RunSpec:
     objective: dict[str, str]
     wandb: dict[str, Any]
     config: dict[str, Any] = field(default_factory=dict)  # the resolved config, for W&B and the run folder
+
+    @property
+    def full_finetune(self) -> bool:
+        return self.lora.get("enabled", True) is False
+
+    @property
+    def strategy(self) -> str:
+        return str(self.scaling.get("strategy", "ddp"))
 
 
 def absolute_storage(path: str) -> str:
@@ -83,17 +92,50 @@ def objective_metrics(criteria: list[Any]) -> set[str]:
     return val | {"train/loss", "train/grad_norm"} | {f"train/loss/{c.name}" for c in criteria}
 
 
+def _bool(c: dict, key: str) -> bool:
+    v = _get(c, key)
+    if not isinstance(v, bool):
+        raise ConfigError(f"{key}={v!r}: must be true or false")
+    return v
+
+
+def check_finetune(c: dict) -> None:
+    """LoRA's values, or full finetuning's (``lora=none``), and a sharding strategy that suits them."""
+    full = c["lora"].get("enabled", True) is False if isinstance(c.get("lora"), dict) else False
+    if not full:
+        if "enabled" in c["lora"]:
+            _bool(c, "lora.enabled")
+        _number(c, "lora.rank", int, low=1)
+        _number(c, "lora.alpha", float, low=0, low_open=True)
+        _number(c, "lora.dropout", float, low=0, high=1, high_open=True)
+        targets = _get(c, "lora.targets")
+        try:
+            lora_target_regex(targets)
+        except ValueError as e:
+            raise ConfigError(f"lora.targets={targets!r}: {e}") from None
+        _bool(c, "lora.train_projector")
+    else:
+        unused = sorted(set(c["lora"]) & _LORA_ONLY)
+        if unused:  # an experiment's LoRA settings (experiment=demo sets lora.rank) under lora=none
+            log.info("lora=none (full finetuning): the LoRA settings %s are unused", unused)
+        extra = sorted(set(c["lora"]) - _LORA_ONLY - {"enabled", "train_projector", "train_vision"})
+        if extra:
+            raise ConfigError(f"lora.{extra[0]}: not a setting of full finetuning (lora=none: train_projector, "
+                              "train_vision)")  # fmt: skip
+        _bool(c, "lora.train_projector")
+        _bool(c, "lora.train_vision")
+    strategy = _choice(c, "scaling.strategy", ("ddp", "fsdp"))
+    if strategy == "fsdp" and not full:
+        raise ConfigError(
+            "scaling.strategy=fsdp with LoRA: FSDP shards full finetuning (lora=none); a LoRA trial's weights and "
+            "optimiser fit each GPU, so use scaling.strategy=ddp"
+        )
+
+
 def check_values(c: dict) -> None:
     """Every number the run uses, checked with its key named (the types Hydra cannot check for us)."""
     _number(c, "seed", int)
-    _number(c, "lora.rank", int, low=1)
-    _number(c, "lora.alpha", float, low=0, low_open=True)
-    _number(c, "lora.dropout", float, low=0, high=1, high_open=True)
-    targets = _get(c, "lora.targets")
-    try:
-        lora_target_regex(targets)
-    except ValueError as e:
-        raise ConfigError(f"lora.targets={targets!r}: {e}") from None
+    check_finetune(c)
     _number(c, "optim.lr", float, low=0, low_open=True)
     _number(c, "optim.projector_lr", float, low=0, low_open=True, optional=True)
     _number(c, "optim.weight_decay", float, low=0)

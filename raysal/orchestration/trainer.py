@@ -15,11 +15,31 @@ from ray.data import ExecutionOptions, ExecutionResources
 from ray.train import DataConfig
 from ray.train.torch import TorchTrainer
 
-from raysal.loop.checkpoint import ADAPTER
+from raysal.loop.checkpoint import ADAPTER, MODEL
 from raysal.orchestration.data import run_datasets
 from raysal.orchestration.spec import RunSpec
 from raysal.orchestration.storage import is_uri
 from raysal.orchestration.worker import train_loop_per_worker
+
+
+class ShardedValidation(DataConfig):
+    """Each worker gets its own part of both datasets. "train" is split into equal parts (every rank must run the
+    same number of steps: up to ``num_workers - 1`` rows of an epoch are left out, as DistributedSampler's
+    drop_last); "val" into parts that together hold every row (``equal=False``): the evaluation adds its sums over
+    the ranks (`raysal.loop.evaluate`), so N workers report exactly what one worker would, for 1/N of the work."""
+
+    def __init__(self, execution_options: ExecutionOptions | None = None) -> None:
+        super().__init__(datasets_to_split=["train"], execution_options=execution_options)
+
+    def configure(self, datasets: dict[str, Any], world_size: int, worker_handles: Any, worker_node_ids: Any,
+                  **kwargs: Any) -> list[dict[str, Any]]:  # fmt: skip
+        out = super().configure(datasets, world_size, worker_handles, worker_node_ids, **kwargs)
+        if "val" in datasets and world_size > 1:
+            val = datasets["val"].copy(datasets["val"])
+            val.context.execution_options = self._resolve_execution_options("val")  # what the base class sets
+            for i, part in enumerate(val.streaming_split(world_size, equal=False)):
+                out[i]["val"] = part
+        return out
 
 
 def build_trainer(spec: RunSpec, *, callbacks: Sequence[Any] = ()) -> TorchTrainer:
@@ -27,11 +47,11 @@ def build_trainer(spec: RunSpec, *, callbacks: Sequence[Any] = ()) -> TorchTrain
     resources = {"CPU": s["cpus_per_worker"]}
     if s["use_gpu"]:
         resources["GPU"] = s["gpus_per_worker"]
-    data_config = DataConfig(datasets_to_split=["train"])  # every worker evaluates the whole val set
+    limits = None
     if s.get("data_cpus"):
         # cap Ray Data's CPUs per run so that concurrent trials do not starve each other
         limits = ExecutionOptions(resource_limits=ExecutionResources(cpu=s["data_cpus"]))
-        data_config = DataConfig(datasets_to_split=["train"], execution_options=limits)
+    data_config = ShardedValidation(execution_options=limits)
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"spec": spec},
@@ -54,22 +74,28 @@ def build_trainer(spec: RunSpec, *, callbacks: Sequence[Any] = ()) -> TorchTrain
                 controller_failure_limit=spec.config["trainer"]["max_failures"],
             ),
         ),
-        datasets=run_datasets(spec.data, spec.model["name_or_path"], num_workers=s["num_workers"]),
+        datasets=run_datasets(spec.data, spec.model["name_or_path"]),
         dataset_config=data_config,
     )
 
 
-def export_adapter(checkpoint: ray.train.Checkpoint, dest: str, metrics: dict[str, Any]) -> str:
-    """Copy a checkpoint's peft adapter to ``dest`` (local path or URI) with ``best.json`` beside it."""
+def export_best(checkpoint: ray.train.Checkpoint, parent: str, metrics: dict[str, Any]) -> tuple[str, str]:
+    """Copy a checkpoint's loadable result to ``parent`` (local path or URI) with ``best.json`` beside it: LoRA's peft
+    adapter as ``best_adapter/``, a fully finetuned model as ``best_model/`` → (key, path): the key names which."""
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(tmp) / "ckpt"
         checkpoint.to_directory(str(local))
+        kind = ADAPTER if (local / ADAPTER).is_dir() else MODEL
+        if not (local / kind).is_dir():
+            raise FileNotFoundError(f"{checkpoint.path}: neither {ADAPTER}/ nor {MODEL}/ in the checkpoint")
+        key = f"best_{kind}"
+        dest = f"{parent}/{key}"
         out = Path(tmp) / "export"
-        shutil.copytree(local / ADAPTER, out)
+        shutil.copytree(local / kind, out)
         (out / "best.json").write_text(json.dumps({"checkpoint": checkpoint.path, "metrics": metrics}, indent=2))
         if is_uri(dest):
             pyarrow.fs.copy_files(str(out), dest)
         else:
             shutil.rmtree(dest, ignore_errors=True)
             shutil.copytree(out, dest)
-    return dest
+    return key, dest

@@ -1,7 +1,9 @@
 """The Ray Train worker function: builds the model, wraps the core loop's ``report`` around ``ray.train.report``.
 
-Every rank trains on its shard of "train" and evaluates the whole "val" set (so rank 0's metrics, the only ones
-Tune sees, are complete); rank 0 writes checkpoints and logs to W&B.
+Every rank trains on its part of "train" and evaluates its part of "val"; the evaluation adds its sums over the
+ranks, so rank 0's metrics (the only ones Tune sees) are the whole set's. Rank 0 logs to W&B and writes the
+checkpoints — with FSDP (``scaling.strategy=fsdp``) every rank writes its shards, and Ray merges the ranks'
+folders into one checkpoint.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from raysal.loop.checkpoint import load_history
 from raysal.loop.divergence import DivergedError
 from raysal.loop.fit import AfterEval, fit
 from raysal.loop.step import CapturePlan
-from raysal.model.build import ModelInfo, apply_lora, load_model, load_processor
+from raysal.model.build import ModelInfo, apply_lora, load_model, load_processor, prepare_full_finetune
+from raysal.model.shard import shard_model
 from raysal.orchestration.data import iter_collated
 from raysal.orchestration.fail_reason import write_reason
 from raysal.orchestration.placement_groups import record_placement_group
@@ -46,9 +49,13 @@ def wandb_dir(spec: RunSpec) -> Path:
     return Path(os.environ.get("RAYSAL_CACHE", Path.home() / ".cache" / "raysal")) / "wandb" / spec.name
 
 
-def probe_hook(spec: RunSpec, processor: Any, padding: str, device: torch.device, run: Any) -> AfterEval | None:
+def probe_hook(
+    spec: RunSpec, processor: Any, padding: str, device: torch.device, run: Any, *, write: bool = True
+) -> AfterEval | None:
     """Rank 0's heatmaps of the probe set after every evaluation (`raysal.probes`), written to the run folder and,
-    for a single run, logged to its W&B run (a search's driver logs a trial's from the run folder)."""
+    for a single run, logged to its W&B run (a search's driver logs a trial's from the run folder). ``write``
+    False: the other ranks of an FSDP model, whose forwards must accompany rank 0's (collectives); they compute the
+    same probes and write nothing."""
     n, d = spec.config["trainer"]["probes"], spec.data
     if not n["images"]:
         return None
@@ -59,13 +66,16 @@ def probe_hook(spec: RunSpec, processor: Any, padding: str, device: torch.device
         log.warning("no validation image has a grounded phrase: the run shows no probe heatmaps")
         return None
     run_dir = f"{spec.storage_path}/{spec.name}"
-    write_probe_set(run_dir, probes)
+    if write:
+        write_probe_set(run_dir, probes)
 
     def after_eval(
         model: torch.nn.Module, info: ModelInfo, protocol: CapturePlan, step: int, autocast: AbstractContextManager
     ) -> None:
         maps = phrase_maps(model, processor, probes, protocol, prompt=d["prompt"], padding_side=padding,
                            device=device, autocast=autocast, theta=spec.fit.eval_theta)  # fmt: skip
+        if not write:
+            return
         rows, pictures = write_step(run_dir, step, maps)
         if run is not None:
             run.log(wandb_media(rows, pictures), step=step)
@@ -82,12 +92,24 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     processor = load_processor(spec.model["name_or_path"])
     pad_id = processor.tokenizer.pad_token_id
+    fsdp = spec.strategy == "fsdp"
+    dtype = spec.model["dtype"]
+    if spec.full_finetune and dtype == "auto":
+        dtype = "float32"  # full finetuning keeps fp32 master weights; the GPU computes in bf16 (autocast / FSDP)
     model = load_model(
-        spec.model["name_or_path"], dtype=spec.model["dtype"], device=device,
+        spec.model["name_or_path"], dtype=dtype, device=device,
         gradient_checkpointing=spec.model["gradient_checkpointing"],
     )  # fmt: skip
-    model = apply_lora(model, **spec.lora)
-    model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True})
+    if spec.full_finetune:
+        model = prepare_full_finetune(
+            model, train_projector=spec.lora["train_projector"], train_vision=spec.lora["train_vision"]
+        )
+    else:
+        model = apply_lora(model, **{k: v for k, v in spec.lora.items() if k != "enabled"})
+    if fsdp:
+        model = shard_model(model, device=device, mixed_precision=device.type == "cuda" and spec.fit.bf16)
+    else:
+        model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True})
 
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
@@ -110,13 +132,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         record_placement_group(f"{spec.storage_path}/{spec.name}")  # for the search's janitor
 
         run = init_wandb(spec.wandb, spec.name, wandb_dir(spec), spec.config)
-    after_eval = probe_hook(spec, processor, padding, device, run) if rank == 0 else None
+    after_eval = probe_hook(spec, processor, padding, device, run, write=rank == 0) if rank == 0 or fsdp else None
 
     def report(metrics: dict[str, float], path: Path | None) -> None:
         if run is not None:
             run.log(metrics, step=int(metrics[STEP]))
         checkpoint = ray.train.Checkpoint.from_directory(str(path)) if path is not None else None
-        ray.train.report(metrics, checkpoint=checkpoint)  # collective: every rank calls it at the same boundary
+        # collective: every rank calls it at the same boundary. Named by step, the same on every rank: with FSDP
+        # each rank reports its shards and Ray merges same-named folders (its default name is a per-rank clock)
+        name = f"checkpoint_{int(metrics[STEP]):07d}" if path is not None else None
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
 
     restored = ray.train.get_checkpoint()
     with tempfile.TemporaryDirectory() as local:
@@ -129,7 +154,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         try:
             fit(
                 model, spec.criteria, train_batches, val_batches, spec.fit, report=report,
-                checkpoint_dir=Path(local) / "checkpoints" if rank == 0 else None, resume_from=resume_dir,
+                checkpoint_dir=Path(local) / "checkpoints" if rank == 0 or fsdp else None, resume_from=resume_dir,
                 device=device, after_eval=after_eval,
             )  # fmt: skip
         except DivergedError as e:

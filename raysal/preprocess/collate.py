@@ -31,7 +31,7 @@ def _pad(arrays: Sequence[np.ndarray], value: float, left: bool = False) -> np.n
 def collate_columns(
     columns: Mapping[str, Sequence[np.ndarray] | np.ndarray], pad_token_id: int, padding_side: str = "right"
 ) -> Batch:
-    """{key: per-sample arrays} → a `Batch` of tensors. Keys outside the contract (``image_id``) are dropped."""
+    """{key: per-sample arrays} → a `Batch` of tensors. Keys outside the contract are dropped."""
     if padding_side not in ("left", "right"):
         raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
     left = padding_side == "left"
@@ -51,6 +51,8 @@ def collate_columns(
                 batch[key] = np.where(batch[key] >= 0, batch[key] + shift, -1)
     if "image_sizes" in columns:
         batch["image_sizes"] = np.stack([np.asarray(a) for a in columns["image_sizes"]])  # (B, 2)
+    if "image_id" in columns:
+        batch["image_id"] = np.asarray([int(np.asarray(a)) for a in columns["image_id"]], np.int64)  # (B,)
     return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in batch.items()}  # type: ignore[return-value]
 
 

@@ -1,0 +1,106 @@
+"""What each rank of the 2-process tests in `test_distributed.py` runs (gloo on CPU, ``mp.spawn``): top-level
+functions, so that spawned processes can import them. Rank 0 writes what the test compares to ``out``."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from raysal.attention.capture import CAPTURE_IMPL, enable_capture
+from raysal.attention.selection import resolve_heads, resolve_layers
+from raysal.batch import PixelNorm
+from raysal.criteria.kl import KLCriterion
+from raysal.criteria.lm import LMCriterion
+from raysal.loop.evaluate import evaluate
+from raysal.loop.fit import FitConfig, fit
+from raysal.loop.step import CapturePlan
+from raysal.model.build import load_model, load_processor, model_info, prepare_full_finetune
+from raysal.model.shard import shard_model
+from raysal.preprocess.batches import batch_factory, load_encoded
+
+CRITERIA = [LMCriterion(), KLCriterion(weight=0.5, layers="late")]
+FIT = {"max_steps": 6, "lr": 3e-3, "eval_every": 3, "grad_accum": 2, "seed": 3, "warmup_steps": 1}
+
+
+def spawn(fn: Any, world: int, *args: Any) -> None:
+    """Run ``fn(rank, world, *args)`` in ``world`` processes joined by a gloo process group."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:  # a free port for the rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_entry, args=(world, port, fn, args), nprocs=world, join=True)
+
+
+def _entry(rank: int, world: int, port: int, fn: Any, args: tuple) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)  # two ranks on a 2-core machine
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        fn(rank, world, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def full_model(tiny: str, fsdp: bool) -> torch.nn.Module:
+    model = prepare_full_finetune(load_model(tiny, dtype="float32", gradient_checkpointing=True))
+    if fsdp:
+        return shard_model(model, device=torch.device("cpu"), mixed_precision=False)
+    return torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+
+
+def data(tiny: str, shards: str, rank: int, world: int, *, train: int, val: int, batch: int):
+    proc = load_processor(tiny)
+    pad, px = proc.tokenizer.pad_token_id, PixelNorm.from_processor(proc)
+    tr = load_encoded(shards, "train2017", proc, limit=train)[rank::world]
+    va = load_encoded(shards, "val2017", proc, limit=val)[rank::world]
+    return batch_factory(tr, batch, pad, px, seed=1), lambda: batch_factory(va, batch, pad, px, shuffle=False)(0)
+
+
+def evaluate_parts(rank: int, world: int, tiny: str, shards: str, out: str, fsdp: bool) -> None:
+    """This rank's part of 7 validation samples (batches of 3: 2 batches on rank 0, 1 on rank 1), summed."""
+    _, val = data(tiny, shards, rank, world, train=0, val=7, batch=3)
+    model = load_model(tiny, dtype="float32")
+    if fsdp:
+        model = shard_model(prepare_full_finetune(model), device=torch.device("cpu"), mixed_precision=False)
+    enable_capture(model)
+    model.set_attn_implementation({"text_config": CAPTURE_IMPL})
+    info = model_info(model)
+    protocol = CapturePlan(resolve_layers("all", info.n_layers), resolve_heads("all", info.n_heads), 0)
+    got = evaluate(model, val(), protocol, sharded=True, lockstep=fsdp)
+    if rank == 0:
+        Path(out).write_text(json.dumps(got))
+
+
+def finetune(rank: int, world: int, tiny: str, shards: str, out: str) -> None:
+    """Full finetuning with DDP, with FSDP (checkpoints every 3 steps), and FSDP resumed from its step-3
+    checkpoint in a fresh model: the reports of each, and the final weights gathered on rank 0."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    root = Path(out)
+    train, val = data(tiny, shards, rank, world, train=16, val=6, batch=2)
+
+    def run(name: str, fsdp: bool, **kw: Any) -> None:
+        torch.manual_seed(0)
+        model = full_model(tiny, fsdp)
+        reports: list[dict] = []
+        ckpt = root / name if fsdp or rank == 0 else None
+        fit(model, CRITERIA, train, val, FitConfig(**FIT), report=lambda m, p: reports.append(m),
+            checkpoint_dir=ckpt, **kw)  # fmt: skip
+        core = getattr(model, "module", model)
+        full = get_model_state_dict(core, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if rank == 0:
+            (root / f"{name}.json").write_text(json.dumps(reports))
+            torch.save({k: v for k, v in full.items()}, root / f"{name}.pt")
+
+    run("ddp", fsdp=False)
+    run("fsdp", fsdp=True)
+    dist.barrier()
+    run("resumed", fsdp=True, resume_from=root / "fsdp" / "step_0000003")

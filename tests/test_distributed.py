@@ -1,0 +1,121 @@
+"""Two ranks (gloo, CPU, ``mp.spawn``): sharded evaluation equals one process evaluating the whole set; full
+finetuning sharded with FSDP2 equals DDP, resumes exactly from its sharded checkpoint and exports a model that
+``from_pretrained`` loads. (The same code under Ray Train: `test_multi_worker.py`.)"""
+
+from __future__ import annotations
+
+import json
+
+import distributed_runs as runs
+import pytest
+import torch
+
+from raysal.attention.capture import CAPTURE_IMPL, enable_capture
+from raysal.attention.selection import resolve_heads, resolve_layers
+from raysal.loop.checkpoint import MODEL, SHARDED, STATE
+from raysal.loop.evaluate import evaluate
+from raysal.loop.step import CapturePlan
+from raysal.model.build import load_model, model_info, param_groups, prepare_full_finetune
+
+METRICS = ("lm_loss", "amr", "ap", "nss", "pointing", "images", "tokens")
+
+
+@pytest.fixture(scope="module")
+def whole_set(tiny_llava, small_shards):
+    """One process, the 7 validation samples in batches of 3 (the ranks batch their parts differently)."""
+    _, val = runs.data(str(tiny_llava), str(small_shards), 0, 1, train=0, val=7, batch=3)
+    model = load_model(str(tiny_llava), dtype="float32")
+    enable_capture(model)
+    model.set_attn_implementation({"text_config": CAPTURE_IMPL})
+    info = model_info(model)
+    protocol = CapturePlan(resolve_layers("all", info.n_layers), resolve_heads("all", info.n_heads), 0)
+    return evaluate(model, val(), protocol)
+
+
+@pytest.mark.parametrize("fsdp", [False, True], ids=["replicated", "fsdp-lockstep"])
+def test_sharded_evaluation_equals_one_process(whole_set, tiny_llava, small_shards, tmp_path, fsdp):
+    out = tmp_path / "eval.json"
+    runs.spawn(runs.evaluate_parts, 2, str(tiny_llava), str(small_shards), str(out), fsdp)
+    got = json.loads(out.read_text())
+    assert got["images"] == 7 and got["tokens"] == whole_set["tokens"]
+    for k in METRICS:
+        assert got[k] == pytest.approx(whole_set[k], rel=1e-5, abs=1e-7), k
+
+
+def test_full_finetuning_groups_and_frozen_parts(tiny_next):
+    model = prepare_full_finetune(load_model(str(tiny_next), dtype="float32"), train_projector=True)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and not any("vision_tower" in n for n in trainable)
+    assert any("language_model.layers" in n for n in trainable) and "lm_head.weight" in trainable
+    groups = {g["name"]: g for g in param_groups(model, lr=1e-5, projector_lr=2e-6)}
+    assert set(groups) == {"model", "projector"} and groups["projector"]["lr"] == 2e-6
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert {names[id(p)] for p in groups["projector"]["params"]} == {
+        n for n in trainable if "multi_modal_projector" in n or "image_newline" in n
+    }
+    frozen = prepare_full_finetune(model, train_projector=False, train_vision=True)
+    trainable = {n for n, p in frozen.named_parameters() if p.requires_grad}
+    assert not any("multi_modal_projector" in n for n in trainable) and any("vision_tower" in n for n in trainable)
+
+
+@pytest.fixture(scope="module")
+def finetuned(tiny_llava, small_shards, tmp_path_factory):
+    out = tmp_path_factory.mktemp("finetune")
+    runs.spawn(runs.finetune, 2, str(tiny_llava), str(small_shards), str(out))
+    return out
+
+
+def _reports(root, name):
+    return json.loads((root / f"{name}.json").read_text())
+
+
+def test_fsdp_equals_ddp_with_the_capture_criteria(finetuned):
+    ddp, fsdp = _reports(finetuned, "ddp"), _reports(finetuned, "fsdp")
+    assert [r["train/step"] for r in fsdp] == [3.0, 6.0]
+    for a, b in zip(ddp, fsdp, strict=True):
+        for k in ("train/loss", "train/loss/lm", "train/loss/kl", "train/grad_norm", "val/lm_loss", "val/amr"):
+            assert b[k] == pytest.approx(a[k], rel=1e-4), k
+    assert fsdp[-1]["train/loss"] < fsdp[0]["train/loss"] and fsdp[-1]["val/lm_loss"] < fsdp[0]["val/lm_loss"]
+    straight, ref = torch.load(finetuned / "fsdp.pt"), torch.load(finetuned / "ddp.pt")
+    for k, v in straight.items():
+        assert torch.allclose(v, ref[k], rtol=1e-4, atol=1e-6), k
+
+
+def test_fsdp_checkpoint_resumes_exactly(finetuned):
+    ckpt = finetuned / "fsdp" / "step_0000003"
+    assert (ckpt / STATE).exists() and (ckpt / SHARDED / ".metadata").exists()
+    assert sorted(p.name for p in (ckpt / SHARDED).glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    resumed, straight = _reports(finetuned, "resumed"), _reports(finetuned, "fsdp")
+    assert [r["train/step"] for r in resumed] == [6.0]
+    assert resumed[0]["train/loss"] == pytest.approx(straight[-1]["train/loss"], rel=1e-6)
+    a, b = torch.load(finetuned / "fsdp.pt"), torch.load(finetuned / "resumed.pt")
+    for k, v in a.items():
+        assert torch.allclose(v, b[k], rtol=0, atol=1e-7), k
+
+
+def test_exported_full_model_loads_with_from_pretrained(finetuned):
+    folder = finetuned / "fsdp" / "step_0000006" / MODEL
+    config = json.loads((folder / "config.json").read_text())
+    assert config["architectures"] == ["LlavaForConditionalGeneration"]
+    loaded = load_model(str(folder), dtype="float32")
+    weights = torch.load(finetuned / "fsdp.pt")
+    for n, p in loaded.named_parameters():
+        assert torch.equal(p, weights[n]), n
+
+
+def test_meter_sums_of_disjoint_images_give_the_whole_sets_scores():
+    from raysal.metrics.grounding import METRICS as NAMES
+    from raysal.metrics.grounding import GroundingMeter, scores_from_sums
+
+    g = torch.Generator().manual_seed(0)
+    sal, reg = torch.rand(40, 16, generator=g), (torch.rand(40, 16, generator=g) > 0.6).float()
+    reg[5] = 0  # a token whose region is empty: NaN in every metric but AMR's image still counts others
+    ids = torch.arange(40) // 3  # 3 tokens per image
+    whole, parts = GroundingMeter(), [GroundingMeter(), GroundingMeter()]
+    whole.update(sal, reg, None, ids)
+    for m, rows in zip(parts, (ids < 7, ids >= 7), strict=True):  # images 0-6 on one rank, the rest on the other
+        m.update(sal[rows], reg[rows], None, ids[rows])
+    a, b = parts[0].sums(), parts[1].sums()
+    got = scores_from_sums({k: (a[k][0] + b[k][0], a[k][1] + b[k][1]) for k in NAMES})
+    assert got == pytest.approx(whole.compute(), rel=1e-12)
+    assert scores_from_sums(GroundingMeter().sums())["amr"] != scores_from_sums(GroundingMeter().sums())["amr"]
