@@ -39,6 +39,9 @@ from datetime import date
 from pathlib import Path
 
 GIB = 2**30
+H100_BF16_PEAK = 989e12  # dense bf16 FLOP/s of an H100 SXM (NVIDIA datasheet)
+ASSUMED_MFU = 0.4  # for the full-finetuning time column, until a GPU has measured it
+CLIP_L_336 = 303.5e6  # vision tower parameters (CLIP ViT-L/14-336)
 METHODS = ("plain_sdpa", "capture_kl_2layers", "seed_eager", "evaluation")
 
 
@@ -95,6 +98,80 @@ def predict(s: Shapes, method: str) -> dict[str, float]:
     return _peak(phases)
 
 
+def predict_full(
+    s: Shapes, world: int, method: str = "capture_kl_2layers", *, vision: float = CLIP_L_336, projector: float = 0.0,
+    mixed: bool = True,
+) -> dict[str, float]:  # fmt: skip
+    """Full finetuning sharded with FSDP2 over ``world`` = N ranks (`raysal.model.shard`), per rank, in bytes.
+
+    ``resident`` (held between steps): the fp32 master weights (the frozen vision tower too) and AdamW's two fp32
+    moments, split N ways: (4 + 8) · trainable / N + 4 · frozen / N. ``step`` (over the resident: what
+    `scripts/bench_full_ft.py` measures) peaks in one of four phases; every phase holds the root unit gathered
+    (embeddings, lm_head, projector, vision tower; bf16 with mixed precision), whose unsharded gradients also live
+    from the start of backward to its end (the root is reduce-scattered last):
+
+    - **loss**: the LoRA step's loss phase (`predict`: checkpoints, logits and the fp32 loss around them);
+    - **backward**: the LoRA step's recompute phase (one layer recomputed, the capture's maps) + two decoder
+      layers gathered (the one running, the one prefetched) + one layer's unsharded gradient (bf16 and the fp32
+      copy that is reduce-scattered) + the sharded gradients of half the layers (where backward peaks depends on
+      the method: the captured layers are recomputed early);
+    - **end**: every sharded fp32 gradient (4 · trainable / N) before the optimizer step;
+    - **optimizer** (GPU): those gradients + the one temporary of the same size that foreach AdamW makes (its
+      √v); CPU AdamW steps parameter by parameter.
+    """
+    d, f, n, V = s.hidden, s.ffn, s.layers, s.vocab
+    d_kv = d // s.heads * s.kv_heads
+    layer = 2 * d * d + 2 * d * d_kv + 3 * d * f + 2 * d  # one decoder layer's parameters
+    trainable = lm_params(d, f, n, s.heads, s.kv_heads, V) + projector
+    root_trainable = 2 * V * d + d + projector
+    pb = 2 if mixed else 4  # bytes of a gathered parameter or an unsharded gradient
+    resident = (12 * trainable + 4 * vision) / world
+    grads = 4 * trainable / world
+    root = (root_trainable + vision) * pb + root_trainable * pb  # gathered weights + their unsharded gradients
+    layer_grads = layer * (pb + 4 if mixed else 4)
+    lora = predict(s, method)
+    phases = {
+        "loss": root + lora["loss"],
+        "backward": root + lora["recompute"] + 2 * layer * pb + layer_grads + 4 * layer * (n / 2) / world,
+        "end": root + grads,
+        "optimizer": 2 * grads if mixed else grads,
+    }
+    phase = max(phases, key=phases.__getitem__)
+    return {"peak": resident + phases[phase], "resident": resident, "step": phases[phase], "phase": phase,
+            **{f"step_{k}": v for k, v in phases.items()}}  # fmt: skip
+
+
+def table_full_ft(gpu_gib: float = 80.0) -> list[dict]:
+    """7B full finetuning with the capture (2 layers) on 4 and 8 GPUs, batch 1/2/8 per GPU; time from FLOPs."""
+    rows = []
+    for name in ("llava-1.5-7b", "llava-next-7b"):
+        for world in (4, 8):
+            for batch in (1, 2, 8):
+                s = seven_b(name, batch)
+                p = predict_full(s, world, projector=1024 * s.hidden + s.hidden * s.hidden)
+                tokens = batch * s.tokens
+                # forward 2·P·tokens, backward 4·P·tokens (weights and activations), recompute 2·P·tokens;
+                # linear layers only (attention adds ~10 % at NeXT's 2.5 k tokens)
+                flops = 8 * s.params * tokens
+                sec = flops / (H100_BF16_PEAK * ASSUMED_MFU)
+                rows.append({"model": name, "gpus": world, "batch_per_gpu": batch, "peak_gib": p["peak"] / GIB,
+                             "resident_gib": p["resident"] / GIB, "step_gib": p["step"] / GIB, "phase": p["phase"],
+                             "fits": p["peak"] / GIB <= gpu_gib, "sec_per_step": sec,
+                             "tokens_per_s_per_gpu": tokens / sec})  # fmt: skip
+    return rows
+
+
+def print_full_ft(rows: list[dict]) -> None:
+    mfu = f"{ASSUMED_MFU:.0%} MFU"
+    print(f"| model | GPUs | batch / GPU | peak / GPU | sharded state | step (phase) | s / step at {mfu} |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        mark = "" if r["fits"] else " (> 80 GB)"
+        print(f"| {r['model']} | {r['gpus']} | {r['batch_per_gpu']} | {r['peak_gib']:.1f} GiB{mark} | "
+              f"{r['resident_gib']:.1f} GiB | {r['step_gib']:.1f} GiB ({r['phase']}) | "
+              f"{r['sec_per_step']:.2f} |")  # fmt: skip
+
+
 def _peak(phases: dict[str, float]) -> dict[str, float]:
     phase = max(phases, key=phases.__getitem__)
     return {"peak": phases[phase], "phase": phase, **phases}  # type: ignore[dict-item]
@@ -103,9 +180,6 @@ def _peak(phases: dict[str, float]) -> dict[str, float]:
 def lm_params(d: int, f: int, n: int, H: int, kv: int, V: int) -> float:
     d_kv = d // H * kv
     return 2 * V * d + n * (2 * d * d + 2 * d * d_kv + 3 * d * f + 2 * d) + d
-
-
-CLIP_L_336 = 303.5e6  # vision tower parameters (CLIP ViT-L/14-336)
 
 
 def seven_b(name: str, batch: int) -> Shapes:
@@ -176,7 +250,23 @@ def validate() -> dict:
             mib = e["measured"] / 2**20, e["predicted"] / 2**20
             print(f"{preset:<15} {method:<20} measured {mib[0]:8.1f} MiB  predicted {mib[1]:8.1f} MiB "
                   f"({e['phase']})  {100 * e['error']:+5.1f} %", flush=True)  # fmt: skip
+    for world, method in ((1, "capture_kl_2layers"), (2, "capture_kl_2layers"), (1, "plain_sdpa")):
+        r = measure_full("cpu-small", world, method)
+        rows.append({"preset": "cpu-small", "method": f"full_ft_{method}_world{world}", "measured": r["step_bytes"],
+                     "predicted": r["predicted"]["step"], "phase": r["predicted"]["phase"],
+                     "error": r["step_error"]})  # fmt: skip
+        print(f"cpu-small       full FT {method} × {world} rank(s): measured {r['step_bytes'] / 2**20:8.1f} MiB  "
+              f"predicted {r['predicted']['step'] / 2**20:8.1f} MiB ({r['predicted']['phase']})  "
+              f"{100 * r['step_error']:+5.1f} %", flush=True)  # fmt: skip
     return {"date": date.today().isoformat(), "rows": rows, "max_abs_error": max(abs(r["error"]) for r in rows)}
+
+
+def measure_full(preset: str, world: int, method: str) -> dict:
+    """`scripts/bench_full_ft.py` in its own process(es): FSDP full finetuning over ``world`` gloo ranks."""
+    script = Path(__file__).with_name("bench_full_ft.py")
+    cmd = [sys.executable, str(script), "--preset", preset, "--world", str(world), "--method", method, "--reps", "1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return json.loads(next(line for line in reversed(proc.stdout.splitlines()) if line.startswith("{")))
 
 
 def compare(path: Path) -> dict:
@@ -209,8 +299,10 @@ def main() -> int:
         if args.json:
             args.json.write_text(json.dumps(out, indent=2))
         return 0
-    out = {"table_7b": table_7b()}
+    out = {"table_7b": table_7b(), "full_ft_7b": table_full_ft()}
     print_7b(out["table_7b"])
+    print()
+    print_full_ft(out["full_ft_7b"])
     if args.validate:
         out["validation"] = validate()
         print(f"\nlargest error: {100 * out['validation']['max_abs_error']:.1f} %")
