@@ -76,8 +76,10 @@ def measure(world: int, args: argparse.Namespace, device: torch.device) -> dict:
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if mixed else None
     model.train()
 
+    losses: dict[str, float] = {}
+
     def step() -> None:
-        train_step(model, batch, criteria, plan, step=0, autocast=autocast)
+        losses.update(train_step(model, batch, criteria, plan, step=0, autocast=autocast))
         opt.step()
         opt.zero_grad(set_to_none=True)
         if device.type == "cuda":
@@ -109,7 +111,8 @@ def measure(world: int, args: argparse.Namespace, device: torch.device) -> dict:
         "method": args.method, "device": torch.cuda.get_device_name() if mixed else "cpu",
         "date": date.today().isoformat(),
         "median_s": statistics.median(times), "reps": args.reps, "tokens_per_rank": int(batch["input_ids"].numel()),
-        "step_bytes": measured, "resident_bytes": resident, "predicted": pred,
+        "tokens_per_s_per_rank": int(batch["input_ids"].numel()) / statistics.median(times),
+        "step_bytes": measured, "resident_bytes": resident, "predicted": pred, "losses": losses,
         "step_error": pred["step"] / measured - 1, "resident_error": pred["resident"] / resident - 1,
     }  # fmt: skip
 
