@@ -56,17 +56,20 @@ def full_model(tiny: str, fsdp: bool) -> torch.nn.Module:
     return torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
 
 
-def data(tiny: str, shards: str, rank: int, world: int, *, train: int, val: int, batch: int):
+def data(tiny: str, shards: str, rank: int, world: int, *, train: int, val: int, batch: int, one_rank: bool = False):
+    """This rank's training and validation parts (``one_rank``: rank 0 holds all the validation set)."""
     proc = load_processor(tiny)
     pad, px = proc.tokenizer.pad_token_id, PixelNorm.from_processor(proc)
     tr = load_encoded(shards, "train2017", proc, limit=train)[rank::world]
-    va = load_encoded(shards, "val2017", proc, limit=val)[rank::world]
+    va = load_encoded(shards, "val2017", proc, limit=val)
+    va = (va if rank == 0 else []) if one_rank else va[rank::world]
     return batch_factory(tr, batch, pad, px, seed=1), lambda: batch_factory(va, batch, pad, px, shuffle=False)(0)
 
 
-def evaluate_parts(rank: int, world: int, tiny: str, shards: str, out: str, fsdp: bool) -> None:
-    """This rank's part of 7 validation samples (batches of 3: 2 batches on rank 0, 1 on rank 1), summed."""
-    _, val = data(tiny, shards, rank, world, train=0, val=7, batch=3)
+def evaluate_parts(rank: int, world: int, tiny: str, shards: str, out: str, fsdp: bool, one_rank: bool) -> None:
+    """This rank's part of 7 validation samples (batches of 3: 2 batches on rank 0, 1 on rank 1; ``one_rank``:
+    all 3 on rank 0, none on rank 1, which runs a training batch in step), summed."""
+    train, val = data(tiny, shards, rank, world, train=4, val=7, batch=3, one_rank=one_rank)
     model = load_model(tiny, dtype="float32")
     if fsdp:
         model = shard_model(prepare_full_finetune(model), device=torch.device("cpu"), mixed_precision=False)
@@ -74,7 +77,7 @@ def evaluate_parts(rank: int, world: int, tiny: str, shards: str, out: str, fsdp
     model.set_attn_implementation({"text_config": CAPTURE_IMPL})
     info = model_info(model)
     protocol = CapturePlan(resolve_layers("all", info.n_layers), resolve_heads("all", info.n_heads), 0)
-    got = evaluate(model, val(), protocol, sharded=True, lockstep=fsdp)
+    got = evaluate(model, val(), protocol, sharded=True, lockstep=fsdp, filler=next(train(0)) if one_rank else None)
     if rank == 0:
         Path(out).write_text(json.dumps(got))
 

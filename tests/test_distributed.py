@@ -32,10 +32,13 @@ def whole_set(tiny_llava, small_shards):
     return evaluate(model, val(), protocol)
 
 
-@pytest.mark.parametrize("fsdp", [False, True], ids=["replicated", "fsdp-lockstep"])
-def test_sharded_evaluation_equals_one_process(whole_set, tiny_llava, small_shards, tmp_path, fsdp):
+@pytest.mark.parametrize(
+    ("fsdp", "one_rank"), [(False, False), (True, False), (True, True)],
+    ids=["replicated", "fsdp-lockstep", "fsdp-a-rank-without-validation"],
+)  # fmt: skip
+def test_sharded_evaluation_equals_one_process(whole_set, tiny_llava, small_shards, tmp_path, fsdp, one_rank):
     out = tmp_path / "eval.json"
-    runs.spawn(runs.evaluate_parts, 2, str(tiny_llava), str(small_shards), str(out), fsdp)
+    runs.spawn(runs.evaluate_parts, 2, str(tiny_llava), str(small_shards), str(out), fsdp, one_rank)
     got = json.loads(out.read_text())
     assert got["images"] == 7 and got["tokens"] == whole_set["tokens"]
     for k in METRICS:

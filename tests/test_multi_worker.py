@@ -15,6 +15,7 @@ from entrypoint_runs import SMALL, run
 from raysal.attention.capture import CAPTURE_IMPL, enable_capture
 from raysal.attention.selection import resolve_heads, resolve_layers
 from raysal.batch import PixelNorm
+from raysal.data.holdout import in_holdout
 from raysal.loop.evaluate import evaluate
 from raysal.loop.step import CapturePlan
 from raysal.model.build import load_model, load_processor, model_info
@@ -24,10 +25,14 @@ from raysal.preprocess.encode import DEFAULT_PROMPT
 METRICS = ("lm_loss", "amr", "ap", "nss", "pointing", "images", "tokens")
 
 
-def evaluate_whole_set(model_dir: Path, processor_dir: Path, shards: Path, batch: int) -> dict[str, float]:
-    """One process, every validation sample: what N sharded workers must report."""
+def evaluate_whole_set(
+    model_dir: Path, processor_dir: Path, shards: Path, batch: int, split: str = "val2017", holdout: float = 0.0
+) -> dict[str, float]:
+    """One process, every validation sample (a split, or the hold-out of one): what N sharded workers report."""
     proc = load_processor(str(processor_dir))
-    samples = load_encoded(shards, "val2017", proc)
+    samples = load_encoded(shards, split, proc)
+    if holdout:
+        samples = [s for s in samples if in_holdout(int(s["image_id"]), holdout)]
     batches = batch_factory(samples, batch, proc.tokenizer.pad_token_id, PixelNorm.from_processor(proc),
                             shuffle=False)(0)  # fmt: skip
     model = load_model(str(model_dir), dtype="float32")
@@ -80,7 +85,8 @@ def test_two_workers_split_training_and_evaluation(tiny_llava, small_shards, tmp
     from raysal.orchestration.trainer import ShardedValidation
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import this test module
-    data = {"shards": str(small_shards), "train_split": "train2017", "val_split": "val2017", "val_holdout": 0.0,
+    # the data=coconut shape: one split, validation = a hold-out of it (half, so that it spans several blocks)
+    data = {"shards": str(small_shards), "train_split": "train2017", "val_split": "train2017", "val_holdout": 0.5,
             "val_max_images": None, "encode_cpus": 0.5, "prompt": DEFAULT_PROMPT}  # fmt: skip
     out = tmp_path / "out"
     out.mkdir()
@@ -94,17 +100,19 @@ def test_two_workers_split_training_and_evaluation(tiny_llava, small_shards, tmp
     ).fit()
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
 
-    def ids(split: str) -> list[int]:
-        return sorted(r["image_id"] for f in shard_files(small_shards, split) for r in pq.read_table(f).to_pylist())
-
-    train_ids, val_ids = ids("train2017"), ids("val2017")
-    assert len(train_ids) % 2 == 0  # equal parts drop nothing
+    ids = [r["image_id"] for f in shard_files(small_shards, "train2017") for r in pq.read_table(f).to_pylist()]
+    val_ids = sorted(i for i in ids if in_holdout(i, 0.5))
+    train_ids = sorted(i for i in ids if not in_holdout(i, 0.5))
+    assert len(val_ids) >= 8 and len(train_ids) >= 8
     for epoch in (0, 1):  # every sample once per epoch across the ranks, half on each
         a, b = (r["epochs"][epoch] for r in ranks)
-        assert sorted(a + b) == train_ids and len(a) == len(b), epoch
+        seen = sorted(a + b)
+        assert len(set(seen)) == len(seen) and len(a) == len(b), epoch  # no sample twice; equal steps per rank
+        # equal parts leave out at most num_workers - 1 rows of an epoch (DistributedSampler's drop_last)
+        assert set(seen) <= set(train_ids) and len(seen) == len(train_ids) - len(train_ids) % 2, epoch
     assert ranks[0]["epochs"][0] != ranks[0]["epochs"][1]  # reshuffled each epoch
-    assert sorted(ranks[0]["val"] + ranks[1]["val"]) == val_ids and ranks[0]["val"] and ranks[1]["val"]
-    whole = evaluate_whole_set(tiny_llava, tiny_llava, small_shards, batch=4)
+    assert sorted(ranks[0]["val"] + ranks[1]["val"]) == val_ids  # the ranks' parts: every image once
+    whole = evaluate_whole_set(tiny_llava, tiny_llava, small_shards, batch=4, split="train2017", holdout=0.5)
     for r in ranks:  # every rank reports the whole set's metrics
         for k in METRICS:
             assert r["m"][k] == pytest.approx(whole[k], rel=1e-5, abs=1e-7), k

@@ -37,24 +37,27 @@ def evaluate(
     theta: float = 0.5,
     sharded: bool = False,
     lockstep: bool = False,
+    filler: dict | None = None,
 ) -> dict[str, float]:
     """→ {"lm_loss", "amr", "ap", "nss", "pointing", "images", "tokens"} (un-namespaced; the caller prefixes).
 
     ``sharded``: this rank's ``batches`` are its disjoint part of the validation set; the sums behind every metric
     (LM-loss sum and token count, per-image metric sums and image counts) are added over the ranks, so every rank
     returns what one process evaluating the whole set returns. ``lockstep``: the model's forward runs collectives
-    (FSDP): a rank whose part is used up runs its last batch again, uncounted, until every rank is done.
+    (FSDP): a rank whose part is used up runs its last batch again, uncounted, until every rank is done; a rank
+    whose part is empty (Ray hands validation blocks to whichever rank asks first) runs ``filler`` (any device
+    batch: the loop passes its last training batch), uncounted.
     """
     was_training = model.training
     model.eval()
     meter = GroundingMeter(theta=theta)
     ce_sum, ce_n, images = 0.0, 0, 0
     try:
-        it, last = iter(batches), None
+        it, last = iter(batches), filler
         while True:
             batch = next(it, None)
             if lockstep:
-                # one collective per batch: how many ranks still have one, and whether one never had any
+                # one collective per batch: how many ranks still have one, and whether one has nothing to run
                 active, starved = all_reduce_sum([batch is not None, batch is None and last is None], device)
                 if starved and active:
                     raise EvaluationError(

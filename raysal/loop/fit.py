@@ -127,6 +127,7 @@ def fit(
     sums: dict[str, float] = defaultdict(float)
     n_micro, pending, t_last = 0, 0, time.perf_counter()
     last: dict[str, float] = {}
+    last_batch: dict | None = None  # FSDP: what a rank with no validation batch runs while the others evaluate
 
     def boundary() -> dict[str, float]:
         nonlocal n_micro, t_last
@@ -139,7 +140,7 @@ def fit(
         if val_batches is not None:
             core.set_attn_implementation({"text_config": CAPTURE_IMPL})
             val = evaluate(core, val_batches(), protocol, device=device, autocast=autocast, theta=cfg.eval_theta,
-                           sharded=world_size() > 1, lockstep=sharded)  # fmt: skip
+                           sharded=world_size() > 1, lockstep=sharded, filler=last_batch)  # fmt: skip
             if after_eval is not None:
                 after_eval(core, info, protocol, progress.step, autocast)
             core.set_attn_implementation({"text_config": train_attn})
@@ -169,6 +170,7 @@ def fit(
             if i < progress.micro:
                 continue  # consumed before the checkpoint this run resumed from
             batch = {k: v.to(device) for k, v in batch.items()}
+            last_batch = batch if sharded else None
             m = train_step(
                 model, batch, criteria, plan, step=progress.step, loss_scale=1 / cfg.grad_accum, autocast=autocast
             )
