@@ -123,20 +123,22 @@ def test_fsdp_full_finetuning_run_resumes_and_exports(tmp_path, cache):
     """The README's command: full finetuning sharded over 2 workers; the same name resumes from the sharded
     checkpoint Ray merged from both ranks; the exported model loads and scores what the run reported."""
     args = [*SMALL, "lora=none", "scaling.strategy=fsdp", "scaling.num_workers=2", "scaling.cpus_per_worker=0.5",
-            "data.encode_cpus=0.25", "trainer.eval_every=2", f"storage_path={tmp_path}", "name=fsdp"]  # fmt: skip
+            "data.encode_cpus=0.25", "trainer.eval_every=2", "trainer.probes.images=1", "trainer.probes.phrases=1",
+            f"storage_path={tmp_path}", "name=fsdp"]  # fmt: skip
     res = run(["raysal.train", *args, "trainer.max_steps=2"], cache)
     assert res.returncode == 0, res.stderr[-3000:]
     run_dir = tmp_path / "fsdp"
-    (ckpt,) = run_dir.glob("checkpoint_*")
+    (ckpt,) = run_dir.glob("checkpoint_[0-9]*")
     assert sorted(p.name for p in (ckpt / "sharded").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
     res = run(["raysal.train", *args, "trainer.max_steps=4"], cache)
     assert res.returncode == 0, res.stderr[-3000:]
     history = [json.loads(line) for line in (run_dir / "checkpoint_0000004" / "history.jsonl").read_text().splitlines()]
     assert [h["train/step"] for h in history] == [2.0, 4.0]  # resumed at step 2, not started over
     assert history[-1]["train/loss"] < history[0]["train/loss"]
+    assert (run_dir / "probes" / "step_0000004" / "probe0_0.png").exists()  # rank 0 drew it, both ranks ran it
     best = json.loads((run_dir / "best_model" / "best.json").read_text())
     step = int(best["metrics"]["train/step"])
-    shards = next((cache / "synthetic").glob("shards-24-*"))
+    shards = cache / "synthetic" / "shards-24-0"  # data.synthetic.images=24, seed 0
     whole = evaluate_whole_set(run_dir / "best_model", cache / "tiny" / "llava", shards, batch=4)
     reported = next(h for h in history if h["train/step"] == step)
     for k in ("lm_loss", "amr", "ap", "nss", "pointing", "images", "tokens"):
