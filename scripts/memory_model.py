@@ -1,12 +1,13 @@
 """Peak memory of a raysal step, predicted from shapes alone: what a 7B trial needs before a GPU has measured it.
 
-    python scripts/memory_model.py                                   # the 7B table (markdown)
+    python scripts/memory_model.py                                   # the 7B tables (LoRA; full finetuning, FSDP)
     python scripts/memory_model.py --validate --json docs/memory_model.json   # against the CPU presets
     python scripts/memory_model.py --compare docs/bench_attention_next_7b_gpu.json   # against a GPU run of a preset
 
-The prediction is the peak of live tensors over the model's weights and optimizer state (what CUDA's
-``max_memory_allocated`` counts), for a LoRA step with gradient checkpointing (non-reentrant, every decoder layer),
-as `scripts/bench_attention.py` runs it. A step peaks in one of two phases:
+Full finetuning sharded with FSDP2 over N GPUs is `predict_full` (its docstring; validated with
+`scripts/bench_full_ft.py`). The LoRA prediction is the peak of live tensors over the model's weights and optimizer
+state (what CUDA's ``max_memory_allocated`` counts), for a LoRA step with gradient checkpointing (non-reentrant,
+every decoder layer), as `scripts/bench_attention.py` runs it. A step peaks in one of two phases:
 
 - **loss**: every layer's checkpoint (its input, (B, L, d)) plus the logits and the fp32 loss around them: the
   logits (model dtype), the fp32 input of the log-softmax, its output, and the gradient of each (12 bytes per

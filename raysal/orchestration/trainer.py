@@ -97,5 +97,7 @@ def export_best(checkpoint: ray.train.Checkpoint, parent: str, metrics: dict[str
             pyarrow.fs.copy_files(str(out), dest)
         else:
             shutil.rmtree(dest, ignore_errors=True)
+            # a resumed search whose best changed regime: the other kind's export is no longer the best
+            shutil.rmtree(f"{parent}/best_{MODEL if kind == ADAPTER else ADAPTER}", ignore_errors=True)
             shutil.copytree(out, dest)
     return key, dest
