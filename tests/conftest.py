@@ -24,9 +24,10 @@ def broken_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_local():
-    """A local Ray for integration tests: 2 CPUs, no dashboard, shut down at the end of the session."""
+    """A local Ray for integration tests: 2 CPUs, no dashboard, shut down at the end of the module (a module that
+    starts a Ray of its own, `test_placement_groups.py`, must find none running)."""
     ray = pytest.importorskip("ray")
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
