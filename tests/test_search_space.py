@@ -258,3 +258,18 @@ def test_format_override_reads_back_in_hydra(value: Any) -> None:
     assert parsed.value() == value
     if isinstance(value, float):
         assert math.copysign(1, parsed.value()) == math.copysign(1, value)
+
+
+def test_regime_file_per_option_resources_and_profile_control() -> None:
+    """search_spaces/regime.yaml: each regime carries its own scaling; a profile may replace the control."""
+    root = Path(__file__).resolve().parents[1] / "search_spaces" / "regime.yaml"
+    cluster, demo = load_search_space(root), load_search_space(root, "demo")
+    (regime,) = [p.dist for p in cluster.space.params if p.key == "lora"]
+    assert isinstance(regime, Choice)
+    fixed = {opt.value: {q.key: q.dist.value for q in opt.space.params if isinstance(q.dist, Fixed)}
+             for opt in regime.options}  # fmt: skip
+    assert fixed["none"]["scaling.strategy"] == "fsdp" and fixed["none"]["scaling.num_workers"] == 4
+    assert fixed["default"]["scaling.strategy"] == "ddp" and fixed["default"]["scaling.num_workers"] == 1
+    assert cluster.resources.num_workers == 4  # the largest trial's: default concurrency never over-books GPUs
+    assert "optim.lr=2.0e-5" in cluster.control.overrides and "optim.lr=5.0e-3" in demo.control.overrides
+    assert cluster.control.lm_tolerance == demo.control.lm_tolerance == 0.02  # merged key-wise

@@ -8,11 +8,13 @@ from typing import Any
 
 from raysal.search.space import SearchSpaceError
 
-_PROFILE_KEYS = ("num_samples", "max_concurrent_trials", "seed", "scheduler", "resources", "base_overrides", "space")
+_PROFILE_KEYS = (
+    "num_samples", "max_concurrent_trials", "seed", "scheduler", "resources", "base_overrides", "space", "control"
+)  # fmt: skip
 
 
 def apply_profile(path: Path, raw: Any, profile: str | None) -> Any:
-    """Merge ``profiles.<profile>`` over the top level: mappings (scheduler, resources, space) key-wise,
+    """Merge ``profiles.<profile>`` over the top level: mappings (scheduler, resources, space, control) key-wise,
     base_overrides appended.
 
     A file is sized for a GPU cluster; its ``profiles.demo`` (selected by ``experiment=demo``) sizes the same
