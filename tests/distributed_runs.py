@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.distributed as dist
@@ -18,7 +20,7 @@ from raysal.criteria.kl import KLCriterion
 from raysal.criteria.lm import LMCriterion
 from raysal.loop.evaluate import evaluate
 from raysal.loop.fit import FitConfig, fit
-from raysal.loop.step import CapturePlan
+from raysal.loop.step import CapturePlan, NonFiniteLossError
 from raysal.model.build import load_model, load_processor, model_info, prepare_full_finetune
 from raysal.model.shard import shard_model
 from raysal.preprocess.batches import batch_factory, load_encoded
@@ -42,7 +44,8 @@ def spawn(fn: Any, world: int, *args: Any) -> None:
 def _entry(rank: int, world: int, port: int, fn: Any, args: tuple) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)  # two ranks on a 2-core machine
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # a collective that waits for a rank that stopped fails after 2 minutes instead of hanging the test run
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(minutes=2))
     try:
         fn(rank, world, *args)
     finally:
@@ -107,3 +110,29 @@ def finetune(rank: int, world: int, tiny: str, shards: str, out: str) -> None:
     run("fsdp", fsdp=True)
     dist.barrier()
     run("resumed", fsdp=True, resume_from=root / "fsdp" / "step_0000003")
+
+
+@dataclass
+class RankOneInf:
+    """A criterion that is infinite on rank 1 only (a bad batch on one worker)."""
+
+    weight: float = 1.0
+    name: str = "rank1_inf"
+    needs: ClassVar[frozenset[str]] = frozenset({"logits"})
+    replaces_lm: ClassVar[bool] = False
+
+    def __call__(self, x: Any) -> torch.Tensor:
+        zero = x.logits.float().mean() * 0
+        return zero + float("inf") if dist.get_rank() == 1 else zero
+
+
+def one_rank_diverges(rank: int, world: int, tiny: str, shards: str, out: str) -> None:
+    """FSDP full finetuning where rank 1's loss is not finite: every rank must stop (none left in a collective)."""
+    train, val = data(tiny, shards, rank, world, train=8, val=4, batch=2)
+    model = full_model(tiny, fsdp=True)
+    try:
+        fit(model, [LMCriterion(), RankOneInf()], train, val, FitConfig(max_steps=2, eval_every=1))
+        reason = "no error"
+    except NonFiniteLossError as e:
+        reason = str(e)
+    Path(out, f"rank{rank}.txt").write_text(reason)

@@ -122,3 +122,10 @@ def test_meter_sums_of_disjoint_images_give_the_whole_sets_scores():
     got = scores_from_sums({k: (a[k][0] + b[k][0], a[k][1] + b[k][1]) for k in NAMES})
     assert got == pytest.approx(whole.compute(), rel=1e-12)
     assert scores_from_sums(GroundingMeter().sums())["amr"] != scores_from_sums(GroundingMeter().sums())["amr"]
+
+
+def test_a_loss_that_is_not_finite_on_one_rank_stops_every_rank(tiny_llava, small_shards, tmp_path):
+    """Decided together before backward: the healthy rank stops too instead of waiting in FSDP's collectives."""
+    runs.spawn(runs.one_rank_diverges, 2, str(tiny_llava), str(small_shards), str(tmp_path))
+    assert "loss term 'rank1_inf' is inf" in (tmp_path / "rank1.txt").read_text()
+    assert "another rank's loss is not finite" in (tmp_path / "rank0.txt").read_text()

@@ -14,8 +14,8 @@ Layout of a checkpoint folder::
 Sharded models use distributed checkpointing rather than a state dict gathered on rank 0: for full finetuning of
 a 7B model the fp32 weights and AdamW moments are ~84 GB, which one process would have to gather into host memory
 and write alone at every checkpoint; here each rank writes its 1/N in parallel, and a run may resume on a different
-number of workers (DCP reshards on load). Only the loadable ``model/`` (bf16 on GPU: 14 GB for 7B) is gathered,
-weights only, for users and for export.
+number of workers (DCP reshards on load). Only the loadable ``model/`` is gathered (the fp32 weights: 28 GB for
+7B), for users and for export.
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ import torch
 from raysal.attention.capture import CAPTURE_IMPL, enable_capture
 from raysal.attention.selection import resolve_heads, resolve_layers
 from raysal.loop.checkpoint import Progress, load_checkpoint, load_history, save_checkpoint
-from raysal.loop.distributed import is_sharded, world_size
+from raysal.loop.distributed import all_reduce_sum, is_sharded, world_size
 from raysal.loop.divergence import DivergenceConfig, DivergenceGuard
 from raysal.loop.evaluate import evaluate
 from raysal.loop.schedule import make_scheduler
@@ -174,7 +174,12 @@ def fit(
             m = train_step(
                 model, batch, criteria, plan, step=progress.step, loss_scale=1 / cfg.grad_accum, autocast=autocast
             )
+            fresh = guard.first_lm_loss is None
             guard.after_micro_batch(m)
+            if fresh and guard.first_lm_loss is not None and world_size() > 1:
+                # the starting LM loss the divergence checks compare with: the same on every rank, or one rank
+                # could stop while the others wait for it in a collective
+                guard.first_lm_loss = all_reduce_sum([guard.first_lm_loss], device)[0] / world_size()
             for k, v in m.items():
                 sums[k] += v
             n_micro += 1

@@ -7,7 +7,6 @@ during backward, captures the same way.
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +18,7 @@ from raysal.attention.selection import resolve_heads, resolve_layers
 from raysal.batch import model_inputs
 from raysal.criteria.inputs import NEEDS, CriterionInputs
 from raysal.criteria.targets import grounding_targets
+from raysal.loop.distributed import all_reduce_sum, world_size
 from raysal.loop.divergence import DivergedError
 from raysal.model.build import ModelInfo
 
@@ -143,16 +143,19 @@ def train_step(
             model=model if plan.needs_model else None,
         )
         terms = {c.name: c(inputs) for c in criteria}
-        for name, value in terms.items():
-            if not torch.isfinite(value):
-                raise NonFiniteLossError(f"step {step}: loss term {name!r} is {value.item()} (not finite); stopping")
         total = sum(c.weight * terms[c.name] for c in criteria)
+        bad = next(((f"loss term {n!r}", v.item()) for n, v in terms.items() if not torch.isfinite(v)), None)
+        if bad is None and not torch.isfinite(total):
+            bad = ("total loss", total.item())
+        # several ranks: decided together, before backward (its collectives would wait for a rank that stopped)
+        if world_size() > 1 and all_reduce_sum([bad is not None], out.logits.device)[0] and bad is None:
+            raise NonFiniteLossError(f"step {step}: another rank's loss is not finite; stopping with it")
+        if bad is not None:
+            raise NonFiniteLossError(f"step {step}: {bad[0]} is {bad[1]} (not finite); stopping")
         (total * loss_scale).backward()
     metrics = {"loss": float(total.detach())}
     metrics.update({f"loss/{k}": float(v.detach()) for k, v in terms.items()})
     if targets is not None:
         metrics["grounded_tokens"] = float(targets.token_valid.sum())
         metrics["invisible_tokens"] = float(targets.n_invisible)
-    if not math.isfinite(metrics["loss"]):
-        raise NonFiniteLossError(f"step {step}: total loss is {metrics['loss']} (not finite); stopping")
     return metrics

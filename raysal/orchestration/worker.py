@@ -107,6 +107,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     else:
         model = apply_lora(model, **{k: v for k, v in spec.lora.items() if k != "enabled"})
     if fsdp:
+        if device.type == "cuda":
+            torch.cuda.set_device(device)  # the device mesh and NCCL use the current device
         model = shard_model(model, device=device, mixed_precision=device.type == "cuda" and spec.fit.bf16)
     else:
         model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True})
