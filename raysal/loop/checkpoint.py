@@ -4,6 +4,7 @@ scheduler, position in the data, RNG states.
 Layout of a checkpoint folder::
 
     adapter/        LoRA: peft ``save_pretrained`` output (what users load)
+    connector/      the connector-only stage: the connector's weights (``model.connector_init`` loads them)
     model/          full finetuning: the whole model, ``save_pretrained`` (what users load with ``from_pretrained``)
     state.pt        scheduler, step/epoch/micro-batch, RNG states; trainable parameters and optimizer unless sharded
     sharded/        an FSDP model's trainable parameters and optimizer state, one file per rank
@@ -29,10 +30,12 @@ import numpy as np
 import torch
 
 from raysal.loop.distributed import is_sharded, rank
+from raysal.model.build import save_connector
 
 STATE = "state.pt"
 ADAPTER = "adapter"
 MODEL = "model"
+CONNECTOR = "connector"
 SHARDED = "sharded"
 HISTORY = "history.jsonl"
 
@@ -71,9 +74,13 @@ def save_checkpoint(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     progress: Progress,
     history: list[dict[str, float]] = (),
+    *,
+    connector: str | None = None,
 ) -> Path:
-    """Write a checkpoint. A sharded (FSDP) model: every rank calls this (collective), each into its own folder
-    or a shared one; rank 0 writes everything but the other ranks' shards. Otherwise rank 0 alone calls it."""
+    """Write a checkpoint (``connector``: the connector-only stage of that connector kind: ``connector/`` is what
+    it exports, not the whole model). A sharded (FSDP) model: every rank calls this (collective), each into its own
+    folder or a shared one; rank 0 writes everything but the other ranks' shards. Otherwise rank 0 alone calls
+    it."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     main, sharded = rank() == 0, is_sharded(model)
@@ -82,7 +89,10 @@ def save_checkpoint(
 
         model_sd, optim_sd = get_sharded_state(model, optimizer)
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path / SHARDED))
-    if hasattr(model, "peft_config"):
+    if connector is not None:
+        if rank() == 0:
+            save_connector(model, path / CONNECTOR, connector)
+    elif hasattr(model, "peft_config"):
         model.save_pretrained(path / ADAPTER)
     else:
         save_full_model(model, path / MODEL)

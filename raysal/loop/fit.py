@@ -58,6 +58,7 @@ class FitConfig:
     eval_query_offset: int = 0
     eval_theta: float = 0.5
     divergence: DivergenceConfig = field(default_factory=DivergenceConfig)
+    connector_stage: str | None = None  # the connector-only stage of this connector kind: checkpoints save connector/
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -151,8 +152,9 @@ def fit(
         history.append(metrics)
         if ckpt_root is not None:
             path = save_checkpoint(
-                ckpt_root / f"step_{progress.step:07d}", core, optimizer, scheduler, progress, history
-            )
+                ckpt_root / f"step_{progress.step:07d}", core, optimizer, scheduler, progress, history,
+                connector=cfg.connector_stage,
+            )  # fmt: skip
             _prune(ckpt_root, cfg.keep_checkpoints)
         if report is not None:
             report(metrics, path)

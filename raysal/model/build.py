@@ -6,8 +6,10 @@ The same code path loads ``llava-hf/llava-1.5-7b-hf``, ``llava-hf/llava-v1.6-mis
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -59,13 +61,26 @@ def load_model(
     dtype: str = "auto",
     device: torch.device | str = "cpu",
     gradient_checkpointing: bool = False,
+    connector: str = "mlp",
+    connector_init: str | Path | None = None,
 ) -> PreTrainedModel:
-    """LLaVA or LLaVA-NeXT with SDPA attention (the capture switches the language model later)."""
+    """LLaVA or LLaVA-NeXT with SDPA attention (the capture switches the language model later). ``connector``:
+    ``mlp`` keeps the checkpoint's projector; ``align`` puts a fresh AlignVLM connector in its place
+    (`raysal.model.align_connector`). ``connector_init``: a ``connector/`` folder saved by a connector-only stage
+    (`save_connector`), loaded into it."""
     model = AutoModelForImageTextToText.from_pretrained(
         name_or_path, dtype=resolve_dtype(dtype, device), attn_implementation="sdpa"
     )
     if model.config.model_type not in SUPPORTED:
         raise ValueError(f"{name_or_path}: model_type {model.config.model_type!r} is not one of {SUPPORTED}")
+    if connector == "align":
+        from raysal.model.align_connector import install_align_connector
+
+        install_align_connector(model)
+    elif connector != "mlp":
+        raise ValueError(f"connector must be mlp or align, got {connector!r}")
+    if connector_init is not None:
+        load_connector(model, connector_init, connector)
     model.to(device)
     if gradient_checkpointing:
         # non-reentrant: works with frozen inputs (LoRA) and with the capture context kept open through backward
@@ -129,6 +144,52 @@ def prepare_full_finetune(
         else:
             p.requires_grad_(True)
     return model
+
+
+CONNECTOR_FILE = "connector.safetensors"
+CONNECTOR_META = "connector.json"
+
+
+def prepare_connector_stage(model: PreTrainedModel) -> PreTrainedModel:
+    """The connector-only stage: every weight frozen but the connector's (and NeXT's image newline)."""
+    for name, p in model.named_parameters():
+        p.requires_grad_(PROJECTOR in name or NEWLINE in name)
+    return model
+
+
+def save_connector(model: torch.nn.Module, dest: Path, kind: str) -> None:
+    """``dest/connector.safetensors`` (the connector's weights, NeXT's image newline too) + ``connector.json``."""
+    from safetensors.torch import save_file
+
+    state = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if PROJECTOR in n or NEWLINE in n}
+    dest.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(dest / CONNECTOR_FILE))
+    (dest / CONNECTOR_META).write_text(json.dumps({"connector": kind, "parameters": sorted(state)}, indent=2))
+
+
+def load_connector(model: torch.nn.Module, folder: str | Path, kind: str) -> None:
+    """Load a saved connector into ``model`` (the same connector kind, the same shapes), or fail with the reason."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    meta_file, weights = folder / CONNECTOR_META, folder / CONNECTOR_FILE
+    if not meta_file.is_file() or not weights.is_file():
+        raise FileNotFoundError(f"model.connector_init={folder}: no {CONNECTOR_META} / {CONNECTOR_FILE} (a connector/ "
+                                "folder of a trainer.stage=connector run, or its best_connector/)")  # fmt: skip
+    saved = json.loads(meta_file.read_text())["connector"]
+    if saved != kind:
+        raise ValueError(
+            f"model.connector_init={folder}: the saved connector is {saved!r}, but model.connector={kind!r}"
+        )
+    state = load_file(str(weights))
+    params = dict(model.named_parameters())
+    for name, value in state.items():
+        if name not in params or params[name].shape != value.shape:
+            have = tuple(params[name].shape) if name in params else "missing"
+            raise ValueError(f"model.connector_init={folder}: {name} {tuple(value.shape)} does not fit this model "
+                             f"({have}): saved for another model?")  # fmt: skip
+        with torch.no_grad():
+            params[name].copy_(value)
 
 
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:

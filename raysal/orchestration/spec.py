@@ -132,6 +132,18 @@ def check_finetune(c: dict) -> None:
         )
 
 
+def check_connector_stage(c: dict, criteria: list[Any]) -> None:
+    """The connector-only stage trains the connector on captions: the LM loss alone, one replica per worker."""
+    if [x.name for x in criteria] != ["lm"]:
+        raise ConfigError(
+            f"trainer.stage=connector trains on captions only (the lm criterion), got {[x.name for x in criteria]}: "
+            "remove the alignment criterion (~criterion@criteria.align)"
+        )
+    if _get(c, "scaling.strategy") != "ddp":
+        raise ConfigError("trainer.stage=connector: the connector alone trains; use scaling.strategy=ddp")
+    log.info("trainer.stage=connector: only the connector trains; the lora settings are unused")
+
+
 def check_values(c: dict) -> None:
     """Every number the run uses, checked with its key named (the types Hydra cannot check for us)."""
     _number(c, "seed", int)
@@ -169,6 +181,29 @@ def check_values(c: dict) -> None:
         resolve_dtype(str(_get(c, "model.dtype")), "cpu")
     except ValueError as e:
         raise ConfigError(f"model.dtype: {e}") from None
+    check_connector(c)
+
+
+def check_connector(c: dict) -> None:
+    """The connector kind, its saved start, and what trains it."""
+    kind = _choice(c, "model.connector", ("mlp", "align"))
+    stage = _choice(c, "trainer.stage", ("finetune", "connector"))
+    init = _get(c, "model.connector_init")
+    if init is not None and not Path(str(init)).expanduser().is_dir():
+        raise ConfigError(f"model.connector_init={init}: no such folder (a connector/ of a connector-only stage)")
+    if stage == "connector" or kind != "align":
+        return  # the connector-only stage trains (and saves) the connector whatever the lora group says
+    if c["lora"].get("enabled", True) is False:
+        raise ConfigError(
+            "model.connector=align with lora=none: the exported model/ would load with the checkpoint's MLP "
+            "projector (transformers knows no ALIGN connector); use LoRA (lora.train_projector=true) with align"
+        )
+    if init is None and not _get(c, "lora.train_projector"):
+        raise ConfigError(
+            "model.connector=align with lora.train_projector=false: a fresh ALIGN connector is random and would stay "
+            "frozen; set lora.train_projector=true, or align it first (trainer.stage=connector) and start from it "
+            "(model.connector_init)"
+        )
 
 
 def spec_from_cfg(cfg: DictConfig) -> RunSpec:
@@ -197,6 +232,8 @@ def spec_from_cfg(cfg: DictConfig) -> RunSpec:
     except ValueError as e:
         raise ConfigError(f"criteria: {e}") from None
     check_values(c)
+    if c["trainer"]["stage"] == "connector":
+        check_connector_stage(c, criteria)
     metric = _get(c, "trainer.objective.metric")
     if metric not in objective_metrics(criteria):
         raise ConfigError(
@@ -209,6 +246,7 @@ def spec_from_cfg(cfg: DictConfig) -> RunSpec:
         max_grad_norm=t["max_grad_norm"], eval_every=t["eval_every"], bf16=t["bf16"], seed=c["seed"],
         keep_checkpoints=1, eval_layers=ev["layers"], eval_heads=ev["heads"], eval_query_offset=ev["query_offset"],
         eval_theta=ev["theta"], divergence=DivergenceConfig(**t["divergence"]),
+        connector_stage=c["model"]["connector"] if t["stage"] == "connector" else None,
     )  # fmt: skip
     return RunSpec(
         name=str(c["name"]),

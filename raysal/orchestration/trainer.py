@@ -15,7 +15,7 @@ from ray.data import ExecutionOptions, ExecutionResources
 from ray.train import DataConfig
 from ray.train.torch import TorchTrainer
 
-from raysal.loop.checkpoint import ADAPTER, MODEL
+from raysal.loop.checkpoint import ADAPTER, CONNECTOR, MODEL
 from raysal.orchestration.data import run_datasets
 from raysal.orchestration.spec import RunSpec
 from raysal.orchestration.storage import is_uri
@@ -81,13 +81,14 @@ def build_trainer(spec: RunSpec, *, callbacks: Sequence[Any] = ()) -> TorchTrain
 
 def export_best(checkpoint: ray.train.Checkpoint, parent: str, metrics: dict[str, Any]) -> tuple[str, str]:
     """Copy a checkpoint's loadable result to ``parent`` (local path or URI) with ``best.json`` beside it: LoRA's peft
-    adapter as ``best_adapter/``, a fully finetuned model as ``best_model/`` → (key, path): the key names which."""
+    adapter as ``best_adapter/``, a fully finetuned model as ``best_model/``, a connector-only stage's connector as
+    ``best_connector/`` → (key, path): the key names which."""
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(tmp) / "ckpt"
         checkpoint.to_directory(str(local))
-        kind = ADAPTER if (local / ADAPTER).is_dir() else MODEL
-        if not (local / kind).is_dir():
-            raise FileNotFoundError(f"{checkpoint.path}: neither {ADAPTER}/ nor {MODEL}/ in the checkpoint")
+        kind = next((k for k in (ADAPTER, MODEL, CONNECTOR) if (local / k).is_dir()), None)
+        if kind is None:
+            raise FileNotFoundError(f"{checkpoint.path}: no {ADAPTER}/, {MODEL}/ or {CONNECTOR}/ in the checkpoint")
         key = f"best_{kind}"
         dest = f"{parent}/{key}"
         out = Path(tmp) / "export"
@@ -97,7 +98,8 @@ def export_best(checkpoint: ray.train.Checkpoint, parent: str, metrics: dict[str
             pyarrow.fs.copy_files(str(out), dest)
         else:
             shutil.rmtree(dest, ignore_errors=True)
-            # a resumed search whose best changed regime: the other kind's export is no longer the best
-            shutil.rmtree(f"{parent}/best_{MODEL if kind == ADAPTER else ADAPTER}", ignore_errors=True)
+            # a resumed search whose best changed regime: another kind's export is no longer the best
+            for other in {ADAPTER, MODEL, CONNECTOR} - {kind}:
+                shutil.rmtree(f"{parent}/best_{other}", ignore_errors=True)
             shutil.copytree(out, dest)
     return key, dest

@@ -24,7 +24,14 @@ from raysal.loop.checkpoint import load_history
 from raysal.loop.divergence import DivergedError
 from raysal.loop.fit import AfterEval, fit
 from raysal.loop.step import CapturePlan
-from raysal.model.build import ModelInfo, apply_lora, load_model, load_processor, prepare_full_finetune
+from raysal.model.build import (
+    ModelInfo,
+    apply_lora,
+    load_model,
+    load_processor,
+    prepare_connector_stage,
+    prepare_full_finetune,
+)
 from raysal.model.shard import shard_model
 from raysal.orchestration.data import iter_collated
 from raysal.orchestration.fail_reason import write_reason
@@ -98,9 +105,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         dtype = "float32"  # full finetuning keeps fp32 master weights; the GPU computes in bf16 (autocast / FSDP)
     model = load_model(
         spec.model["name_or_path"], dtype=dtype, device=device,
-        gradient_checkpointing=spec.model["gradient_checkpointing"],
+        gradient_checkpointing=spec.model["gradient_checkpointing"], connector=spec.model.get("connector", "mlp"),
+        connector_init=spec.model.get("connector_init"),
     )  # fmt: skip
-    if spec.full_finetune:
+    if spec.fit.connector_stage is not None:
+        model = prepare_connector_stage(model)
+    elif spec.full_finetune:
         model = prepare_full_finetune(
             model, train_projector=spec.lora["train_projector"], train_vision=spec.lora["train_vision"]
         )
