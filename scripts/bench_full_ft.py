@@ -53,6 +53,7 @@ def run_rank(rank: int, world: int, args: argparse.Namespace, port: int) -> None
             print(json.dumps(result))
             if args.json:
                 args.json.write_text(json.dumps(result, indent=2))
+        dist.barrier()  # no rank tears the group down while another still works
     finally:
         dist.destroy_process_group()
 

@@ -48,6 +48,7 @@ def _entry(rank: int, world: int, port: int, fn: Any, args: tuple) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(minutes=2))
     try:
         fn(rank, world, *args)
+        dist.barrier()  # no rank tears the group down while another still writes or waits in a collective
     finally:
         dist.destroy_process_group()
 
