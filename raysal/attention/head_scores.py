@@ -1,0 +1,124 @@
+"""Which (layer, head) already grounds: every head of the base model scored on validation samples by its
+text → image attention (the Localization Heads criteria, with the regions COCONut gives us).
+
+Per grounded caption token t and head (ℓ, h), from the captured probabilities of t's query row over the image
+tokens, ``a (I,)`` (not renormalised):
+
+* ``mass``: Σ_i a(i), the share of the row's attention that goes to the image at all;
+* ``entropy``: the Shannon entropy of a / Σ a over the valid image tokens, divided by log |I| (1: uniform, 0: one
+  token) — how concentrated the head looks; Localization Heads uses a spatial entropy of thresholded connected
+  components on a 2-D grid, which LLaVA-NeXT's anyres layout (base view + tiles + newlines) does not have;
+* ``amr`` and ``pointing``: the grounding metrics of `raysal.metrics.grounding` against t's region.
+
+Each is the mean over tokens where it is defined. The ranking is by AMR (what ``val/amr`` measures, per head).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+
+from raysal.attention.capture import AttentionCapture
+from raysal.batch import model_inputs
+from raysal.criteria.inputs import renormalise
+from raysal.criteria.targets import grounding_targets
+from raysal.metrics.grounding import token_scores
+
+SCORES = ("amr", "pointing", "mass", "entropy")
+
+
+@dataclass
+class HeadTable:
+    """Mean scores per (layer, head): each (n_layers, n_heads) float64; ``tokens`` grounded tokens scored."""
+
+    amr: torch.Tensor
+    pointing: torch.Tensor
+    mass: torch.Tensor
+    entropy: torch.Tensor
+    tokens: int
+    images: int
+
+    def ranked(self) -> list[dict]:
+        """Every head as {layer, head, amr, pointing, mass, entropy, rank}, best AMR first (NaN last)."""
+        n_layers, n_heads = self.amr.shape
+        rows = [
+            {"layer": ly, "head": hd, **{k: float(getattr(self, k)[ly, hd]) for k in SCORES}}
+            for ly in range(n_layers)
+            for hd in range(n_heads)
+        ]
+        rows.sort(key=lambda r: (math.isnan(r["amr"]), -r["amr"] if not math.isnan(r["amr"]) else 0.0))
+        for i, r in enumerate(rows):
+            r["rank"] = i + 1
+        return rows
+
+
+class _Sums:
+    def __init__(self, n_layers: int, n_heads: int) -> None:
+        self.sum = {k: torch.zeros(n_layers, n_heads, dtype=torch.float64) for k in SCORES}
+        self.count = {k: torch.zeros(n_layers, n_heads, dtype=torch.float64) for k in SCORES}
+
+    def add(self, name: str, values: torch.Tensor) -> None:
+        """values: (N, ℓ, h), NaN where undefined."""
+        ok = ~torch.isnan(values)
+        self.sum[name] += torch.where(ok, values, torch.zeros_like(values)).sum(0).cpu()
+        self.count[name] += ok.sum(0).to(torch.float64).cpu()
+
+    def mean(self, name: str) -> torch.Tensor:
+        c = self.count[name]
+        return torch.where(c > 0, self.sum[name] / c.clamp_min(1), torch.full_like(c, float("nan")))
+
+
+@torch.no_grad()
+def score_heads(
+    model: torch.nn.Module,
+    batches: Iterable[dict],  # device batches (`raysal.batch.to_device`)
+    n_layers: int,
+    n_heads: int,
+    *,
+    query_offset: int = 0,
+    theta: float = 0.5,
+) -> HeadTable:
+    """Score every head of ``model`` (in the capture attention implementation: `enable_capture`)."""
+    was_training = model.training
+    model.eval()
+    sums, tokens, images = _Sums(n_layers, n_heads), 0, 0
+    try:
+        for batch in batches:
+            t = grounding_targets(batch, query_offset)
+            with AttentionCapture(range(n_layers), range(n_heads), t.query_pos, t.key_pos) as cap:
+                model(**model_inputs(batch), use_cache=False)
+            att = cap.stacked()  # (B, ℓ, h, T, I) probabilities over the image tokens, not renormalised
+            B, L, H, T, I = att.shape
+            v = t.token_valid  # (B, T)
+            a = att.permute(0, 3, 1, 2, 4)[v].double()  # (N, ℓ, h, I)
+            valid = t.key_valid[:, None, :].expand(B, T, I)[v]  # (N, I)
+            region = t.region[v]  # (N, I)
+            n = a.shape[0]
+            if n == 0:
+                continue
+            vm = valid[:, None, None, :]  # (N, 1, 1, I)
+            sums.add("mass", (a * vm).sum(-1))
+            p = renormalise(a, valid)  # (N, ℓ, h, I), zero at invalid tokens
+            ent = (
+                -(p * torch.log(p.clamp_min(1e-30))).sum(-1)
+                / torch.log(valid.sum(-1).clamp_min(2).double())[:, None, None]
+            )
+            sums.add("entropy", ent)
+            flat = token_scores(
+                a.reshape(n * L * H, I),
+                region[:, None, None, :].expand(n, L, H, I).reshape(n * L * H, I),
+                vm.expand(n, L, H, I).reshape(n * L * H, I),
+                theta=theta,
+            )
+            sums.add("amr", flat.amr.view(n, L, H))
+            sums.add("pointing", flat.pointing.view(n, L, H))
+            tokens += n
+            images += B
+    finally:
+        model.train(was_training)
+    if tokens == 0:
+        raise ValueError("no grounded token in the samples: nothing to score the heads on")
+    return HeadTable(**{k: sums.mean(k) for k in SCORES}, tokens=tokens, images=images)
