@@ -45,11 +45,6 @@ def validation_samples(data: dict[str, Any], processor: Any, n: int) -> list[dic
     return out
 
 
-def model_folder(name_or_path: str) -> str:
-    """The folder name the finder writes under: a hub id's or a local folder's last part."""
-    return Path(name_or_path.rstrip("/")).name
-
-
 def write_figure(rows: list[dict], n_layers: int, n_heads: int, dest: Path, title: str) -> None:
     import matplotlib
 
@@ -78,7 +73,7 @@ def find(cfg: Any) -> Path:
     import torch
 
     from raysal.attention.capture import enable_capture
-    from raysal.attention.head_scores import score_heads
+    from raysal.attention.head_scores import heads_file, score_heads
     from raysal.batch import PixelNorm
     from raysal.model.build import load_model, load_processor, model_info
     from raysal.orchestration.errors import ConfigError
@@ -109,7 +104,7 @@ def find(cfg: Any) -> Path:
         table = score_heads(model, batches, info.n_layers, info.n_heads, query_offset=ev["query_offset"],
                             theta=ev["theta"])  # fmt: skip
     rows = table.ranked()
-    out = Path(str(finder.out)) / model_folder(name)
+    out = heads_file(str(finder.out), name).parent
     out.mkdir(parents=True, exist_ok=True)
     d = spec.data
     holdout = d.get("val_holdout") if d["val_split"] == d["train_split"] else None
@@ -121,7 +116,7 @@ def find(cfg: Any) -> Path:
     }  # fmt: skip
     (out / "heads.json").write_text(json.dumps(result, indent=2))
     write_figure(rows, info.n_layers, info.n_heads, out / "heads.png",
-                 f"{model_folder(name)}: AMR per head, {table.images} images, {table.tokens} tokens")  # fmt: skip
+                 f"{out.name}: AMR per head, {table.images} images, {table.tokens} tokens")  # fmt: skip
     print(f"raysal: scored {info.n_layers} x {info.n_heads} heads on {table.images} validation images "
           f"({table.tokens} grounded tokens); best by AMR:")  # fmt: skip
     for r in rows[:10]:

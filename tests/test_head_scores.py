@@ -3,14 +3,16 @@ first, on tiny LLaVA and LLaVA-NeXT (GQA)."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 
 import pytest
+import torch
 from transformers import AttentionInterface
 
 from raysal.attention.capture import CAPTURE_IMPL, capture_attention_forward, enable_capture
 from raysal.attention.head_scores import score_heads
-from raysal.batch import PixelNorm
+from raysal.batch import PixelNorm, model_inputs
 from raysal.model.build import load_model, load_processor, model_info
 from raysal.preprocess.batches import batch_factory, load_encoded
 
@@ -76,8 +78,6 @@ def test_the_finder_ranks_the_planted_head_first(arch, tiny_llava, tiny_next, sm
 
 
 def test_heads_entry_point_writes_the_ranked_table_and_figure(tmp_path, cache, monkeypatch, capsys):
-    import json
-
     from raysal import heads
 
     monkeypatch.setenv("RAYSAL_CACHE", str(cache))
@@ -91,3 +91,59 @@ def test_heads_entry_point_writes_the_ranked_table_and_figure(tmp_path, cache, m
     assert "best by AMR" in capsys.readouterr().out
     assert heads.main([*args, "finder.samples=0"]) == 2
     assert "finder.samples=0: must be an integer >= 1" in capsys.readouterr().err
+
+
+def test_head_pairs_read_just_those_heads(tiny_llava, small_shards):
+    """A criterion on (layer, head) pairs: the capture holds their layers × heads grid, the criterion reads the
+    mean of exactly its pairs, and training through them gives gradients."""
+    from raysal.attention.capture import AttentionCapture
+    from raysal.criteria.inputs import CriterionInputs, renormalise
+    from raysal.criteria.kl import KLCriterion
+    from raysal.criteria.lm import LMCriterion
+    from raysal.criteria.targets import grounding_targets
+    from raysal.loop.step import capture_plan, plan_step, train_step
+    from raysal.model.build import apply_lora
+
+    proc = load_processor(str(tiny_llava))
+    samples = load_encoded(small_shards, "val2017", proc, limit=2)
+    batch = next(batch_factory(samples, 2, proc.tokenizer.pad_token_id, PixelNorm.from_processor(proc))(0))
+    torch.manual_seed(0)
+    model = apply_lora(load_model(str(tiny_llava), dtype="float32"), rank=4, targets="qkvo")
+    enable_capture(model)
+    info = model_info(model)
+    kl = KLCriterion(weight=1.0, heads=[[3, 1], [1, 2], [-1, 0]])  # [-1, 0] = last layer, head 0
+    plan = capture_plan([kl], info)
+    assert plan.layers == (1, 3) and plan.heads == (0, 1, 2)
+    t = grounding_targets(batch)
+    with torch.no_grad(), AttentionCapture(plan.layers, plan.heads, t.query_pos, t.key_pos) as cap:
+        out = model(**model_inputs(batch), use_cache=False)
+    att = cap.stacked()  # (B, 2, 3, T, I)
+    x = CriterionInputs(batch, out.logits, t, info.n_layers, info.n_heads, att, plan.layers, plan.heads)
+    want = renormalise((att[:, 0, 2] + att[:, 1, 1] + att[:, 1, 0])[:, None] / 3, t.key_valid)  # (1,2) (3,1) (3,0)
+    torch.testing.assert_close(x.saliency(kl.layers, kl.heads), want)
+    m = train_step(model, batch, [LMCriterion(), kl], plan_step([LMCriterion(), kl], info), step=0)
+    assert m["loss/kl"] > 0
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "lora" in n)
+
+
+def test_localization_preset_resolves_from_the_finders_table(tmp_path, cache, monkeypatch):
+    from raysal import heads
+    from raysal.orchestration.compose import compose_cfg
+    from raysal.orchestration.spec import spec_from_cfg
+
+    monkeypatch.setenv("RAYSAL_CACHE", str(cache))
+    base = ["experiment=demo", "data.synthetic.images=24", f"storage_path={tmp_path}"]
+    preset = ["criteria.align.heads=localization", "criteria.align.top_k=3"]
+    with pytest.raises(ValueError, match=r"criteria\.align\.heads=localization: .*run `python -m raysal\.heads`"):
+        spec_from_cfg(compose_cfg([*base, *preset]))
+    assert heads.main([*base, "finder.samples=4"]) == 0
+    table = json.loads((tmp_path / "heads" / "llava" / "heads.json").read_text())
+    spec = spec_from_cfg(compose_cfg([*base, *preset]))
+    (align,) = [c for c in spec.criteria if c.name == "kl"]
+    assert align.heads == [[r["layer"], r["head"]] for r in table["heads"][:3]]
+    with pytest.raises(ValueError, match="top_k=99"):
+        spec_from_cfg(compose_cfg([*base, "criteria.align.heads=localization", "criteria.align.top_k=99"]))
+    table["model"] = "someone/else"
+    (tmp_path / "heads" / "llava" / "heads.json").write_text(json.dumps(table))
+    with pytest.raises(ValueError, match="scored for 'someone/else'"):
+        spec_from_cfg(compose_cfg([*base, *preset]))

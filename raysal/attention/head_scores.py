@@ -15,9 +15,11 @@ Each is the mean over tokens where it is defined. The ranking is by AMR (what ``
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -122,3 +124,25 @@ def score_heads(
     if tokens == 0:
         raise ValueError("no grounded token in the samples: nothing to score the heads on")
     return HeadTable(**{k: sums.mean(k) for k in SCORES}, tokens=tokens, images=images)
+
+
+HEADS_FILE = "heads.json"
+
+
+def heads_file(out: str | Path, name_or_path: str) -> Path:
+    """Where ``python -m raysal.heads`` writes a model's table: ``<out>/<the hub id's or folder's last part>/``."""
+    return Path(out) / Path(name_or_path.rstrip("/")).name / HEADS_FILE
+
+
+def localization_heads(path: Path, top_k: int, name_or_path: str) -> list[list[int]]:
+    """The ``top_k`` best (layer, head) pairs of a heads.json, for ``name_or_path``; a clear error otherwise."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no heads.json for {name_or_path}; run `python -m raysal.heads` with the "
+                                "same model and data first")  # fmt: skip
+    table = json.loads(path.read_text())
+    if table.get("model") != name_or_path:
+        raise ValueError(f"{path}: scored for {table.get('model')!r}, not {name_or_path!r}")
+    if not 1 <= top_k <= len(table["heads"]):
+        raise ValueError(f"top_k={top_k}: {path} has {len(table['heads'])} heads")
+    rows = sorted(table["heads"], key=lambda r: r["rank"])[:top_k]
+    return [[int(r["layer"]), int(r["head"])] for r in rows]

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from raysal.attention.selection import resolve_heads, resolve_layers
+from raysal.attention.selection import is_pairs, resolve_heads, resolve_layers, resolve_pairs
 from raysal.criteria.targets import GroundingTargets
 
 NEEDS = frozenset({"logits", "image_attention", "attentions", "model"})
@@ -34,12 +34,18 @@ class CriterionInputs:
     attentions: tuple[torch.Tensor, ...] | None = None  # per layer (B, H, L, L), eager only
     model: torch.nn.Module | None = None
 
-    def saliency(self, layers: str | Sequence[int], heads: str | Sequence[int], per_layer: bool = True) -> torch.Tensor:
+    def saliency(self, layers: str | Sequence[int], heads: str | Sequence, per_layer: bool = True) -> torch.Tensor:
         """p_t: (B, ℓ, T, I) attention of each grounded token's query row over image tokens, mean over the chosen
         heads, renormalised over the valid image tokens, per chosen layer; ``per_layer=False``: their mean,
         (B, 1, T, I)."""
         if self.image_attention is None or self.targets is None:
             raise RuntimeError("criterion needs image_attention, but the step captured none")
+        if is_pairs(heads):  # (layer, head) pairs: their mean, one map (``per_layer`` does not apply)
+            pairs = resolve_pairs(heads, self.n_layers, self.n_heads)  # type: ignore[arg-type]
+            li = [self.captured_layers.index(ly) for ly, _ in pairs]
+            hi = [self.captured_heads.index(hd) for _, hd in pairs]
+            att = self.image_attention[:, li, hi]  # (B, k, T, I)
+            return renormalise(att.mean(1, keepdim=True), self.targets.key_valid)  # (B, 1, T, I)
         li = [self.captured_layers.index(i) for i in resolve_layers(layers, self.n_layers)]
         hi = [self.captured_heads.index(i) for i in resolve_heads(heads, self.n_heads)]
         att = self.image_attention  # (B, ℓ_cap, h_cap, T, I)

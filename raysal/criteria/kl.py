@@ -14,7 +14,8 @@ from raysal.criteria.inputs import EPS, CriterionInputs, per_image_mean, target_
 class KLCriterion:
     weight: float = 0.5
     layers: str | list[int] = "late"
-    heads: str | list[int] = "all"
+    heads: str | list = "all"  # all | [h, ...] | [[layer, head], ...] | localization (resolved to pairs)
+    top_k: int = 8  # heads: localization takes the top_k heads of python -m raysal.heads' table
     query_offset: int = 0
     per_layer: bool = False  # True: the loss of each layer's map, averaged; False: the loss of the layer-mean map
     smoothing: float = 0.0

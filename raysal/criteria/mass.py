@@ -14,7 +14,8 @@ from raysal.criteria.inputs import CriterionInputs, binary_region, per_image_mea
 class MassCriterion:
     weight: float = 1.0
     layers: str | list[int] = "late"
-    heads: str | list[int] = "all"
+    heads: str | list = "all"  # all | [h, ...] | [[layer, head], ...] | localization (resolved to pairs)
+    top_k: int = 8  # heads: localization takes the top_k heads of python -m raysal.heads' table
     query_offset: int = 0
     per_layer: bool = False
     theta: float = 0.5

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from raysal.attention.capture import AttentionCapture, image_attention_from_maps
-from raysal.attention.selection import resolve_heads, resolve_layers
+from raysal.attention.selection import resolve_selection
 from raysal.batch import model_inputs
 from raysal.criteria.inputs import NEEDS, CriterionInputs
 from raysal.criteria.targets import grounding_targets
@@ -90,8 +90,8 @@ def capture_plan(criteria: Sequence[Any], info: ModelInfo) -> CapturePlan | None
     attn = [c for c in criteria if "image_attention" in c.needs]
     if not attn:
         return None
-    layers = sorted({i for c in attn for i in resolve_layers(c.layers, info.n_layers)})
-    heads = sorted({i for c in attn for i in resolve_heads(c.heads, info.n_heads)})
+    pairs = {p for c in attn for p in resolve_selection(c.layers, c.heads, info.n_layers, info.n_heads)}
+    layers, heads = sorted({ly for ly, _ in pairs}), sorted({hd for _, hd in pairs})  # the grid holding them all
     return CapturePlan(tuple(layers), tuple(heads), attn[0].query_offset)
 
 

@@ -17,7 +17,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from raysal.attention.selection import resolve_heads, resolve_layers
+from raysal.attention.selection import resolve_heads, resolve_layers, resolve_selection
 from raysal.data.holdout import in_holdout
 from raysal.data.shards import MANIFEST, SCHEMA
 from raysal.orchestration.errors import ConfigError
@@ -110,9 +110,10 @@ def check_model(spec: RunSpec) -> None:
     selections = [(f"criteria ({c.name})", c) for c in spec.criteria if hasattr(c, "layers")]
     for where, c in selections:
         try:
-            resolve_layers(c.layers, n_layers)
             if hasattr(c, "heads"):
-                resolve_heads(c.heads, n_heads)
+                resolve_selection(c.layers, c.heads, n_layers, n_heads)
+            else:
+                resolve_layers(c.layers, n_layers)
         except ValueError as e:
             raise ConfigError(f"{where}: {e} ({name})") from None
     try:

@@ -19,7 +19,8 @@ from raysal.orchestration.storage import is_uri
 
 log = logging.getLogger(__name__)
 _LORA_ONLY = frozenset({"rank", "alpha", "dropout", "targets"})
-_KNOBS = frozenset({"weight", "layers", "heads", "query_offset", "per_layer", "smoothing"})  # shared criterion knobs
+# shared criterion knobs
+_KNOBS = frozenset({"weight", "layers", "heads", "top_k", "query_offset", "per_layer", "smoothing"})
 
 
 @dataclass
@@ -132,6 +133,26 @@ def check_finetune(c: dict) -> None:
         )
 
 
+def resolve_localization_heads(c: dict, criteria: list[Any], slots: list[str]) -> None:
+    """``heads: localization`` → the ``top_k`` best (layer, head) pairs of the model's heads.json (written by
+    ``python -m raysal.heads`` under ``finder.out``), in place; the criterion then reads just those heads."""
+    from raysal.attention.head_scores import heads_file, localization_heads
+
+    for slot, x in zip(slots, criteria, strict=True):
+        if getattr(x, "heads", None) != "localization":
+            continue
+        where = f"criteria.{slot}"
+        top_k = x.top_k
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+            raise ConfigError(f"{where}.top_k={top_k!r}: must be an integer >= 1")
+        name = str(_get(c, "model.name_or_path"))
+        try:
+            x.heads = localization_heads(heads_file(str(_get(c, "finder.out")), name), top_k, name)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"{where}.heads=localization: {e}") from None
+        log.info("%s.heads=localization: the top %d heads %s", where, top_k, x.heads)
+
+
 def check_connector_stage(c: dict, criteria: list[Any]) -> None:
     """The connector-only stage trains the connector on captions: the LM loss alone, one replica per worker."""
     if [x.name for x in criteria] != ["lm"]:
@@ -213,7 +234,7 @@ def spec_from_cfg(cfg: DictConfig) -> RunSpec:
     criteria_cfg = c.get("criteria") or {}
     if not criteria_cfg:
         raise ConfigError("criteria: no criterion configured (criteria.base must be lm or cal)")
-    criteria = []
+    criteria, slots = [], []
     for slot, node in criteria_cfg.items():
         if isinstance(node, dict) and "_target_" not in node and all(k in _KNOBS for k in node):
             # the slot's criterion was removed (`~criterion@criteria.align`, the LM-only control) while an
@@ -224,9 +245,11 @@ def spec_from_cfg(cfg: DictConfig) -> RunSpec:
             raise ConfigError(f"criteria.{slot}: expected a criterion config with _target_, got {node!r}")
         try:
             criteria.append(instantiate(node))
+            slots.append(str(slot))
         except Exception as e:  # hydra wraps the real reason; surface it with the key
             reason = " ".join(str(e.__cause__ or e).split())
             raise ConfigError(f"criteria.{slot}: cannot instantiate {node['_target_']}: {reason}") from e
+    resolve_localization_heads(c, criteria, slots)
     try:
         validate_criteria(criteria)
     except ValueError as e:
