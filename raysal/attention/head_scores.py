@@ -95,28 +95,26 @@ def score_heads(
             att = cap.stacked()  # (B, ℓ, h, T, I) probabilities over the image tokens, not renormalised
             B, L, H, T, I = att.shape
             v = t.token_valid  # (B, T)
-            a = att.permute(0, 3, 1, 2, 4)[v].double()  # (N, ℓ, h, I)
-            valid = t.key_valid[:, None, :].expand(B, T, I)[v]  # (N, I)
-            region = t.region[v]  # (N, I)
-            n = a.shape[0]
+            n = int(v.sum())
             if n == 0:
                 continue
-            vm = valid[:, None, None, :]  # (N, 1, 1, I)
-            sums.add("mass", (a * vm).sum(-1))
-            p = renormalise(a, valid)  # (N, ℓ, h, I), zero at invalid tokens
-            ent = (
-                -(p * torch.log(p.clamp_min(1e-30))).sum(-1)
-                / torch.log(valid.sum(-1).clamp_min(2).double())[:, None, None]
-            )
-            sums.add("entropy", ent)
-            flat = token_scores(
-                a.reshape(n * L * H, I),
-                region[:, None, None, :].expand(n, L, H, I).reshape(n * L * H, I),
-                vm.expand(n, L, H, I).reshape(n * L * H, I),
-                theta=theta,
-            )
-            sums.add("amr", flat.amr.view(n, L, H))
-            sums.add("pointing", flat.pointing.view(n, L, H))
+            valid = t.key_valid[:, None, :].expand(B, T, I)[v]  # (N, I)
+            region = t.region[v]  # (N, I)
+            per_layer: dict[str, list[torch.Tensor]] = {k: [] for k in SCORES}
+            # one layer at a time in float64: (N, h, I), not (N, ℓ, h, I) — 7.7 GB for NeXT-7B's 32 × 32 heads
+            for ly in range(L):
+                a = att[:, ly].permute(0, 2, 1, 3)[v].double()  # (N, h, I)
+                vm = valid[:, None, :]  # (N, 1, I)
+                per_layer["mass"].append((a * vm).sum(-1))
+                p = renormalise(a, valid)  # (N, h, I), zero at invalid tokens
+                log_i = torch.log(valid.sum(-1).clamp_min(2).double())[:, None]  # (N, 1)
+                per_layer["entropy"].append(-(p * torch.log(p.clamp_min(1e-30))).sum(-1) / log_i)
+                flat = token_scores(a.reshape(n * H, I), region[:, None, :].expand(n, H, I).reshape(n * H, I),
+                                    vm.expand(n, H, I).reshape(n * H, I), theta=theta)  # fmt: skip
+                per_layer["amr"].append(flat.amr.view(n, H))
+                per_layer["pointing"].append(flat.pointing.view(n, H))
+            for k in SCORES:
+                sums.add(k, torch.stack(per_layer[k], dim=1))  # (N, ℓ, h)
             tokens += n
             images += B
     finally:
