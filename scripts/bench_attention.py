@@ -36,6 +36,7 @@ from peak_memory import RSSPeak, tensor_peak  # scripts/ is on sys.path: this fi
 from raysal.attention.capture import AttentionCapture, enable_capture
 from raysal.criteria.kl import KLCriterion
 from raysal.criteria.lm import LMCriterion
+from raysal.criteria.maskembed import MaskEmbedCriterion
 from raysal.criteria.seed_kl import SeedKLCriterion
 from raysal.loop.evaluate import evaluate
 from raysal.loop.step import CapturePlan, plan_step, train_step
@@ -83,6 +84,9 @@ def methods(n_layers: int) -> dict[str, list]:
         "capture_kl_2layers": [LMCriterion(), KLCriterion(weight=0.5, layers=last2, heads="all")],
         "capture_kl_2layers_8heads": [LMCriterion(), KLCriterion(weight=0.5, layers=last2, heads=list(range(8)))],
         "capture_kl_all_layers": [LMCriterion(), KLCriterion(weight=0.5, layers="all", heads="all")],
+        # Locality Alignment's MaskEmbed beside the LM loss: vision LoRA student, frozen teacher (one extra no-grad
+        # vision forward), a 1-layer decoder
+        "maskembed": [LMCriterion(), MaskEmbedCriterion(weight=1.0, mask_ratio=0.5)],
     }
 
 
@@ -217,8 +221,11 @@ def run_one(
     base = build(preset, device, dtype)
     if checkpointing:  # as the 7B configs train: the layer inputs are kept, the rest is recomputed in backward
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = apply_lora(base, rank=16, alpha=32, targets="qv")
+    model = apply_lora(base, rank=16, alpha=32, targets="qv", vision=method == "maskembed")
     criteria = methods(preset.text["num_hidden_layers"]).get(method, [LMCriterion()])  # evaluations: no criteria
+    for c in criteria:  # maskembed's decoder
+        if hasattr(c, "attach"):
+            c.attach(model)
     info = model_info(model)
     plan = plan_step(criteria, info)
     if method == "seed_eager":
@@ -321,6 +328,8 @@ def main() -> int:
         "seed_eager_over_capture_kl_2layers_peak_mem": ratio(seed, cap, "peak_mem_bytes"),
         "seed_eager_over_capture_kl_2layers_time": ratio(seed, cap, "median_s"),
         "capture_all_layers_over_plain_time": ratio(results["capture_kl_all_layers"], plain, "median_s"),
+        "maskembed_over_plain_time": ratio(results["maskembed"], plain, "median_s"),
+        "maskembed_over_plain_peak_mem": ratio(results["maskembed"], plain, "peak_mem_bytes"),
         # evaluation (all layers x all heads, reduced on the fly) against a training step at the same batch
         "evaluation_over_capture_kl_2layers_peak_mem": ratio(results["evaluation"], cap, "peak_mem_bytes"),
         "evaluation_over_plain_peak_mem": ratio(results["evaluation"], plain, "peak_mem_bytes"),

@@ -111,6 +111,9 @@ def fit(
     )
     train_attn = "eager" if plan.eager else CAPTURE_IMPL
     enable_capture(core)
+    for c in criteria:  # modules a criterion trains (maskembed's decoder); the worker attached them before wrapping
+        if hasattr(c, "attach"):
+            c.attach(core)
 
     optimizer = torch.optim.AdamW(param_groups(model, cfg.lr, cfg.projector_lr, cfg.weight_decay))
     scheduler = make_scheduler(optimizer, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)

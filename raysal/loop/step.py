@@ -120,6 +120,9 @@ def train_step(
         if cp is not None and not plan.eager:
             assert targets is not None
             cap = stack.enter_context(AttentionCapture(cp.layers, cp.heads, targets.query_pos, targets.key_pos))
+        for c in criteria:  # a criterion whose work runs inside the forward (maskembed's decoder)
+            if hasattr(c, "during_forward"):
+                stack.enter_context(c.during_forward())
         with autocast or contextlib.nullcontext():
             out = model(**model_inputs(batch), output_attentions=plan.eager, use_cache=False)
         image_attention = None

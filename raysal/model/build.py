@@ -96,15 +96,20 @@ def load_processor(name_or_path: str):
     return AutoProcessor.from_pretrained(name_or_path)
 
 
-def lora_target_regex(targets: str | Sequence[str]) -> str:
-    """Module-name regex for peft: language-model linears only (never the vision tower, projector or lm_head)."""
+VISION_LORA = r".*vision_tower\..*encoder\.layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|out_proj)"
+
+
+def lora_target_regex(targets: str | Sequence[str], vision: bool = False) -> str:
+    """Module-name regex for peft: language-model linears (never the projector or lm_head); with ``vision``, the
+    vision tower's attention linears too (a trainable student for `maskembed`)."""
     names = LORA_TARGETS.get(targets) if isinstance(targets, str) else tuple(targets)
     if names is None:
         raise ValueError(f"lora targets: unknown preset {targets!r} (expected {sorted(LORA_TARGETS)} or a list)")
     unknown = sorted(set(names) - set(ATTENTION + MLP))
     if unknown:
         raise ValueError(f"lora targets: {unknown} are not language-model linears {ATTENTION + MLP}")
-    return rf".*language_model\.layers\.\d+\.(self_attn|mlp)\.({'|'.join(names)})"
+    lm = rf".*language_model\.layers\.\d+\.(self_attn|mlp)\.({'|'.join(names)})"
+    return f"({lm})|({VISION_LORA})" if vision else lm
 
 
 def apply_lora(
@@ -115,6 +120,7 @@ def apply_lora(
     dropout: float = 0.05,
     targets: str | Sequence[str] = "qv",
     train_projector: bool = False,
+    vision: bool = False,
 ) -> PeftModel:
     """Freeze the base, add LoRA to the language model; optionally train the projector (saved with the adapter)."""
     if rank < 1:
@@ -123,7 +129,7 @@ def apply_lora(
         r=rank,
         lora_alpha=alpha,
         lora_dropout=dropout,
-        target_modules=lora_target_regex(targets),
+        target_modules=lora_target_regex(targets, vision),
         modules_to_save=[PROJECTOR] if train_projector else None,
         bias="none",
     )

@@ -18,7 +18,7 @@ from raysal.orchestration.errors import ConfigError
 from raysal.orchestration.storage import is_uri
 
 log = logging.getLogger(__name__)
-_LORA_ONLY = frozenset({"rank", "alpha", "dropout", "targets"})
+_LORA_ONLY = frozenset({"rank", "alpha", "dropout", "targets", "vision"})
 # shared criterion knobs
 _KNOBS = frozenset({"weight", "layers", "heads", "top_k", "query_offset", "per_layer", "smoothing"})
 
@@ -109,6 +109,8 @@ def check_finetune(c: dict) -> None:
         _number(c, "lora.rank", int, low=1)
         _number(c, "lora.alpha", float, low=0, low_open=True)
         _number(c, "lora.dropout", float, low=0, high=1, high_open=True)
+        if "vision" in c["lora"]:
+            _bool(c, "lora.vision")
         targets = _get(c, "lora.targets")
         try:
             lora_target_regex(targets)
@@ -257,6 +259,13 @@ def spec_from_cfg(cfg: DictConfig) -> RunSpec:
     check_values(c)
     if c["trainer"]["stage"] == "connector":
         check_connector_stage(c, criteria)
+    if any(x.name == "maskembed" for x in criteria) and not (
+        c["lora"].get("enabled", True) is not False and c["lora"].get("vision") is True
+    ):
+        raise ConfigError(
+            "criteria (maskembed): needs a trainable student vision tower: LoRA with lora.vision=true (its frozen "
+            "teacher is the same tower with the adapters off)"
+        )
     metric = _get(c, "trainer.objective.metric")
     if metric not in objective_metrics(criteria):
         raise ConfigError(

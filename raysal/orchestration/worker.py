@@ -116,6 +116,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         )
     else:
         model = apply_lora(model, **{k: v for k, v in spec.lora.items() if k != "enabled"})
+    for criterion in spec.criteria:  # modules a criterion trains (maskembed's decoder): before any wrapping
+        if hasattr(criterion, "attach"):
+            criterion.attach(model)
     if fsdp:
         if device.type == "cuda":
             torch.cuda.set_device(device)  # the device mesh and NCCL use the current device
