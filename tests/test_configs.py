@@ -109,7 +109,7 @@ def test_shipped_search_spaces_validate_against_the_configs():
     from raysal.search.space_file import load_search_space
     from raysal.search.validate_space import validate_against
 
-    for name in ("criteria", "lora", "regime"):
+    for name in ("criteria", "lora", "regime", "methods"):
         for profile in (None, "demo"):
             spec = load_search_space(f"search_spaces/{name}.yaml", profile)
             validate_against(spec, compose_cfg)

@@ -147,3 +147,22 @@ def test_localization_preset_resolves_from_the_finders_table(tmp_path, cache, mo
     (tmp_path / "heads" / "llava" / "heads.json").write_text(json.dumps(table))
     with pytest.raises(ValueError, match="scored for 'someone/else'"):
         spec_from_cfg(compose_cfg([*base, *preset]))
+
+
+def test_a_search_that_may_pick_localization_needs_the_table_first(tmp_path):
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from raysal.orchestration.search import check_localization_heads
+    from raysal.search.space import SearchSpaceError
+    from raysal.search.space_file import load_search_space
+
+    path = Path(__file__).resolve().parents[1] / "search_spaces" / "methods.yaml"
+    run = SimpleNamespace(config={"finder": {"out": str(tmp_path)}}, model={"name_or_path": "llava-hf/llava-1.5-7b-hf"})
+    where = r"criterion@criteria\.align=kl\]\[criteria\.align\.heads\].*raysal\.heads"
+    with pytest.raises(SearchSpaceError, match=where):
+        check_localization_heads(load_search_space(path), path, run)
+    check_localization_heads(load_search_space(path, "demo"), path, run)  # the demo profile has no head presets
+    (tmp_path / "llava-1.5-7b-hf").mkdir()
+    (tmp_path / "llava-1.5-7b-hf" / "heads.json").write_text("{}")
+    check_localization_heads(load_search_space(path), path, run)

@@ -273,3 +273,13 @@ def test_regime_file_per_option_resources_and_profile_control() -> None:
     assert cluster.resources.num_workers == 4  # the largest trial's: default concurrency never over-books GPUs
     assert "optim.lr=2.0e-5" in cluster.control.overrides and "optim.lr=5.0e-3" in demo.control.overrides
     assert cluster.control.lm_tolerance == demo.control.lm_tolerance == 0.02  # merged key-wise
+
+
+def test_a_config_group_set_to_none_is_removed() -> None:
+    from raysal.orchestration.compose import compose_cfg
+
+    assert format_override("criterion@criteria.vision", None) == "~criterion@criteria.vision"
+    assert format_override("+criterion@criteria.extra", None) == "~criterion@criteria.extra"
+    assert format_override("optim.projector_lr", None) == "optim.projector_lr=null"  # a value, not a group
+    cfg = compose_cfg(["experiment=demo", format_override("criterion@criteria.vision", None)])
+    assert "vision" not in cfg.criteria

@@ -131,6 +131,32 @@ def _max_concurrent(spec: SearchSpec, encode_cpus: float) -> int | None:
     return n or None  # 0: the GPU nodes are not up yet (autoscaling) — let Tune queue trials
 
 
+def check_localization_heads(spec: SearchSpec, path: Path, run_spec: Any) -> None:
+    """A space that may pick ``heads: localization`` needs the head finder's table for the model before any trial
+    (every such trial would fail on its own otherwise)."""
+    from raysal.attention.head_scores import heads_file
+    from raysal.search.space import Choice, Fixed, key_where
+
+    def values(dist: Any) -> list[Any]:
+        if isinstance(dist, Choice):
+            return [o.value for o in dist.options]
+        return [dist.value] if isinstance(dist, Fixed) else []
+
+    def walk(space: Any, requires: tuple) -> None:
+        for p in space.params:
+            if p.key.endswith(".heads") and "localization" in values(p.dist):
+                file = heads_file(run_spec.config["finder"]["out"], run_spec.model["name_or_path"])
+                if not file.is_file():
+                    raise SearchSpaceError(path, key_where(requires, p.key), f"may pick localization, but {file} "
+                                           "does not exist: run `python -m raysal.heads` with the same overrides "
+                                           "first")  # fmt: skip
+            if isinstance(p.dist, Choice):
+                for o in p.dist.options:
+                    walk(o.space, (*requires, (p.key, o.value)))
+
+    walk(spec.space, ())
+
+
 def prepare_search(path: Path, cli: list[str]) -> tuple[SearchSpec, list[str], Any, Any]:
     """Every check of a search before Ray starts → (space, base overrides, the base run spec, data sizes).
     Raises on bad input (the entry point prints one `error:` line)."""
@@ -150,6 +176,7 @@ def prepare_search(path: Path, cli: list[str]) -> tuple[SearchSpec, list[str], A
             )
     if spec.control is not None:  # the control trial's config must compose too, before anything runs
         spec_from_cfg(compose_cfg([*base, *spec.control.overrides]))
+    check_localization_heads(spec, path, run_spec)
     sizes = preflight(run_spec)  # once, here, rather than racing in concurrent trials
     if is_uri(run_spec.storage_path):  # the Optuna study is a local SQLite file
         check_writable(str(Path(run_spec.config["cache_dir"]) / "searches"), "cache_dir")

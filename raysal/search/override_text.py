@@ -57,5 +57,9 @@ def format_value(value: Any) -> str:
 
 def format_override(key: str, value: Any) -> str:
     """`key=value` as Hydra parses it back: lists `[a,b]`, None `null`, lower-case bools, lossless floats, and
-    strings quoted where Hydra would otherwise read them as another type or split them."""
+    strings quoted where Hydra would otherwise read them as another type or split them. A config group (`a/b`,
+    `group@package`) set to None is removed, `~key` (Hydra accepts no `group=null`): a choice may leave a slot
+    empty (`criterion@criteria.vision: {choice: {null: {}, maskembed: {...}}}`)."""
+    if value is None and ("@" in key or "/" in key):
+        return f"~{key.lstrip('+')}"
     return f"{key}={format_value(value)}"
