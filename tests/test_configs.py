@@ -28,7 +28,7 @@ def test_every_option_file_is_listed():
         folder = "criterion" if group.startswith("criterion") else group
         assert sorted(p.stem for p in Path(CONFIG_DIR, folder).glob("*.yaml")) == sorted(
             set(options)
-            # maskembed is added beside the others (+criterion@criteria.vision=maskembed: tests/test_maskembed.py)
+            # maskembed is added beside the others (criterion@criteria.vision=maskembed: tests/test_maskembed.py)
             | (CRITERIA if folder == "criterion" else set())
         )
 

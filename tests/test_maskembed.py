@@ -72,12 +72,12 @@ def test_loss_falls_and_the_decoder_resumes_from_a_checkpoint(tiny_llava, small_
 
 
 def test_maskembed_config():
-    spec = spec_from_cfg(compose_cfg(["experiment=demo", "+criterion@criteria.vision=maskembed", "lora.vision=true",
+    spec = spec_from_cfg(compose_cfg(["experiment=demo", "criterion@criteria.vision=maskembed", "lora.vision=true",
                                       "criteria.vision.mask_ratio=0.75"]))  # fmt: skip
     (me,) = [c for c in spec.criteria if c.name == "maskembed"]
     assert me.mask_ratio == 0.75
     with pytest.raises(ValueError, match="needs a trainable student vision tower"):
-        spec_from_cfg(compose_cfg(["experiment=demo", "+criterion@criteria.vision=maskembed"]))
+        spec_from_cfg(compose_cfg(["experiment=demo", "criterion@criteria.vision=maskembed"]))
     with pytest.raises(ValueError, match="mask_ratio must be in"):
-        spec_from_cfg(compose_cfg(["experiment=demo", "+criterion@criteria.vision=maskembed", "lora.vision=true",
+        spec_from_cfg(compose_cfg(["experiment=demo", "criterion@criteria.vision=maskembed", "lora.vision=true",
                                    "criteria.vision.mask_ratio=1.5"]))  # fmt: skip
