@@ -37,18 +37,18 @@ def prepare(cfg: DictConfig) -> tuple[RunSpec, DataSizes]:
 def run(spec: RunSpec, sizes: DataSizes) -> dict:
     import ray
 
+    from raysal.orchestration import storage
     from raysal.orchestration.fail_reason import clear_reason, read_reason
     from raysal.orchestration.placement_groups import JOB_RUNTIME_ENV
     from raysal.orchestration.stale_checkpoints import remove_stale_checkpoints
     from raysal.orchestration.trainer import build_trainer, export_best
     from raysal.orchestration.wandb_run import resolve_mode, sync_hint
-    from raysal.orchestration.worker import wandb_dir
 
     print(f"raysal: {sizes.describe()}", flush=True)
     t0 = time.perf_counter()
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True, runtime_env=JOB_RUNTIME_ENV)
-    run_dir = f"{spec.storage_path}/{spec.name}"
+    run_dir = storage.join(spec.storage_path, spec.name)
     remove_stale_checkpoints(run_dir)  # a kill between a checkpoint and Ray's snapshot leaves orphans
     clear_reason(run_dir)  # a resumed run is judged on what it does now
     result = build_trainer(spec).fit()
@@ -66,7 +66,7 @@ def run(spec: RunSpec, sizes: DataSizes) -> dict:
         summary[key] = exported
         summary["best"] = {metric: best_metrics.get(metric), "step": best_metrics.get("train/step")}
     w = (
-        sync_hint(wandb_dir(spec))
+        sync_hint(run_dir)  # rank 0 copies its W&B files into the run folder
         if resolve_mode(spec.wandb["mode"]) == "offline"
         else f"W&B project {spec.wandb['project']}"
     )

@@ -76,3 +76,46 @@ def single_split(tmp_path_factory) -> Path:
     generate(base / "root", images=900, seed=4, max_side=48, val_fraction=0.0)
     write_shards(base / "root", base / "shards")
     return base / "shards"
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 server on 127.0.0.1 (behind a proxy that can cut it off), for the whole session; AWS test keys in
+    the environment, so that Ray processes started by the tests read the bucket too."""
+    pytest.importorskip("moto")
+    from cluster_fixture import KEYS, S3Server
+
+    old = {k: os.environ.get(k) for k in KEYS}
+    os.environ.update(KEYS)
+    server = S3Server()
+    yield server
+    server.stop()
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(params=["local", "file", "s3"])
+def storage_root(request, tmp_path) -> str:
+    """A fresh storage location of each kind: a local folder, a file:// URI, an S3 prefix."""
+    if request.param == "local":
+        return str(tmp_path / "store")
+    if request.param == "file":
+        return (tmp_path / "store").as_uri()
+    return request.getfixturevalue("s3_server").new_prefix()
+
+
+@pytest.fixture(scope="module")
+def postgres():
+    """A PostgreSQL server for Optuna studies (Debian's package; .ci/run installs it), stopped after the module."""
+    from cluster_fixture import Postgres, postgres_available
+
+    if not postgres_available():
+        if os.environ.get("CI"):
+            pytest.fail("CI must have PostgreSQL and psycopg2 (.ci/run installs them)")
+        pytest.skip("no PostgreSQL server binaries or psycopg2")
+    server = Postgres()
+    yield server
+    server.stop()

@@ -98,6 +98,8 @@ CASES: dict[str, Callable[[dict], tuple[str, list[str]]]] = {
     "space-low-high": _tune("{base}/low_high.yaml"),
     "space-missing": _tune("{base}/nope.yaml"),
     "resume-value": _tune("{space}", "resume=maybe"),
+    "optuna-storage-url": _tune("{space}", "optuna_storage=optuna.db"),
+    "optuna-storage-down": _tune("{space}", "optuna_storage=postgresql+psycopg2://raysal:pw@127.0.0.1:1/optuna"),
     "check-not-a-root": lambda w: ("check", [str(w["base"] / "empty_model")]),
     "shards-overwrite": lambda w: ("shards", [str(w["base"] / "root"), str(w["base"] / "not_shards")]),
 }

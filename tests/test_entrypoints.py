@@ -47,11 +47,12 @@ def test_train_run_checkpoints_metrics_and_offline_wandb(tmp_path, cache):
 def test_search_on_the_coconut_defaults_adapter_wandb_and_no_key_on_disk(tmp_path, cache, single_split):
     """A search as a user starts it on PanCap-like data: the data=coconut defaults (one split, 1 % hold-out), a space
     file without max_concurrent_trials (concurrency from the trial's worker + data CPUs: no starved pipeline on
-    2 CPUs), 1 sampled trial + the LM-only control, W&B offline with an API key set."""
+    2 CPUs), 1 sampled trial + the LM-only control, W&B offline with an API key set; storage as a file:// URI (the
+    code path of s3://, on a local disk)."""
     space = space_file(tmp_path, 1, "itune", concurrency="")
     sessions_before = set(Path("/tmp/ray").glob("session_2*"))
     res = run(["raysal.tune", str(space), "experiment=demo", "data=coconut", f"data.shards={single_split}",
-               "trainer.batch_size=4", f"storage_path={tmp_path}"], cache,
+               "trainer.batch_size=4", f"storage_path={tmp_path.as_uri()}"], cache,
               extra_env={"WANDB_API_KEY": FAKE_KEY})  # fmt: skip
     assert res.returncode == 0, res.stderr[-3000:]
     # the W&B key is written nowhere: not by raysal, not by Ray on its behalf (runtime_env logs), not by W&B

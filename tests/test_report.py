@@ -11,6 +11,7 @@ import optuna
 import pytest
 from PIL import Image
 
+from raysal.orchestration import storage
 from raysal.report import main
 from raysal.search.report_figures import pareto_front
 from raysal.search.report_html import build_report
@@ -64,13 +65,21 @@ def _not_blank(png: bytes) -> bool:
     return a.std() > 10 and (a < 200).mean() > 0.02
 
 
-def test_report_has_every_figure_and_lists_failures(search):
-    report = build_report(search)
-    page = report.html.read_text()
+def test_report_has_every_figure_and_lists_failures(search, storage_root):
+    """The search folder on a local disk, behind a file:// URI and in an S3 bucket (read by a machine that did not
+    run the search): the same report, heatmaps included."""
+    folder = storage.join(storage_root, "demo")
+    storage.upload(search, folder)
+    if storage.local_path(folder) is None:  # the trials as the search wrote them: beside the summary
+        summary = storage.read_json(storage.join(folder, "summary.json"))
+        storage.write_json(storage.join(folder, "summary.json"), {**summary, "trials_dir": "/gone/with/the/head"})
+    report = build_report(folder)
+    assert report.html == storage.join(folder, "report.html")
+    page = storage.read_text(report.html)
     assert set(report.figures) == {"plane", "importance", "history", "parallel", "probes"}
     for name, png in report.figures.items():
         assert _not_blank(png), name
-        assert (search / "report" / f"{name}.png").read_bytes() == png
+        assert storage.read_bytes(storage.join(folder, "report", f"{name}.png")) == png
         assert f'<figure id="{name}">' in page or name == "probes"
     assert "diverged: val/lm_loss 9.9" in page and "(LM over the limit)" in page and "t4</td>" in page
     assert page.count("data:image/png;base64,") == 4 + 2  # 4 figures + best and control probe heatmaps
@@ -85,3 +94,11 @@ def test_pareto_front():
 def test_cli_says_what_is_missing(tmp_path, capsys):
     assert main([str(tmp_path)]) == 2
     assert "no summary.json" in capsys.readouterr().err
+
+
+def test_cli_rebuilds_a_report_from_a_bucket(search, s3_server, capsys):
+    folder = storage.join(s3_server.new_prefix(), "demo")
+    storage.upload(search, folder)
+    assert main([folder]) == 0
+    assert f"raysal: report {storage.join(folder, 'report.html')}" in capsys.readouterr().out
+    assert storage.read_text(storage.join(folder, "report.html")).count('class="probe"') == 2

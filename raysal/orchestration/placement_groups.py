@@ -15,7 +15,8 @@ Two fixes here:
   ``RAY_ADDRESS`` = the cluster it belongs to, so the state API (and Ray Train's cleaner) never guesses.
 - `PlacementGroupJanitor`, a Tune callback in the driver: rank 0 of every Train run writes its placement group's
   id into the run folder; a few seconds after a trial ends the janitor removes that placement group if it is still
-  alive (counted in ``placement_groups_removed.jsonl`` beside the study, reported in ``summary.json``).
+  alive (counted in ``placement_groups_removed.jsonl`` in the search folder, on its storage; reported in
+  ``summary.json``).
 """
 
 from __future__ import annotations
@@ -24,12 +25,12 @@ import json
 import logging
 import os
 import time
-from pathlib import Path
 from typing import Any
 
 import pyarrow.fs
 from ray.tune import Callback
 
+from raysal.orchestration import storage
 from raysal.orchestration.storage import filesystem
 
 log = logging.getLogger(__name__)
@@ -84,9 +85,9 @@ def remove_if_alive(pg_hex: str) -> bool:
     return True
 
 
-def removed_count(search_dir: str | Path) -> int:
-    path = Path(search_dir, REMOVED_LOG)
-    return len(path.read_text().splitlines()) if path.exists() else 0
+def removed_count(search_dir: str) -> int:
+    path = storage.join(search_dir, REMOVED_LOG)
+    return len(storage.read_text(path).splitlines()) if storage.is_file(path) else 0
 
 
 class PlacementGroupJanitor(Callback):
@@ -122,7 +123,7 @@ class PlacementGroupJanitor(Callback):
                 continue
             del self._ended[trial_id]
             try:
-                pg = recorded_placement_group(f"{self.trials_dir}/{trial_id}")
+                pg = recorded_placement_group(storage.join(self.trials_dir, trial_id))
                 if pg is None or not remove_if_alive(pg):
                     continue
             except Exception as e:  # the janitor must never take the search down
@@ -130,6 +131,11 @@ class PlacementGroupJanitor(Callback):
                 continue
             removed += 1
             log.warning("removed placement group %s left by ended trial %s", pg, trial_id)
-            with open(Path(self.log_dir, REMOVED_LOG), "a") as f:
-                f.write(json.dumps({"trial_id": trial_id, "placement_group": pg, "time": time.time()}) + "\n")
+            try:
+                storage.append_line(
+                    storage.join(self.log_dir, REMOVED_LOG),
+                    json.dumps({"trial_id": trial_id, "placement_group": pg, "time": time.time()}),
+                )
+            except Exception as e:  # the count is a report, not a reason to stop the search
+                log.warning("could not record the removal in %s: %s", self.log_dir, e)
         return removed

@@ -22,7 +22,7 @@ from raysal.data.holdout import in_holdout
 from raysal.data.shards import MANIFEST, SCHEMA
 from raysal.orchestration.errors import ConfigError
 from raysal.orchestration.spec import RunSpec
-from raysal.orchestration.storage import filesystem, is_uri
+from raysal.orchestration.storage import filesystem
 
 log = logging.getLogger(__name__)
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # org/name
@@ -53,17 +53,11 @@ def check_writable(location: str, key: str) -> None:
     """Create ``location`` if needed and write (then remove) a small file there; a URI goes through pyarrow.fs."""
     marker = f".raysal-write-test-{uuid.uuid4().hex[:8]}"
     try:
-        if is_uri(location):
-            fs, path = filesystem(location)
-            fs.create_dir(path, recursive=True)
-            with fs.open_output_stream(f"{path}/{marker}") as f:
-                f.write(b"ok")
-            fs.delete_file(f"{path}/{marker}")
-        else:
-            folder = Path(location).expanduser()
-            folder.mkdir(parents=True, exist_ok=True)
-            (folder / marker).write_bytes(b"ok")
-            (folder / marker).unlink()
+        fs, path = filesystem(location)
+        fs.create_dir(path, recursive=True)
+        with fs.open_output_stream(f"{path}/{marker}") as f:
+            f.write(b"ok")
+        fs.delete_file(f"{path}/{marker}")
     except (OSError, pa.ArrowException) as e:
         reason = getattr(e, "strerror", None) or " ".join(str(e).split())
         raise ConfigError(f"{key}={location}: not writable ({reason})") from None

@@ -1,25 +1,32 @@
 """The search driver behind ``python -m raysal.tune`` (see its docstring for what a search does): checks before Ray
-starts (`prepare_search`), the Tune trainable (`run_trial`: one Ray Train run per trial), and the Tuner with Optuna,
-ASHA, the control trial, W&B and the janitors (`run_search`); the summary and the report are in `search_summary`.
+starts (`prepare_search`), the Tune trainable (`run_trial`: one Ray Train run per trial), and `run_search` in named
+steps — where the search's things live (`search_places`), Ray (`connect_ray`), restore or start (`restore_tuner`,
+`new_tuner`: the study, the searcher, the scheduler, the callbacks), run (`run_tuner`), and the end (`finish`:
+summary, study, report). The summary and the report themselves are in `search_summary`.
+
+The search folder on storage (``<storage_path>/<name>``, local or a URI) is the whole search: Tune's experiment
+state, the trials' Train runs, the Optuna study (`study_store`), summary.json, the report, the janitor's log and the
+W&B files. A driver on a new head (the old one lost) resumes from it with the same command.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import signal
 import sys
 import threading
 import time
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
 
+from raysal.orchestration import storage
 from raysal.orchestration.compose import compose_cfg
 from raysal.orchestration.search_summary import report, summarise, trial_overrides
-from raysal.orchestration.storage import is_uri
+from raysal.orchestration.study_store import StudyStore, redact, study_store
 from raysal.search.override_text import format_override
 from raysal.search.space import SearchSpaceError, SearchSpec
 from raysal.search.space_file import load_search_space
@@ -28,6 +35,9 @@ from raysal.search.validate_space import validate_against
 log = logging.getLogger("raysal.tune")
 STOP_GRACE_S = 20.0  # after SIGTERM, how long Tune may take to stop trials gracefully
 DRIVER_RESOURCE = "TRAIN_DRIVER"  # custom resource of the head node (cluster.yaml): trial drivers run there
+# how often Tune uploads its experiment state (small files) to storage: what a lost head can lose of trial events
+# (Ray's default is 300 s); the study reconciles the rest (`raysal.search.control.settle_study`)
+STATE_SYNC_S = 10
 
 
 def resource_overrides(spec: SearchSpec) -> list[str]:
@@ -42,12 +52,14 @@ def resource_overrides(spec: SearchSpec) -> list[str]:
 
 
 def trial_run_overrides(
-    base: list[str], config: dict[str, Any], control: tuple[str, ...], trial_id: str, trials_dir: str
-) -> list[str]:
+    base: list[str], config: dict[str, Any], control: tuple[str, ...], trial_id: str, trials_dir: str,
+    pins: tuple[str, ...] = (),
+) -> list[str]:  # fmt: skip
     """The Train run of a trial: named after the Tune trial id, under the search's trials folder; W&B is logged
-    by the Tune-side callback instead."""
+    by the Tune-side callback instead. ``pins``: the search-level values the driver resolved (`search_pins`)."""
     return [
         *trial_overrides(base, config, control),
+        *pins,
         format_override("name", trial_id),  # quoted: Hydra reads an id like 71e76940 as a float (inf)
         format_override("storage_path", trials_dir),
         "wandb.mode=disabled",
@@ -58,7 +70,16 @@ class TrialFailed(RuntimeError):
     """A trial that must not be ranked: diverged, stalled, or failed after Ray Train's own retries."""
 
 
-def run_trial(config: dict[str, Any], *, base: list[str], control: tuple[str, ...], trials_dir: str) -> None:
+def search_pins(run_spec: Any) -> tuple[str, ...]:
+    """Values a trial must take from the driver, not re-resolve where it runs: ``cache_dir`` comes from the
+    environment (``RAYSAL_CACHE``, ``HOME``), and a trial process on the head has the raylet's environment, not the
+    driver's; the demo's data and model paths are made from it and were checked by the driver's preflight."""
+    return (format_override("cache_dir", str(run_spec.config["cache_dir"])),)
+
+
+def run_trial(
+    config: dict[str, Any], *, base: list[str], control: tuple[str, ...], trials_dir: str, pins: tuple[str, ...] = ()
+) -> None:
     """The Tune trainable: one Train run per trial, named after the Tune trial id (stable across restore).
 
     Lost workers and nodes are retried inside the run by Ray Train (``trainer.max_failures``); what reaches here
@@ -74,8 +95,8 @@ def run_trial(config: dict[str, Any], *, base: list[str], control: tuple[str, ..
     from raysal.search.stall import StallWatchdog
 
     trial_id = ray.tune.get_context().get_trial_id()
-    spec = spec_from_cfg(compose_cfg(trial_run_overrides(base, config, control, trial_id, trials_dir)))
-    run_dir = f"{trials_dir}/{trial_id}"
+    spec = spec_from_cfg(compose_cfg(trial_run_overrides(base, config, control, trial_id, trials_dir, pins)))
+    run_dir = storage.join(trials_dir, trial_id)
     remove_stale_checkpoints(run_dir)
     clear_reason(run_dir)
     timeout = spec.config["trainer"]["stall_timeout_s"]
@@ -157,14 +178,55 @@ def check_localization_heads(spec: SearchSpec, path: Path, run_spec: Any) -> Non
     walk(spec.space, ())
 
 
-def prepare_search(path: Path, cli: list[str]) -> tuple[SearchSpec, list[str], Any, Any]:
+@dataclass(frozen=True)
+class SearchPlaces:
+    """Where a search's things live."""
+
+    search_dir: str  # <storage_path>/<name>: local path or URI, the whole search
+    trials_dir: str  # <search>/trials: one Train run per trial
+    local_dir: Path  # the driver's disk: W&B files before they are copied (the search folder itself when local)
+    study: StudyStore
+
+
+def search_places(spec: SearchSpec, run_spec: Any) -> SearchPlaces:
+    search_dir = storage.join(run_spec.storage_path, spec.name)
+    local = storage.local_path(search_dir) or Path(run_spec.config["cache_dir"]).expanduser() / "searches" / spec.name
+    study = study_store(search_dir, spec.name, spec.optuna_storage, str(run_spec.config["cache_dir"]))
+    return SearchPlaces(search_dir, storage.join(search_dir, "trials"), local, study)
+
+
+def check_study(places: SearchPlaces) -> None:
+    """The study's place works: the driver's disk for a working copy, or the database answers."""
+    from raysal.orchestration.preflight import check_writable
+
+    if places.study.published_separately:
+        check_writable(str(Path(places.study.working).parent), "cache_dir")
+    if places.study.in_database:
+        import optuna
+
+        from raysal.orchestration.errors import ConfigError
+
+        try:
+            optuna.storages.RDBStorage(places.study.url)
+        except Exception as e:
+            reason = " ".join(str(e).split())[:300].replace(places.study.url, redact(places.study.url))
+            where = f"optuna_storage={redact(places.study.url)}"
+            raise ConfigError(f"{where}: cannot open the database ({reason})") from None
+
+
+def prepare_search(
+    path: Path, cli: list[str], optuna_storage: str | None = None
+) -> tuple[SearchSpec, list[str], Any, Any]:
     """Every check of a search before Ray starts → (space, base overrides, the base run spec, data sizes).
-    Raises on bad input (the entry point prints one `error:` line)."""
+    ``optuna_storage``: the command line's database URL for the study (over the file's). Raises on bad input (the
+    entry point prints one `error:` line)."""
     profile = next((o.split("=", 1)[1] for o in cli if o.startswith("experiment=")), None)
     spec = load_search_space(path, profile)
+    if optuna_storage:
+        spec = replace(spec, optuna_storage=optuna_storage)
     base = [*spec.base_overrides, *resource_overrides(spec), *cli]
     validate_against(spec, compose_cfg)  # every key and option must exist: fail before any trial starts
-    from raysal.orchestration.preflight import check_writable, preflight
+    from raysal.orchestration.preflight import preflight
     from raysal.orchestration.spec import objective_metrics, spec_from_cfg
 
     run_spec = spec_from_cfg(compose_cfg(base))
@@ -178,46 +240,35 @@ def prepare_search(path: Path, cli: list[str]) -> tuple[SearchSpec, list[str], A
         spec_from_cfg(compose_cfg([*base, *spec.control.overrides]))
     check_localization_heads(spec, path, run_spec)
     sizes = preflight(run_spec)  # once, here, rather than racing in concurrent trials
-    if is_uri(run_spec.storage_path):  # the Optuna study is a local SQLite file
-        check_writable(str(Path(run_spec.config["cache_dir"]) / "searches"), "cache_dir")
+    check_study(search_places(spec, run_spec))
     return spec, base, run_spec, sizes
 
 
-def run_search(spec: SearchSpec, base: list[str], run_spec: Any, resume: str, verbose: bool = False) -> int:
+def connect_ray(verbose: bool) -> None:
+    """The cluster at RAY_ADDRESS (``ray job submit`` sets it), or a local one with the head's trial-driver
+    resource. The console shows raysal's one line per trial event (`ProgressLines`); -v brings back Ray's own
+    output: worker logs, status tables, Ray's INFO lines and its slow-callback warnings."""
     import optuna
     import ray
-    from ray import tune
-    from ray.tune.schedulers import FIFOScheduler
 
-    from raysal.orchestration.placement_groups import JOB_RUNTIME_ENV, PlacementGroupJanitor, removed_count
-    from raysal.orchestration.wandb_callback import SearchWandbCallback
-    from raysal.orchestration.wandb_run import resolve_mode, sync_hint
-    from raysal.search.control import ControlAwareASHA, enqueue_control
-    from raysal.search.optuna_search import ReasonedOptunaSearch
-    from raysal.search.progress import ProgressLines
-    from raysal.search.sampling import define_by_run
+    from raysal.orchestration.placement_groups import JOB_RUNTIME_ENV
 
-    storage = run_spec.storage_path
-    search_dir = f"{storage}/{spec.name}"
-    # the driver's own files (Optuna's SQLite study, summary.json) stay on the head node's disk
-    local_dir = Path(search_dir)
-    if is_uri(search_dir):
-        local_dir = Path(run_spec.config["cache_dir"]) / "searches" / spec.name
-    control = spec.control.overrides if spec.control else ()
-    # the console shows raysal's one line per trial event (`ProgressLines`); -v brings back Ray's own output:
-    # worker logs, status tables, Ray's INFO lines and its slow-callback warnings
     quiet: dict[str, Any] = {} if verbose else {"log_to_driver": False, "logging_level": logging.WARNING}
     if not verbose:
         optuna.logging.set_verbosity(optuna.logging.WARNING)  # "A new study created ...": raysal says it
-    if not ray.is_initialized():
-        if os.environ.get("RAY_ADDRESS"):
-            ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=JOB_RUNTIME_ENV, **quiet)
-        else:  # a local cluster: advertise the trial-driver resource the head node has on a real cluster
-            ray.init(resources={DRIVER_RESOURCE: 64}, runtime_env=JOB_RUNTIME_ENV, **quiet)
-    # SIGTERM (a preempted head, `kill`) stops the search the way Ctrl-C does: Tune's SIGINT handler stops the
-    # trials and saves the experiment state, so the same command resumes it. Tune's graceful stop can wait on a
-    # trial whose Train worker group is still starting; after STOP_GRACE_S a second SIGINT skips that wait (Tune's
-    # own "press Ctrl-C again"), the state saved so far is kept.
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=JOB_RUNTIME_ENV, **quiet)
+    else:  # a local cluster: advertise the trial-driver resource the head node has on a real cluster
+        ray.init(resources={DRIVER_RESOURCE: 64}, runtime_env=JOB_RUNTIME_ENV, **quiet)
+
+
+def stop_on_sigterm() -> threading.Timer:
+    """SIGTERM (a preempted head, `kill`) stops the search the way Ctrl-C does: Tune's SIGINT handler stops the
+    trials and saves the experiment state, so the same command resumes it. Tune's graceful stop can wait on a trial
+    whose Train worker group is still starting; after STOP_GRACE_S a second SIGINT skips that wait (Tune's own
+    "press Ctrl-C again"), the state saved so far is kept. → the grace timer (cancel it when the search ends)."""
     grace = threading.Timer(STOP_GRACE_S, lambda: os.kill(os.getpid(), signal.SIGINT))
     grace.daemon = True
 
@@ -227,112 +278,211 @@ def run_search(spec: SearchSpec, base: list[str], run_spec: Any, resume: str, ve
             grace.start()
 
     signal.signal(signal.SIGTERM, on_sigterm)
+    return grace
 
-    trainable = tune.with_resources(
-        partial(run_trial, base=base, control=control, trials_dir=f"{search_dir}/trials"),
+
+def restorable(search_dir: str) -> bool:
+    """Tune wrote its experiment state there (a folder left by a search that failed to start is not)."""
+    return any(n.startswith("experiment_state-") and n.endswith(".json") for n in storage.list_names(search_dir))
+
+
+def make_trainable(base: list[str], control: tuple[str, ...], trials_dir: str, pins: tuple[str, ...]) -> Any:
+    import ray
+    from ray import tune
+
+    return tune.with_resources(
+        partial(run_trial, base=base, control=control, trials_dir=trials_dir, pins=pins),
         {"CPU": 0, DRIVER_RESOURCE: 1} if DRIVER_RESOURCE in ray.cluster_resources() else {"CPU": 0},
     )
+
+
+def restore_tuner(places: SearchPlaces, trainable: Any) -> Any:
+    """Tune's experiment from the search folder (local or a URI), its searcher re-opening the study here.
+    Errored trials stay errored: Ray Train already retried their infrastructure failures, and a diverged trial
+    would only diverge again."""
+    from ray import tune
+
+    from raysal.orchestration import study_store as study_module
+
+    places.study.fetch()  # a new or wiped head: the study published in the search folder
+    study_module.active = places.study
+    log.info("resuming the search in %s (study: %s)", places.search_dir, places.study.describe())
+    return tune.Tuner.restore(places.search_dir, trainable, resume_unfinished=True, resume_errored=False)
+
+
+def make_scheduler(spec: SearchSpec) -> Any:
+    from ray.tune.schedulers import FIFOScheduler
+
+    from raysal.search.control import ControlAwareASHA
+
+    s = spec.scheduler
+    if s.type != "asha":
+        return FIFOScheduler()
+    return ControlAwareASHA(time_attr=s.time_attr, metric=spec.metric, mode=spec.mode, max_t=s.max_t,
+                            grace_period=s.grace_period, reduction_factor=s.reduction_factor)  # fmt: skip
+
+
+def make_callbacks(spec: SearchSpec, run_spec: Any, places: SearchPlaces, wandb_mode: str) -> list:
+    """Raysal's console lines, the placement-group janitor (removes the Train placement group of an ended trial
+    if Ray Train did not: see placement_groups.py) and W&B (one run per trial)."""
+    from raysal.orchestration.placement_groups import PlacementGroupJanitor
+    from raysal.orchestration.wandb_callback import SearchWandbCallback
+    from raysal.search.progress import ProgressLines
+
+    s = spec.scheduler
+    callbacks: list = [
+        PlacementGroupJanitor(places.trials_dir, places.search_dir),
+        ProgressLines(spec.metric, s.time_attr, s.max_t if s.type == "asha" else None, places.trials_dir),
+    ]
+    if wandb_mode != "disabled":
+        callbacks.append(
+            SearchWandbCallback(
+                trials_dir=places.trials_dir,
+                mirror_to=places.search_dir,
+                project=run_spec.wandb["project"],
+                entity=run_spec.wandb.get("entity"),
+                group=spec.name,
+                mode=wandb_mode,
+                dir=str(places.local_dir),
+                tags=run_spec.wandb.get("tags") or None,
+            )
+        )
+    return callbacks
+
+
+def new_tuner(spec: SearchSpec, run_spec: Any, places: SearchPlaces, trainable: Any, wandb_mode: str,
+              verbose: bool) -> Any:  # fmt: skip
+    """A search that starts: the study (kept if the search folder has one), the control queued first, the
+    searcher, the scheduler and the callbacks."""
+    import optuna
+    from ray import tune
+
+    from raysal.orchestration import study_store as study_module
+    from raysal.search.control import open_study, settle_study
+    from raysal.search.optuna_search import ReasonedOptunaSearch
+    from raysal.search.sampling import define_by_run
+
+    if places.study.published_separately and not storage.is_file(places.study.home):
+        places.study.discard_working_copy()  # the search folder has no study: a copy here is an older search's
+    places.study.fetch()
+    study_module.active = places.study
+    settled = settle_study(open_study(spec.name, places.study.url, spec), set(), want_control=spec.control is not None,
+                           fresh=True)  # fmt: skip
+    if settled["lost"]:
+        log.warning("%d trial(s) of the study were left running by an earlier driver: marked FAIL", settled["lost"])
+    if settled["control_enqueued"]:
+        log.info("control trial enqueued first: %s", " ".join(spec.control.overrides))
+    searcher = ReasonedOptunaSearch(
+        space=define_by_run(spec), metric=spec.metric, mode=spec.mode,
+        sampler=optuna.samplers.TPESampler(seed=spec.seed), storage=optuna.storages.RDBStorage(places.study.url),
+        study_name=spec.name, trials_dir=places.trials_dir, store=places.study,
+    )  # fmt: skip
+    return tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(
+            search_alg=searcher,
+            scheduler=make_scheduler(spec),
+            num_samples=spec.num_samples + (spec.control is not None),  # the control is one more trial
+            max_concurrent_trials=_max_concurrent(spec, float(run_spec.data["encode_cpus"])),
+            trial_dirname_creator=trial_dirname,
+        ),
+        run_config=tune.RunConfig(
+            name=spec.name,
+            verbose=2 if verbose else 0,  # 0: no status tables (raysal prints a line per trial event)
+            storage_path=run_spec.storage_path,
+            callbacks=make_callbacks(spec, run_spec, places, wandb_mode),
+            failure_config=tune.FailureConfig(max_failures=0),  # retries happen inside the trial (Ray Train)
+            sync_config=tune.SyncConfig(sync_period=STATE_SYNC_S),
+        ),
+    )
+
+
+def expected_trials(spec: SearchSpec) -> int:
+    return spec.num_samples + (spec.control is not None)
+
+
+def unfinished_trials(grid: Any) -> list[str]:
+    return [t.trial_id for t in grid._experiment_analysis.trials if t.status not in ("TERMINATED", "ERROR")]
+
+
+def run_tuner(tuner: Any, spec: SearchSpec, places: SearchPlaces, restored: bool) -> Any | None:
+    """Run what is left of the search → its results, or None when it was interrupted (said on stderr). A restored
+    search with nothing left to run is not run again."""
+    if restored:
+        grid = tuner.get_results()
+        if not unfinished_trials(grid) and len(grid) >= expected_trials(spec):
+            print(f"raysal: search {spec.name} is already finished ({len(grid)} trials): 0 trials to run; "
+                  "writing its summary and report again", flush=True)  # fmt: skip
+            return grid
+    grace = stop_on_sigterm()
+    try:
+        grid = tuner.fit()
+    except KeyboardInterrupt:
+        print(f"search interrupted; run the same command again to continue it ({places.search_dir})", file=sys.stderr)
+        return None
+    finally:
+        grace.cancel()
+    unfinished = unfinished_trials(grid)
+    if unfinished or len(grid) < expected_trials(spec):
+        print(f"search interrupted with {len(unfinished)} unfinished trial(s); run the same command again to "
+              f"continue it ({places.search_dir})", file=sys.stderr)  # fmt: skip
+        return None
+    return grid
+
+
+def finish(grid: Any, spec: SearchSpec, base: list[str], run_spec: Any, places: SearchPlaces, wandb_mode: str,
+           t0: float) -> int:  # fmt: skip
+    """summary.json, the study and the report, all in the search folder; the console's last line."""
+    from raysal.orchestration.placement_groups import removed_count
+    from raysal.orchestration.wandb_run import sync_hint
+
+    summary = summarise(grid, spec, base, places.search_dir)
+    time.sleep(2)  # placement groups of the last trial are removed asynchronously
+    summary["leaked_placement_groups"] = leaked_placement_groups()
+    summary["placement_groups_removed"] = removed_count(places.search_dir)  # by the janitor: Ray Train left them
+    summary["study"] = places.study.describe()
+    if summary["leaked_placement_groups"]:
+        log.warning("%d placement group(s) still alive after the search", summary["leaked_placement_groups"])
+    storage.write_json(storage.join(places.search_dir, "summary.json"), summary)
+    places.study.publish(final=True)
+    print(summary["table"])
+    report(places.search_dir, run_spec, wandb_mode, places.local_dir, spec.name)
+    best = summary.get("best")
+    w = sync_hint(places.search_dir) if wandb_mode == "offline" else ""
+    print(
+        f"raysal: search {spec.name} finished in {time.perf_counter() - t0:.0f}s — {summary['reported']}/"
+        f"{summary['trials']} trials reported; best {best['trial_id'] if best else None}; exported: "
+        f"{summary.get('best_adapter') or summary.get('best_model')}; folder: {places.search_dir}. {w}"
+    )
+    if summary.get("warning"):
+        print(f"raysal: {summary['warning']}", file=sys.stderr)
+    return 0 if best else 1  # failed trials are part of a search's result; no trial to export is not
+
+
+def run_search(spec: SearchSpec, base: list[str], run_spec: Any, resume: str, verbose: bool = False) -> int:
+    from raysal.orchestration.wandb_run import resolve_mode
+
+    places = search_places(spec, run_spec)
+    places.local_dir.mkdir(parents=True, exist_ok=True)
+    connect_ray(verbose)
+    control = spec.control.overrides if spec.control else ()
+    trainable = make_trainable(base, control, places.trials_dir, search_pins(run_spec))
     # a run that diverged reports its reason without the objective (then stops): Tune must not take that for a
     # misspelt metric (the objectives were checked against the reported metrics before the search started)
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     wandb_mode = resolve_mode(run_spec.wandb["mode"])
     if wandb_mode == "offline":
         os.environ["WANDB_MODE"] = "offline"  # Ray's callback insists on an API key unless W&B itself is offline
-    # restorable = Tune wrote its experiment state there (a folder left by a search that failed to start is not)
-    restore = resume != "false" and not is_uri(search_dir) and any(Path(search_dir).glob("experiment_state-*.json"))
+    restore = resume != "false" and restorable(places.search_dir)
     if resume == "true" and not restore:
-        print(f"error: resume=true but there is no search to restore in {search_dir}", file=sys.stderr)
+        print(f"error: resume=true but there is no search to restore in {places.search_dir}", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
     if restore:
-        log.info("resuming the search in %s", search_dir)
-        # errored trials stay errored: Ray Train already retried their infrastructure failures, and a diverged
-        # trial would only diverge again
-        tuner = tune.Tuner.restore(search_dir, trainable, resume_unfinished=True, resume_errored=False)
+        tuner = restore_tuner(places, trainable)
     else:
-        local_dir.mkdir(parents=True, exist_ok=True)
-        db = optuna.storages.RDBStorage(f"sqlite:///{local_dir / 'optuna.db'}")
-        if spec.control is not None and enqueue_control(spec.name, db, spec):
-            log.info("control trial enqueued first: %s", " ".join(spec.control.overrides))
-        searcher = ReasonedOptunaSearch(
-            space=define_by_run(spec), metric=spec.metric, mode=spec.mode,
-            sampler=optuna.samplers.TPESampler(seed=spec.seed), storage=db, study_name=spec.name,
-            trials_dir=f"{search_dir}/trials",
-        )  # fmt: skip
-        s = spec.scheduler
-        scheduler = (
-            ControlAwareASHA(
-                time_attr=s.time_attr,
-                metric=spec.metric,
-                mode=spec.mode,
-                max_t=s.max_t,
-                grace_period=s.grace_period,
-                reduction_factor=s.reduction_factor,
-            )
-            if s.type == "asha"
-            else FIFOScheduler()
-        )
-        # removes the Train placement group of an ended trial if Ray Train did not (see placement_groups.py)
-        callbacks: list = [
-            PlacementGroupJanitor(f"{search_dir}/trials", str(local_dir)),
-            ProgressLines(spec.metric, spec.scheduler.time_attr, spec.scheduler.max_t if s.type == "asha" else None,
-                          f"{search_dir}/trials"),
-        ]  # fmt: skip
-        if wandb_mode != "disabled":
-            callbacks.append(
-                SearchWandbCallback(
-                    trials_dir=f"{search_dir}/trials",
-                    project=run_spec.wandb["project"],
-                    entity=run_spec.wandb.get("entity"),
-                    group=spec.name,
-                    mode=wandb_mode,
-                    dir=str(Path(search_dir) if not is_uri(search_dir) else Path.cwd()),
-                    tags=run_spec.wandb.get("tags") or None,
-                )
-            )
-        tuner = tune.Tuner(
-            trainable,
-            tune_config=tune.TuneConfig(
-                search_alg=searcher,
-                scheduler=scheduler,
-                num_samples=spec.num_samples + (spec.control is not None),  # the control is one more trial
-                max_concurrent_trials=_max_concurrent(spec, float(run_spec.data["encode_cpus"])),
-                trial_dirname_creator=trial_dirname,
-            ),
-            run_config=tune.RunConfig(
-                name=spec.name,
-                verbose=2 if verbose else 0,  # 0: no status tables (raysal prints a line per trial event)
-                storage_path=storage,
-                callbacks=callbacks,
-                failure_config=tune.FailureConfig(max_failures=0),  # retries happen inside the trial (Ray Train)
-            ),
-        )
-    try:
-        grid = tuner.fit()
-    except KeyboardInterrupt:
-        print(f"search interrupted; run the same command again to continue it ({search_dir})", file=sys.stderr)
+        tuner = new_tuner(spec, run_spec, places, trainable, wandb_mode, verbose)
+    grid = run_tuner(tuner, spec, places, restore)
+    if grid is None:
         return 130
-    finally:
-        grace.cancel()
-    unfinished = [t.trial_id for t in grid._experiment_analysis.trials if t.status not in ("TERMINATED", "ERROR")]
-    if unfinished or len(grid) < spec.num_samples + (spec.control is not None):
-        print(f"search interrupted with {len(unfinished)} unfinished trial(s); run the same command again to "
-              f"continue it ({search_dir})", file=sys.stderr)  # fmt: skip
-        return 130
-    summary = summarise(grid, spec, base, search_dir)
-    time.sleep(2)  # placement groups of the last trial are removed asynchronously
-    summary["leaked_placement_groups"] = leaked_placement_groups()
-    summary["placement_groups_removed"] = removed_count(local_dir)  # by the janitor: Ray Train had left them
-    if summary["leaked_placement_groups"]:
-        log.warning("%d placement group(s) still alive after the search", summary["leaked_placement_groups"])
-    Path(local_dir, "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-    print(summary["table"])
-    report(local_dir, run_spec, wandb_mode, search_dir, spec.name)
-    best = summary.get("best")
-    w = sync_hint(Path(search_dir)) if resolve_mode(run_spec.wandb["mode"]) == "offline" else ""
-    print(
-        f"raysal: search {spec.name} finished in {time.perf_counter() - t0:.0f}s — {summary['reported']}/"
-        f"{summary['trials']} trials reported; best {best['trial_id'] if best else None}; exported: "
-        f"{summary.get('best_adapter') or summary.get('best_model')}; folder: {search_dir}. {w}"
-    )
-    return 0 if best else 1  # failed trials are part of a search's result; no trial to export is not
+    return finish(grid, spec, base, run_spec, places, wandb_mode, t0)

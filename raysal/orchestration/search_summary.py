@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from raysal.orchestration.storage import is_uri
+from raysal.orchestration import storage
 from raysal.search.optuna_params import CONTROL_KEY, params_to_overrides
 from raysal.search.override_text import format_override
 from raysal.search.space import SearchSpec
@@ -23,7 +23,7 @@ def trial_overrides(base: list[str], params: dict[str, Any], control: tuple[str,
 
 
 def _trial_id(result: Any) -> str:
-    return (result.metrics or {}).get("trial_id") or Path(result.path).name  # trial folders are named by trial id
+    return (result.metrics or {}).get("trial_id") or storage.name(result.path)  # trial folders: named by trial id
 
 
 def summarise(result_grid: Any, spec: SearchSpec, base: list[str], search_dir: str, top: int = 10) -> dict:
@@ -43,7 +43,7 @@ def summarise(result_grid: Any, spec: SearchSpec, base: list[str], search_dir: s
         trial_id, metrics = _trial_id(r), r.metrics or {}
         replay = "python -m raysal.train " + " ".join(trial_overrides(base, r.config, control))
         if r.error is not None:
-            reason = read_reason(f"{search_dir}/trials/{trial_id}") or first_line(str(r.error))
+            reason = read_reason(storage.join(search_dir, "trials", trial_id)) or first_line(str(r.error))
             failed.append({"trial_id": trial_id, "reason": reason, "replay": replay})
         elif metric in metrics:
             rows.append({"trial_id": trial_id, "metrics": metrics, "config": r.config, "replay": replay})
@@ -72,7 +72,7 @@ def summarise(result_grid: Any, spec: SearchSpec, base: list[str], search_dir: s
         "mode": mode,
         "trials": len(result_grid),
         "reported": len(rows),
-        "trials_dir": f"{search_dir}/trials",
+        "trials_dir": storage.join(search_dir, "trials"),
         "rows": [  # every ranked trial, for `python -m raysal.report`
             {
                 "trial_id": row["trial_id"],
@@ -88,7 +88,7 @@ def summarise(result_grid: Any, spec: SearchSpec, base: list[str], search_dir: s
         "table": "\n".join(lines),
     }
     if best is not None:
-        run = ray.train.Result.from_path(f"{search_dir}/trials/{best['trial_id']}")
+        run = ray.train.Result.from_path(storage.join(search_dir, "trials", best["trial_id"]))
         ckpt = run.get_best_checkpoint(metric, mode)
         if ckpt is not None:
             metrics = next(m for c, m in run.best_checkpoints if c.path == ckpt.path)
@@ -98,17 +98,17 @@ def summarise(result_grid: Any, spec: SearchSpec, base: list[str], search_dir: s
     return summary
 
 
-def report(local_dir: Path, run_spec: Any, wandb_mode: str, search_dir: str, name: str) -> None:
-    """report.html + the W&B summary run; a finished search stays finished if its report fails (said, not hidden)."""
+def report(search_dir: str, run_spec: Any, wandb_mode: str, wandb_local: Path, name: str) -> None:
+    """report.html + the W&B summary run; a finished search stays finished if its report fails (said, not hidden).
+    ``wandb_local``: the driver's local folder for W&B files (mirrored into the search folder)."""
     from raysal.orchestration.wandb_run import log_search_summary
     from raysal.search.report_html import build_report
 
     try:
-        report = build_report(local_dir)
+        report = build_report(search_dir)
         print(f"raysal: report {report.html}", flush=True)
         w = run_spec.wandb
         log_search_summary(report.figures, project=w["project"], entity=w.get("entity"), group=name, mode=wandb_mode,
-                           directory=Path(search_dir) if not is_uri(search_dir) else Path.cwd(),
-                           tags=w.get("tags") or None)  # fmt: skip
+                           directory=wandb_local, mirror_to=search_dir, tags=w.get("tags") or None)  # fmt: skip
     except Exception as e:
-        log.warning("the search report could not be written (python -m raysal.report %s retries): %s", local_dir, e)
+        log.warning("the search report could not be written (python -m raysal.report %s retries): %s", search_dir, e)

@@ -9,16 +9,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import pyarrow.fs
 import ray.train
 from ray.data import ExecutionOptions, ExecutionResources
 from ray.train import DataConfig
 from ray.train.torch import TorchTrainer
 
 from raysal.loop.checkpoint import ADAPTER, CONNECTOR, MODEL
+from raysal.orchestration import storage
 from raysal.orchestration.data import run_datasets
 from raysal.orchestration.spec import RunSpec
-from raysal.orchestration.storage import is_uri
 from raysal.orchestration.worker import train_loop_per_worker
 
 
@@ -90,16 +89,12 @@ def export_best(checkpoint: ray.train.Checkpoint, parent: str, metrics: dict[str
         if kind is None:
             raise FileNotFoundError(f"{checkpoint.path}: no {ADAPTER}/, {MODEL}/ or {CONNECTOR}/ in the checkpoint")
         key = f"best_{kind}"
-        dest = f"{parent}/{key}"
+        dest = storage.join(parent, key)
         out = Path(tmp) / "export"
         shutil.copytree(local / kind, out)
         (out / "best.json").write_text(json.dumps({"checkpoint": checkpoint.path, "metrics": metrics}, indent=2))
-        if is_uri(dest):
-            pyarrow.fs.copy_files(str(out), dest)
-        else:
-            shutil.rmtree(dest, ignore_errors=True)
-            # a resumed search whose best changed regime: another kind's export is no longer the best
-            for other in {ADAPTER, MODEL, CONNECTOR} - {kind}:
-                shutil.rmtree(f"{parent}/best_{other}", ignore_errors=True)
-            shutil.copytree(out, dest)
+        storage.replace_dir(out, dest)
+        # a resumed search whose best changed regime: another kind's export is no longer the best
+        for other in {ADAPTER, MODEL, CONNECTOR} - {kind}:
+            storage.delete_dir(storage.join(parent, f"best_{other}"))
     return key, dest

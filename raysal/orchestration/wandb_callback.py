@@ -12,6 +12,10 @@ Ray kills a logging actor as soon as its ``run()`` returns, and the driver's exi
 every row (seen in the integration test). The actor's ``run()`` here ends with ``wandb.teardown()``, which waits
 for W&B to finish writing.
 
+W&B writes into ``dir`` on the driver's disk (the logging actors run on the driver's node); each actor copies its
+trial's W&B folder to ``<search>/wandb/`` at every evaluation and when the trial ends (`mirror_wandb`), so the search
+folder on storage holds them after a lost head.
+
 Steps are ``train/step`` (not Tune's ``training_iteration``): the same x-axis as a single run's W&B run, and the
 same after a resume. A restored trial (driver killed, search run again) resumes its W&B run and first re-logs the
 rows of its Train run's latest checkpoint (``history.jsonl``) that the run lacks: rows a kill took before W&B wrote
@@ -27,12 +31,14 @@ from typing import Any
 
 from ray.air.integrations.wandb import WANDB_ENV_VAR, WandbLoggerCallback, _QueueItem, _WandbLoggingActor
 
-from raysal.orchestration.wandb_run import STEP, relog
+from raysal.orchestration import storage
+from raysal.orchestration.wandb_run import STEP, mirror_wandb, relog
 
 logger = logging.getLogger(__name__)
 _KEY_ARG = "raysal_wandb_api_key"
 _HISTORY_ARG = "raysal_history"
 _RUN_DIR_ARG = "raysal_run_dir"
+_MIRROR_ARG = "raysal_mirror_to"
 
 
 class _SearchWandbLoggingActor(_WandbLoggingActor):
@@ -40,6 +46,7 @@ class _SearchWandbLoggingActor(_WandbLoggingActor):
         key = kwargs.pop(_KEY_ARG, None)
         self._history = kwargs.pop(_HISTORY_ARG, [])
         self._run_dir = kwargs.pop(_RUN_DIR_ARG, None)  # the trial's Train run: its probe heatmaps
+        self._mirror_to = kwargs.pop(_MIRROR_ARG, None)  # the search folder: W&B files are copied to its wandb/
         if key:
             os.environ[WANDB_ENV_VAR] = key  # this actor process only; never a file
         super().__init__(*args, **kwargs)
@@ -53,6 +60,15 @@ class _SearchWandbLoggingActor(_WandbLoggingActor):
             logger.warning("could not read the probe heatmaps of step %d in %s: %s", step, self._run_dir, e)
             return {}
         return wandb_media(rows, pictures) if rows else {}
+
+    def _mirror(self) -> None:
+        """The trial's W&B files (on the driver's disk) copied into the search folder: a lost head keeps them."""
+        if not self._mirror_to or not self.kwargs.get("dir") or not self.kwargs.get("id"):
+            return
+        try:
+            mirror_wandb(self.kwargs["dir"], str(self.kwargs["id"]), self._mirror_to)
+        except Exception as e:  # storage down for a moment: the next evaluation copies again
+            logger.warning("could not copy the W&B run of %s to %s: %s", self.kwargs["id"], self._mirror_to, e)
 
     def run(self) -> None:
         # Ray's loop (`_WandbLoggingActor.run`), with train/step as the W&B step and the history re-logged first
@@ -77,11 +93,14 @@ class _SearchWandbLoggingActor(_WandbLoggingActor):
                     self._wandb.log(log, step=step)
                 except urllib.error.HTTPError as e:  # as Ray does: a few missing points must not end the trial
                     logger.warning("failed to log a result to W&B: %s", e)
+                if step is not None:  # an evaluation: the checkpoint boundary
+                    self._mirror()
             self._wandb.finish()
         finally:
             import wandb
 
             wandb.teardown()  # wait until W&B has written everything: Ray kills this actor right after
+            self._mirror()
 
 
 def checkpoint_history(run_dir: str) -> list[dict[str, Any]]:
@@ -111,18 +130,20 @@ class SearchWandbCallback(WandbLoggerCallback):
 
     _logger_actor_cls = _SearchWandbLoggingActor
 
-    def __init__(self, *, trials_dir: str, **kwargs: Any) -> None:
+    def __init__(self, *, trials_dir: str, mirror_to: str, **kwargs: Any) -> None:
         # reinit: W&B deprecated Ray's boolean; resume: a restored trial continues its W&B run
         super().__init__(**{"resume": "allow", "reinit": "finish_previous", **kwargs})
         self.trials_dir = trials_dir
+        self.mirror_to = mirror_to  # the search folder on storage; W&B writes on the driver's disk (``dir``)
 
     def _start_logging_actor(self, trial: Any, exclude_results: list[str], **wandb_init_kwargs: Any) -> None:
         key = os.environ.pop(WANDB_ENV_VAR, None)  # Ray copies it into a logged runtime_env when it sees it
         try:
             if key:
                 wandb_init_kwargs[_KEY_ARG] = key
-            wandb_init_kwargs[_HISTORY_ARG] = checkpoint_history(f"{self.trials_dir}/{trial.trial_id}")
-            wandb_init_kwargs[_RUN_DIR_ARG] = f"{self.trials_dir}/{trial.trial_id}"
+            wandb_init_kwargs[_HISTORY_ARG] = checkpoint_history(storage.join(self.trials_dir, trial.trial_id))
+            wandb_init_kwargs[_RUN_DIR_ARG] = storage.join(self.trials_dir, trial.trial_id)
+            wandb_init_kwargs[_MIRROR_ARG] = self.mirror_to
             super()._start_logging_actor(trial, exclude_results, **wandb_init_kwargs)
         finally:
             if key is not None:

@@ -55,16 +55,40 @@ def relog(run: Any, rows: list[dict[str, Any]]) -> int:
     return n
 
 
-def sync_hint(directory: Path) -> str:
-    return f"W&B ran offline: upload with `wandb sync {directory}/wandb/offline-run-*` (after `wandb login`)"
+def sync_hint(location: str) -> str:
+    """How to upload the offline runs kept in ``<location>/wandb/`` (a local folder or a URI)."""
+    from raysal.orchestration import storage
+
+    local = storage.local_path(location)
+    if local is not None:
+        return f"W&B ran offline: upload with `wandb sync {local}/wandb/offline-run-*` (after `wandb login`)"
+    return (f"W&B ran offline: the runs are in {storage.join(location, 'wandb')}/; copy that folder to a machine "
+            "that reaches W&B (e.g. `aws s3 cp --recursive`), then `wandb sync FOLDER/offline-run-*` (after "
+            "`wandb login`)")  # fmt: skip
+
+
+def mirror_wandb(local_dir: str | Path, run_id: str, location: str) -> int:
+    """Copy this run's W&B folders (``<local_dir>/wandb/*-<run_id>``: offline runs and the local files of online
+    ones) to ``<location>/wandb/`` on storage: W&B writes to a local disk, which a spot node or a lost head takes
+    with it. Nothing to do when ``local_dir`` is ``location``. → folders copied. Called at every evaluation (the
+    checkpoint boundary) and when the run ends."""
+    from raysal.orchestration import storage
+
+    if storage.same_place(local_dir, location):
+        return 0
+    root = Path(local_dir) / "wandb"
+    folders = sorted(p for p in root.glob(f"*-{run_id}") if p.is_dir()) if root.is_dir() else []
+    for folder in folders:
+        storage.upload(folder, storage.join(location, "wandb", folder.name))
+    return len(folders)
 
 
 def log_search_summary(
-    figures: dict[str, bytes], *, project: str, entity: str | None, group: str, mode: str, directory: Path,
-    tags: list[str] | None = None,
+    figures: dict[str, bytes], *, project: str, entity: str | None, group: str, mode: str, directory: str | Path,
+    mirror_to: str, tags: list[str] | None = None,
 ) -> None:  # fmt: skip
     """The search report's figures as one W&B run in the search's group (id ``<search>-summary``: re-logging
-    resumes it)."""
+    resumes it), written in the local ``directory`` and mirrored to the search folder ``mirror_to``."""
     import io
 
     import numpy as np
@@ -80,3 +104,4 @@ def log_search_summary(
     run.log({f"report/{name}": wandb.Image(np.asarray(Image.open(io.BytesIO(png)).convert("RGB")))
              for name, png in figures.items()})  # fmt: skip
     run.finish()
+    mirror_wandb(directory, run_id(f"{group}-summary"), mirror_to)

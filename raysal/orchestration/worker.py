@@ -9,7 +9,6 @@ folders into one checkpoint.
 from __future__ import annotations
 
 import logging
-import os
 import tempfile
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -33,13 +32,13 @@ from raysal.model.build import (
     prepare_full_finetune,
 )
 from raysal.model.shard import shard_model
+from raysal.orchestration import storage
 from raysal.orchestration.data import iter_collated
 from raysal.orchestration.fail_reason import write_reason
 from raysal.orchestration.placement_groups import record_placement_group
 from raysal.orchestration.probe_files import wandb_media, write_probe_set, write_step
 from raysal.orchestration.spec import RunSpec
-from raysal.orchestration.storage import is_uri
-from raysal.orchestration.wandb_run import STEP, relog
+from raysal.orchestration.wandb_run import STEP, mirror_wandb, relog, run_id
 from raysal.probes.phrase_maps import phrase_maps
 from raysal.probes.probe_set import select_probes
 
@@ -49,11 +48,14 @@ FAIL_REASON = "fail_reason"  # key of the last result of a run that stopped itse
 
 
 def wandb_dir(spec: RunSpec) -> Path:
+    """Where rank 0's W&B writes: ``wandb.dir``, else the run folder when it is on a local filesystem, else this
+    node's cache (W&B needs a local disk; `mirror_wandb` copies the run to the run folder on storage)."""
     if spec.wandb.get("dir"):
         return Path(spec.wandb["dir"])
-    if not is_uri(spec.storage_path):
-        return Path(spec.storage_path) / spec.name
-    return Path(os.environ.get("RAYSAL_CACHE", Path.home() / ".cache" / "raysal")) / "wandb" / spec.name
+    local = storage.local_path(storage.join(spec.storage_path, spec.name))
+    if local is not None:
+        return local
+    return Path(spec.config["cache_dir"]).expanduser() / "wandb" / spec.name
 
 
 def probe_hook(
@@ -72,7 +74,7 @@ def probe_hook(
     if not probes:
         log.warning("no validation image has a grounded phrase: the run shows no probe heatmaps")
         return None
-    run_dir = f"{spec.storage_path}/{spec.name}"
+    run_dir = storage.join(spec.storage_path, spec.name)
     if write:
         write_probe_set(run_dir, probes)
 
@@ -144,10 +146,19 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if rank == 0:
         from raysal.orchestration.wandb_run import init_wandb
 
-        record_placement_group(f"{spec.storage_path}/{spec.name}")  # for the search's janitor
+        record_placement_group(storage.join(spec.storage_path, spec.name))  # for the search's janitor
 
         run = init_wandb(spec.wandb, spec.name, wandb_dir(spec), spec.config)
     after_eval = probe_hook(spec, processor, padding, device, run, write=rank == 0) if rank == 0 or fsdp else None
+
+    run_dir = storage.join(spec.storage_path, spec.name)
+
+    def save_wandb() -> None:
+        """The W&B run's local files, copied to the run folder (a spot node takes its disk with it)."""
+        try:
+            mirror_wandb(wandb_dir(spec), run_id(spec.name), run_dir)
+        except Exception as e:  # storage down for a moment: the next evaluation copies again
+            log.warning("could not copy the W&B run to %s: %s", run_dir, e)
 
     def report(metrics: dict[str, float], path: Path | None) -> None:
         if run is not None:
@@ -157,6 +168,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         # each rank reports its shards and Ray merges same-named folders (its default name is a per-rank clock)
         name = f"checkpoint_{int(metrics[STEP]):07d}" if path is not None else None
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
+        if run is not None and path is not None:
+            save_wandb()
 
     restored = ray.train.get_checkpoint()
     with tempfile.TemporaryDirectory() as local:
@@ -177,9 +190,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             # and diverge again. The driver reads the reason from the run folder (`fail_reason.py`).
             reason = f"diverged: {e}"
             if rank == 0:
-                write_reason(f"{spec.storage_path}/{spec.name}", reason)
+                write_reason(run_dir, reason)
             if run is not None:
                 run.summary["fail_reason"] = reason
             ray.train.report({FAIL_REASON: reason})  # for Tune's last result and the trial's W&B run
     if run is not None:
         run.finish()
+        save_wandb()

@@ -6,7 +6,8 @@ study before any sampling and never stopped early, and the best trial is the one
 the trials whose val/lm_loss is within ``lm_tolerance`` of the control's. The constraint is applied when choosing
 the best, not inside Optuna: TPE keeps learning from every trial's objective (a trial that hurt language still
 tells it where grounding is), ASHA keeps its single metric, and the rule is one line a user can check in the
-table. If the control failed, the best is chosen without the constraint and the summary says so.
+table. If the control failed, no trial is best (the summary says why): a search with a control never ends with a
+winner it could not judge; a file that wants none says ``control: null``.
 """
 
 from __future__ import annotations
@@ -22,18 +23,41 @@ from raysal.search.space import SearchSpec
 LM_METRIC = "val/lm_loss"
 
 
-def enqueue_control(study_name: str, storage: optuna.storages.BaseStorage, spec: SearchSpec) -> bool:
-    """Put the control first in the study's queue (once: a resumed search finds it there). True if enqueued."""
+def open_study(study_name: str, storage: optuna.storages.BaseStorage | str, spec: SearchSpec) -> optuna.Study:
+    """The search's study (created on first use) with the objectives' directions."""
     modes = [o.mode for o in spec.objectives]
     directions = ["maximize" if m == "max" else "minimize" for m in modes]
-    study = optuna.create_study(
+    return optuna.create_study(
         storage=storage, study_name=study_name, load_if_exists=True,
         **({"direction": directions[0]} if len(directions) == 1 else {"directions": directions}),
     )  # fmt: skip
-    if any(t.user_attrs.get(CONTROL_KEY) for t in study.get_trials(deepcopy=False)):
-        return False
-    study.enqueue_trial({}, user_attrs={CONTROL_KEY: True})
-    return True
+
+
+LOST = "lost with the search driver before Tune recorded it; sampled again"
+
+
+def settle_study(study: optuna.Study, known: set[int], *, want_control: bool, fresh: bool) -> dict[str, int]:
+    """Make the study agree with the Tune experiment that is about to run.
+
+    ``known``: the study's trial ids (``_trial_id``) that the Tune experiment knows (none on a fresh start). A
+    RUNNING trial Tune does not know was created by a driver that died before Tune saved its state: nobody will
+    ever finish it, so it is marked FAIL with the reason. The control is one trial across restarts: a fresh start
+    queues it (unless it is queued already), a restore queues it again only if the lost trial was the control (a
+    finished control, or one Tune knows, stays the control). → counts of what was done."""
+    from optuna.trial import TrialState
+
+    storage = study._storage
+    trials = study.get_trials(deepcopy=False)
+    lost = [t for t in trials if t.state == TrialState.RUNNING and t._trial_id not in known]
+    for t in lost:
+        storage.set_trial_user_attr(t._trial_id, "fail_reason", LOST)
+        storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+    queued = any(t.state == TrialState.WAITING and t.user_attrs.get(CONTROL_KEY) for t in trials)
+    lost_control = any(t.user_attrs.get(CONTROL_KEY) for t in lost)
+    enqueue = want_control and not queued and (fresh or lost_control)
+    if enqueue:
+        study.enqueue_trial({}, user_attrs={CONTROL_KEY: True})
+    return {"lost": len(lost), "control_enqueued": int(enqueue)}
 
 
 class ControlAwareASHA(ASHAScheduler):
@@ -62,6 +86,8 @@ def choose_best(rows: list[dict], metric: str, mode: str, lm_tolerance: float | 
         eligible = [r for r in rows if r["metrics"].get(LM_METRIC, float("inf")) <= limit]
         decision["excluded_by_lm_tolerance"] = [r["trial_id"] for r in rows if r not in eligible]
     elif lm_tolerance is not None:
-        decision["warning"] = "no finished control trial: best chosen on the objective alone"
+        # the LM guard is what makes the best honest: without a finished control no trial can be judged
+        decision["warning"] = "the LM-only control did not finish: no trial can be judged against it, none is best"
+        eligible = []
     ranked = sorted(eligible, key=lambda r: r["metrics"][metric], reverse=mode == "max")
     return (ranked[0] if ranked else None), decision

@@ -14,6 +14,7 @@ from typing import Any
 
 from ray.tune import Callback
 
+from raysal.orchestration import storage
 from raysal.orchestration.errors import first_line
 from raysal.orchestration.fail_reason import read_reason
 from raysal.search.optuna_params import CONTROL_KEY, params_to_overrides
@@ -63,5 +64,6 @@ class ProgressLines(Callback):
             self._say(f"trial {trial.trial_id} finished at step {at}{shown}")
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        reason = read_reason(f"{self.trials_dir}/{trial.trial_id}") or first_line(str(trial.get_error() or "error"))
+        reason = read_reason(storage.join(self.trials_dir, trial.trial_id))
+        reason = reason or first_line(str(trial.get_error() or "error"))
         self._say(f"trial {trial.trial_id} failed: {reason}")

@@ -3,19 +3,19 @@ copied off the cluster) plus the same figures as PNGs in ``report/``.
 
 Sources, all written by the search: ``summary.json`` (trials, failures with reasons, the control and the LM limit,
 the best trial), the Optuna study (``optuna.db``: parameters, values, validation metrics as user attrs), and the
-trials' probe heatmaps (``trials/<id>/probes/step_*/``).
+trials' probe heatmaps (``trials/<id>/probes/step_*/``). Read and written through the storage layer: a search folder
+on S3 rebuilds its report on any machine that can read the bucket.
 """
 
 from __future__ import annotations
 
 import base64
 import html
-import json
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
+from raysal.orchestration import storage
 from raysal.search import report_figures as figures
 
 LM = "val/lm_loss"
@@ -27,7 +27,7 @@ class ReportError(ValueError):
 
 @dataclass
 class Report:
-    html: Path
+    html: str  # where report.html was written (local path or URI)
     figures: dict[str, bytes] = field(default_factory=dict)  # name → PNG, also in report/<name>.png
 
 
@@ -41,14 +41,19 @@ def _fmt(v: Any) -> str:
     return html.escape(str(v))
 
 
-def _latest_probe_step(run_dir: Path) -> Path | None:
-    steps = sorted(p for p in (run_dir / "probes").glob("step_*") if (p / "scores.json").exists())
-    return steps[-1] if steps else None
+def _latest_probe_step(run_dir: str) -> str | None:
+    """The run's last evaluation that wrote its heatmaps completely (scores.json is written last)."""
+    probes = storage.join(run_dir, "probes")
+    steps = [n for n in storage.list_names(probes, dirs=True) if n.startswith("step_")]
+    done = [n for n in steps if storage.is_file(storage.join(probes, n, "scores.json"))]
+    return storage.join(probes, max(done)) if done else None
 
 
-def _probe_section(
-    trials_dir: Path, best: str | None, control: str | None, top: str | None
-) -> tuple[str, bytes | None]:
+def _png(path: str) -> bytes | None:
+    return storage.read_bytes(path) if storage.is_file(path) else None
+
+
+def _probe_section(trials_dir: str, best: str | None, control: str | None, top: str | None) -> tuple[str, bytes | None]:
     """Best trial's heatmaps beside the control's (and the top trial by the objective, when the LM limit made
     another one best), phrase by phrase, at each one's last evaluation."""
     labels: dict[str, list[str]] = {}
@@ -56,33 +61,30 @@ def _probe_section(
         if tid:
             labels.setdefault(tid, []).append(name)
     cols = [(" = ".join(names), tid) for tid, names in labels.items()]
-    steps = {tid: _latest_probe_step(trials_dir / tid) for _, tid in cols}
+    steps = {tid: _latest_probe_step(storage.join(trials_dir, tid)) for _, tid in cols}
     cols = [(name, tid) for name, tid in cols if steps[tid] is not None]
     if not cols:
         missing = f"No probe heatmaps in {trials_dir} (trainer.probes.images=0, or no trial reached an evaluation)."
-        return f"<p>{missing}</p>", None
-    keys = [r["key"] for r in json.loads((steps[cols[0][1]] / "scores.json").read_text())]
-    head = "".join(f"<th>{html.escape(n)}: {html.escape(t)} ({steps[t].name})</th>" for n, t in cols)
+        return f"<p>{html.escape(missing)}</p>", None
+    keys = [r["key"] for r in storage.read_json(storage.join(steps[cols[0][1]], "scores.json"))]
+    head = "".join(f"<th>{html.escape(n)}: {html.escape(t)} ({storage.name(steps[t])})</th>" for n, t in cols)
+    pngs = [[_png(storage.join(steps[tid], f"{key}.png")) for _, tid in cols] for key in keys]
     body = []
-    for key in keys:
-        cells = []
-        for _, tid in cols:
-            png = steps[tid] / f"{key}.png"
-            cells.append(f'<td><img class="probe" src="{_uri(png.read_bytes())}" alt="{key}"></td>' if png.exists()
-                         else "<td>missing</td>")  # fmt: skip
+    for key, row in zip(keys, pngs, strict=True):
+        cells = [f'<td><img class="probe" src="{_uri(png)}" alt="{key}"></td>' if png is not None
+                 else "<td>missing</td>" for png in row]  # fmt: skip
         body.append("<tr>" + "".join(cells) + "</tr>")
-    grid = _probe_grid([[steps[tid] / f"{key}.png" for _, tid in cols] for key in keys])
     table = f'<table class="probes"><tr>{head}</tr>{"".join(body)}</table>'
-    return table, grid
+    return table, _probe_grid(pngs)
 
 
-def _probe_grid(paths: list[list[Path]]) -> bytes | None:
+def _probe_grid(pngs: list[list[bytes | None]]) -> bytes | None:
     """The comparison as one picture (for W&B): rows = phrases, columns = trials."""
     import io
 
     from PIL import Image
 
-    pics = [[Image.open(p).convert("RGB") if p.exists() else None for p in row] for row in paths]
+    pics = [[Image.open(io.BytesIO(p)).convert("RGB") if p is not None else None for p in row] for row in pngs]
     flat = [p for row in pics for p in row if p is not None]
     if not flat:
         return None
@@ -131,21 +133,28 @@ figcaption { color: #555; font-size: 13px; max-width: 900px; } img.probe { width
 """
 
 
-def build_report(search_dir: Path | str) -> Report:
-    """Write ``report.html`` and ``report/*.png`` into the search folder (where summary.json is)."""
+def build_report(search_dir: str) -> Report:
+    """Write ``report.html`` and ``report/*.png`` into the search folder (where summary.json is; a local path or a
+    URI)."""
     import optuna
 
-    folder = Path(search_dir)
-    if not (folder / "summary.json").exists():
+    folder = str(search_dir).rstrip("/")
+    if not storage.is_file(storage.join(folder, "summary.json")):
         raise ReportError(f"{folder}: no summary.json: not a finished search (run python -m raysal.tune first)")
-    summary = json.loads((folder / "summary.json").read_text())
+    summary = storage.read_json(storage.join(folder, "summary.json"))
     metric, mode = summary["metric"], summary["mode"]
-    trials_dir = Path(summary.get("trials_dir") or folder / "trials")
+    # the trials beside the summary (a search folder copied elsewhere), else where the search wrote them
+    trials_dir = storage.join(folder, "trials")
+    if not storage.is_dir(trials_dir):
+        trials_dir = summary.get("trials_dir") or trials_dir
     best, control = (summary.get("best") or {}).get("trial_id"), summary.get("control")
     study = None
-    if (folder / "optuna.db").exists():
+    db = storage.join(folder, "optuna.db")
+    if storage.is_file(db):
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        study = optuna.load_study(study_name=summary["search"], storage=f"sqlite:///{folder / 'optuna.db'}")
+        with storage.local_copy(db) as path:  # SQLite needs a real file; loaded into memory below
+            study = optuna.load_study(study_name=summary["search"], storage=f"sqlite:///{path}")
+            study = _in_memory(study)
 
     figs: dict[str, bytes] = {}
     sections: list[str] = []
@@ -193,9 +202,17 @@ def build_report(search_dir: Path | str) -> Report:
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>raysal search {html.escape(summary['search'])}"
             f"</title><style>{STYLE}</style></head><body><h1>raysal search: {html.escape(summary['search'])}</h1>"
             f"<p class='lead'>{html.escape(lead)}</p>{''.join(sections)}</body></html>")  # fmt: skip
-    (folder / "report").mkdir(exist_ok=True)
     for name, png in figs.items():
-        (folder / "report" / f"{name}.png").write_bytes(png)
-    out = folder / "report.html"
-    out.write_text(page)
+        storage.write_bytes(storage.join(folder, "report", f"{name}.png"), png)
+    out = storage.join(folder, "report.html")
+    storage.write_text(out, page)
     return Report(out, figs)
+
+
+def _in_memory(study: Any) -> Any:
+    """A copy of the study in memory (the SQLite file it came from may be a temporary copy)."""
+    import optuna
+
+    copy = optuna.create_study(directions=study.directions, study_name=study.study_name)
+    copy.add_trials(study.get_trials(deepcopy=False))
+    return copy

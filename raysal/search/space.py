@@ -139,6 +139,8 @@ class SearchSpec:
     base_overrides: tuple[str, ...]
     space: Space
     control: Control | None = Control()
+    # the Optuna study's database (SQLAlchemy URL); None: a SQLite file kept in the search folder
+    optuna_storage: str | None = None
 
     @property
     def metric(self) -> str | list[str]:

@@ -53,6 +53,7 @@ _TOP_KEYS = (
     "resources",
     "base_overrides",
     "space",
+    "optuna_storage",
 )
 _SCHEDULER_KEYS = ("type", "time_attr", "max_t", "grace_period", "reduction_factor")
 _RESOURCE_KEYS = ("num_workers", "use_gpu", "cpus_per_worker", "gpus_per_worker")
@@ -144,6 +145,9 @@ class _Parser:
             raise self.fail("space", "empty: nothing to search")
         self.check_conflicts(space, base)
         control = self.control(top.get("control", {}))
+        study = top.get("optuna_storage")
+        if study is not None:
+            study = self.rdb_url(study, "optuna_storage")
         return SearchSpec(
             name=name,
             path=self.path,
@@ -156,7 +160,16 @@ class _Parser:
             base_overrides=base,
             space=space,
             control=control,
+            optuna_storage=study,
         )
+
+    def rdb_url(self, raw: Any, where: str) -> str:
+        """A SQLAlchemy database URL for the Optuna study (``postgresql://user:pw@host/db``)."""
+        url = self.string(raw, where)
+        if not re.match(r"^[a-z][a-z0-9+]*://", url):
+            raise self.fail(where, f"must be a database URL such as postgresql://user:password@host:5432/db, got "
+                                   f"{url!r}")  # fmt: skip
+        return url
 
     def control(self, raw: Any) -> Control | None:
         if raw is None:
