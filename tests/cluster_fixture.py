@@ -155,15 +155,11 @@ class RayCluster:
 
         self.cluster = Cluster(
             initialize_head=True,
-            # loopback only: without it every node binds to this machine's outward interface
-            head_node_args={
-                "num_cpus": 0,
-                "resources": {"TRAIN_DRIVER": 8},
-                "include_dashboard": False,
-                "node_ip_address": HOST,
-            },
+            # the nodes take this machine's own address, as a local `ray.init` does: Ray's drivers resolve
+            # 127.0.0.1 to it, so nodes bound to loopback would be unreachable for them
+            head_node_args={"num_cpus": 0, "resources": {"TRAIN_DRIVER": 8}, "include_dashboard": False},
         )
-        self.workers = [self.cluster.add_node(num_cpus=cpus, node_ip_address=HOST) for _ in range(workers)]
+        self.workers = [self.cluster.add_node(num_cpus=cpus) for _ in range(workers)]
         self.cluster.wait_for_nodes()
 
     @property
@@ -171,7 +167,7 @@ class RayCluster:
         return self.cluster.address
 
     def add_worker(self, cpus: int = 2) -> object:
-        node = self.cluster.add_node(num_cpus=cpus, node_ip_address=HOST)
+        node = self.cluster.add_node(num_cpus=cpus)
         self.workers.append(node)
         self.cluster.wait_for_nodes()
         return node

@@ -54,3 +54,20 @@ space:
 """
     )
     return path
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (from /proc), to clean up what a SIGKILL leaves behind."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out

@@ -18,7 +18,7 @@ from pathlib import Path
 import optuna
 import pytest
 from cluster_fixture import KEYS, RayCluster
-from entrypoint_runs import ENV, SMALL, space_file
+from entrypoint_runs import ENV, SMALL, descendants, space_file
 from wandb_records import read_run
 
 from raysal.orchestration import storage
@@ -71,20 +71,15 @@ def _lost_head(cluster: RayCluster, cache: Path) -> RayCluster:
     return RayCluster(workers=2, cpus=2)
 
 
-def _descendants(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    out, todo = [], [pid]
-    while todo:
-        for c in children.get(todo.pop(), []):
-            out.append(c)
-            todo.append(c)
-    return out
+def _again_on_a_new_head(cmd: list[str], cluster: RayCluster, cache: Path, cwd: Path):
+    """The same command after the head was lost → the finished process (rc 0 asserted)."""
+    cluster = _lost_head(cluster, cache)
+    try:
+        res = _run(cmd, cluster, cache, cwd)
+    finally:
+        cluster.shutdown()
+    assert res.returncode == 0, res.stderr[-4000:]
+    return res
 
 
 def test_a_search_on_s3_is_whole_in_its_bucket_and_a_lost_head_retrains_nothing(cluster, s3_server, tmp_path, cache):
@@ -117,12 +112,7 @@ def test_a_search_on_s3_is_whole_in_its_bucket_and_a_lost_head_retrains_nothing(
     assert f"the runs are in {storage.join(search, 'wandb')}/" in res.stdout
     before = _checkpoints(storage.join(search, "trials"))
 
-    cluster = _lost_head(cluster, cache)
-    try:
-        res = _run(cmd, cluster, cache, tmp_path / "cwd2")
-    finally:
-        cluster.shutdown()
-    assert res.returncode == 0, res.stderr[-4000:]
+    res = _again_on_a_new_head(cmd, cluster, cache, tmp_path / "cwd2")
     assert "is already finished (2 trials): 0 trials to run" in res.stdout, res.stdout[-3000:]
     assert "started" not in res.stdout  # no trial ran
     assert _checkpoints(storage.join(search, "trials")) == before
@@ -169,7 +159,7 @@ def test_a_killed_driver_resumes_from_the_bucket_on_a_new_head(cluster, s3_serve
         tail = (tmp_path / "first.log").read_text()[-3000:]
         assert proc.poll() is None, f"the search ended before it could be killed: {tail}"
         assert done, "no trial completed in time"
-        orphans = _descendants(proc.pid)
+        orphans = descendants(proc.pid)
         proc.kill()
         proc.wait()
     finally:
@@ -180,12 +170,7 @@ def test_a_killed_driver_resumes_from_the_bucket_on_a_new_head(cluster, s3_serve
                 os.kill(pid, signal.SIGKILL)
     finished = {t.user_attrs["trial_id"] for t in done}
 
-    cluster = _lost_head(cluster, cache)
-    try:
-        res = _run(cmd, cluster, cache, tmp_path / "cwd2")
-    finally:
-        cluster.shutdown()
-    assert res.returncode == 0, res.stderr[-4000:]
+    res = _again_on_a_new_head(cmd, cluster, cache, tmp_path / "cwd2")
     assert "resuming the search" in res.stderr
     summary = storage.read_json(storage.join(search, "summary.json"))
     assert summary["trials"] == 2 and summary["reported"] == 2, summary
@@ -242,6 +227,10 @@ def test_a_lost_worker_node_is_recovered_on_the_other_node_from_the_bucket(clust
     result = ray.train.Result.from_path(run_dir)
     assert result.metrics["train/step"] == 10
     assert storage.is_dir(storage.join(run_dir, "best_adapter"))
+    # rank 0's W&B files left its node for the bucket (the lost node took its disk)
+    wandb = storage.list_names(storage.join(run_dir, "wandb"), dirs=True)
+    assert any(n.startswith("offline-run-") and n.endswith("-inode") for n in wandb), wandb
+    assert f"the runs are in {storage.join(run_dir, 'wandb')}/" in text
 
 
 def test_storage_lost_during_a_checkpoint_never_leaves_a_half_listed_checkpoint(cluster, s3_server, tmp_path, cache):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from entrypoint_runs import ENV, SMALL, run, space_file
+from entrypoint_runs import ENV, SMALL, descendants, run, space_file
 from wandb_records import read_run
 
 
@@ -130,23 +130,6 @@ def screenshot(html: Path, out: Path) -> np.ndarray:
     return np.asarray(Image.open(out).convert("RGB"))
 
 
-def _descendants(pid: int) -> list[int]:
-    """Every process below ``pid`` (from /proc), to clean up what a SIGKILL leaves behind."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    out, todo = [], [pid]
-    while todo:
-        for c in children.get(todo.pop(), []):
-            out.append(c)
-            todo.append(c)
-    return out
-
-
 @pytest.fixture
 def another_ray():
     """A second Ray instance on this host: the condition under which Ray Train's placement-group cleaner died and a
@@ -191,7 +174,7 @@ def test_a_search_whose_driver_is_sigkilled_finishes_when_run_again(tmp_path, ca
                 break
         assert proc.poll() is None, "the search ended before it could be killed"
         assert done, "no trial completed in time"
-        orphans = _descendants(proc.pid)
+        orphans = descendants(proc.pid)
         proc.kill()
         proc.wait()
     finally:
