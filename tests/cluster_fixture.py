@@ -66,6 +66,7 @@ class _Proxy:
             except OSError:
                 client.close()
                 continue
+            upstream.settimeout(None)  # a pooled keep-alive connection may idle for minutes: never time it out
             with self._lock:
                 self._conns += [client, upstream]
             for a, b in ((client, upstream), (upstream, client)):

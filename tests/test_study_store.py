@@ -152,3 +152,16 @@ def test_a_database_study_is_snapshotted_into_the_search_folder(spec, tmp_path, 
     with storage.local_copy(store.home) as db:
         snap = optuna.load_study(study_name="st", storage=f"sqlite:///{db}")
         assert [x.value for x in snap.trials] == [2.0] and snap.trials[0].user_attrs[CONTROL_KEY]
+
+
+def test_a_search_folder_without_its_study_is_not_resumed_blindly(tmp_path, s3_server):
+    """Tune's state in the bucket but no optuna.db (and none on this disk): one clear error, not Optuna's KeyError."""
+    pytest.importorskip("ray")
+    from raysal.orchestration.search import SearchPlaces, SearchStateError, restore_tuner
+
+    search = storage.join(s3_server.new_prefix(), "st")
+    storage.write_json(storage.join(search, "experiment_state-2026-12-01_00-00-00.json"), {})
+    store = study_store(search, "st", None, str(tmp_path))
+    places = SearchPlaces(search, storage.join(search, "trials"), tmp_path, store)
+    with pytest.raises(SearchStateError, match="not the Optuna study"):
+        restore_tuner(places, trainable=None)

@@ -66,6 +66,10 @@ def trial_run_overrides(
     ]
 
 
+class SearchStateError(RuntimeError):
+    """The search folder cannot be resumed as it is (said in one line, exit 2)."""
+
+
 class TrialFailed(RuntimeError):
     """A trial that must not be ranked: diverged, stalled, or failed after Ray Train's own retries."""
 
@@ -305,6 +309,11 @@ def restore_tuner(places: SearchPlaces, trainable: Any) -> Any:
     from raysal.orchestration import study_store as study_module
 
     places.study.fetch()  # a new or wiped head: the study published in the search folder
+    if places.study.working is not None and not Path(places.study.working).exists():
+        raise SearchStateError(
+            f"{places.search_dir}: Tune's state is there but not the Optuna study ({places.study.home}): the search "
+            "cannot resume; run with resume=false to start it over"
+        )
     study_module.active = places.study
     log.info("resuming the search in %s (study: %s)", places.search_dir, places.study.describe())
     return tune.Tuner.restore(places.search_dir, trainable, resume_unfinished=True, resume_errored=False)
@@ -479,7 +488,11 @@ def run_search(spec: SearchSpec, base: list[str], run_spec: Any, resume: str, ve
         return 2
     t0 = time.perf_counter()
     if restore:
-        tuner = restore_tuner(places, trainable)
+        try:
+            tuner = restore_tuner(places, trainable)
+        except SearchStateError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     else:
         tuner = new_tuner(spec, run_spec, places, trainable, wandb_mode, verbose)
     grid = run_tuner(tuner, spec, places, restore)
