@@ -72,17 +72,19 @@ class _Proxy:
             for a, b in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
 
-    @staticmethod
-    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+    def _pipe(self, src: socket.socket, dst: socket.socket) -> None:
         try:
             while data := src.recv(65536):
                 dst.sendall(data)
         except OSError:
             pass
-        finally:
+        finally:  # one direction ended: end the connection and free both descriptors (a long session opens many)
             for s in (src, dst):
                 with contextlib.suppress(OSError):
                     s.shutdown(socket.SHUT_RDWR)
+                s.close()
+            with self._lock:
+                self._conns = [c for c in self._conns if c is not src and c is not dst]
 
     def cut(self) -> None:
         if self._listener is not None:
@@ -93,7 +95,6 @@ class _Proxy:
         for c in conns:
             with contextlib.suppress(OSError):
                 c.shutdown(socket.SHUT_RDWR)
-            c.close()
 
     def close(self) -> None:
         self.cut()

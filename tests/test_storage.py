@@ -106,3 +106,21 @@ def test_no_feature_is_switched_off_for_uris():
         if "is_uri(" in line or '"://" in' in line
     ]
     assert offenders == [], offenders
+
+
+def test_the_test_proxy_frees_its_connections(s3_server):
+    """The S3 proxy of the cluster fixture runs in the test process for the whole session: every request through
+    it must give its descriptors back (a leak ended the slow suite with 'Too many open files')."""
+    import os
+    import time
+
+    path = storage.join(s3_server.new_prefix(), "a.json")
+    storage.write_json(path, {"a": 1})
+    storage.read_json(path)
+    time.sleep(1)
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(200):
+        # a fresh filesystem each time: a new connection
+        storage.read_json(path)
+    time.sleep(2)
+    assert len(os.listdir("/proc/self/fd")) < before + 20
