@@ -168,12 +168,6 @@ class RayCluster:
     def address(self) -> str:
         return self.cluster.address
 
-    def add_worker(self, cpus: int = 2) -> object:
-        node = self.cluster.add_node(num_cpus=cpus)
-        self.workers.append(node)
-        self.cluster.wait_for_nodes()
-        return node
-
     def node_of_pid(self, pid: int) -> object | None:
         """The worker node whose raylet is an ancestor of ``pid``."""
         ancestors, p = set(), pid
