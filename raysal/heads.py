@@ -13,9 +13,9 @@ protocol's (``trainer.eval``).
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
+import tempfile
 from datetime import date
 from pathlib import Path
 from typing import Any
@@ -29,14 +29,15 @@ def validation_samples(data: dict[str, Any], processor: Any, n: int) -> list[dic
 
     from raysal.data.decode import decode_row
     from raysal.data.holdout import in_holdout
-    from raysal.data.shards import shard_files
+    from raysal.data.shards import shard_paths
     from raysal.preprocess.batches import encode_row
 
     same = data["train_split"] == data["val_split"]
     holdout = float(data.get("val_holdout") or 0.0)
     out: list[dict] = []
-    for f in shard_files(data["shards"], data["val_split"]):
-        for row in pq.read_table(f).to_pylist():
+    fs, files = shard_paths(data["shards"], data["val_split"])  # a local folder or a URI
+    for f in files:
+        for row in pq.read_table(f, filesystem=fs).to_pylist():
             if same and not in_holdout(int(row["image_id"]), holdout):
                 continue
             out.append(encode_row(decode_row(row), processor, data["prompt"]))
@@ -68,14 +69,15 @@ def write_figure(rows: list[dict], n_layers: int, n_heads: int, dest: Path, titl
     plt.close(fig)
 
 
-def find(cfg: Any) -> Path:
+def find(cfg: Any) -> str:
     """Score the heads for the composed config ``cfg``; returns the heads.json written."""
     import torch
 
     from raysal.attention.capture import enable_capture
-    from raysal.attention.head_scores import heads_file, score_heads
+    from raysal.attention.head_scores import HEADS_FIGURE, heads_file, heads_folder, score_heads
     from raysal.batch import PixelNorm
     from raysal.model.build import load_model, load_processor, model_info
+    from raysal.orchestration import storage
     from raysal.orchestration.errors import ConfigError
     from raysal.orchestration.preflight import preflight
     from raysal.orchestration.spec import spec_from_cfg
@@ -104,8 +106,8 @@ def find(cfg: Any) -> Path:
         table = score_heads(model, batches, info.n_layers, info.n_heads, query_offset=ev["query_offset"],
                             theta=ev["theta"])  # fmt: skip
     rows = table.ranked()
-    out = heads_file(str(finder.out), name).parent
-    out.mkdir(parents=True, exist_ok=True)
+    out = str(spec.config["finder"]["out"])  # absolute or a URI (the search's storage on a cluster)
+    folder, dest = heads_folder(out, name), heads_file(out, name)
     d = spec.data
     holdout = d.get("val_holdout") if d["val_split"] == d["train_split"] else None
     result = {
@@ -114,16 +116,19 @@ def find(cfg: Any) -> Path:
         "data": {"shards": d["shards"], "split": d["val_split"], "holdout": holdout},
         "heads": rows,
     }  # fmt: skip
-    (out / "heads.json").write_text(json.dumps(result, indent=2))
-    write_figure(rows, info.n_layers, info.n_heads, out / "heads.png",
-                 f"{out.name}: AMR per head, {table.images} images, {table.tokens} tokens")  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:  # the figure is drawn to a local file, then copied to storage
+        picture = Path(tmp) / HEADS_FIGURE
+        write_figure(rows, info.n_layers, info.n_heads, picture,
+                     f"{storage.name(folder)}: AMR per head, {table.images} images, {table.tokens} tokens")  # fmt: skip
+        storage.upload(picture, storage.join(folder, HEADS_FIGURE))
+    storage.write_json(dest, result)  # last: a table that exists is whole, with its picture beside it
     print(f"raysal: scored {info.n_layers} x {info.n_heads} heads on {table.images} validation images "
           f"({table.tokens} grounded tokens); best by AMR:")  # fmt: skip
     for r in rows[:10]:
         print(f"  #{r['rank']:<3} layer {r['layer']:>2} head {r['head']:>2}: AMR {r['amr']:.3f}  pointing "
               f"{r['pointing']:.3f}  image mass {r['mass']:.3f}  entropy {r['entropy']:.3f}")  # fmt: skip
-    print(f"raysal: {out / 'heads.json'}, {out / 'heads.png'}")
-    return out / "heads.json"
+    print(f"raysal: {dest}, {storage.join(folder, HEADS_FIGURE)}")
+    return dest
 
 
 def main(argv: list[str] | None = None) -> int:

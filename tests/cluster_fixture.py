@@ -152,7 +152,7 @@ class RayCluster:
     """A multi-node Ray on this machine: the head has the trial-driver resource and no CPUs (as in cluster.yaml),
     each worker node its own CPUs. Nodes inherit this process's environment (S3 keys, test settings)."""
 
-    def __init__(self, workers: int = 2, cpus: int = 2) -> None:
+    def __init__(self, workers: int = 2, cpus: int = 2) -> None:  # workers=0: a cluster scaled to zero
         from ray.cluster_utils import Cluster
 
         self.cluster = Cluster(
@@ -188,6 +188,28 @@ class RayCluster:
     def remove(self, node: object) -> None:
         self.cluster.remove_node(node, allow_graceful=False)
         self.workers.remove(node)
+
+    def add_worker(self, cpus: int = 2) -> object:
+        """A worker node joins (an autoscaler launched it, or a preempted node came back)."""
+        node = self.cluster.add_node(num_cpus=cpus)
+        self.workers.append(node)
+        self.cluster.wait_for_nodes()
+        return node
+
+    def announce_node_types(self, types: dict[str, tuple[dict[str, float], int]]) -> None:
+        """Tell Ray what the cluster can grow to, as Ray's autoscaler does (its ClusterConfig in the GCS):
+        ``{"gpu-worker": ({"CPU": 8, "GPU": 1}, max_count)}``."""
+        import ray._raylet
+        from ray.core.generated import autoscaler_pb2
+
+        config = autoscaler_pb2.ClusterConfig()
+        for name, (resources, max_count) in types.items():
+            group = config.node_group_configs.add(name=name, max_count=max_count)
+            for key, value in resources.items():
+                group.resources[key] = int(value)
+        gcs = ray._raylet.GcsClient(address=self.cluster.gcs_address)
+        gcs.internal_kv_put(ray._raylet.GCS_AUTOSCALER_CLUSTER_CONFIG_KEY.encode(), config.SerializeToString(), True,
+                            ray._raylet.GCS_AUTOSCALER_STATE_NAMESPACE.encode())  # fmt: skip
 
     def shutdown(self) -> None:
         self.cluster.shutdown()

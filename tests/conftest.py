@@ -7,6 +7,9 @@ import pytest
 
 from raysal.data.synthetic import BROKEN_KINDS, generate
 
+# no hub is reachable from the test machines: a hub id's config lookup fails at once instead of retrying for ~30 s
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
 
 @pytest.fixture(scope="session")
 def clean_root(tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -88,7 +88,8 @@ def evaluate_parts(rank: int, world: int, tiny: str, shards: str, out: str, fsdp
 
 def finetune(rank: int, world: int, tiny: str, shards: str, out: str) -> None:
     """Full finetuning with DDP, with FSDP (checkpoints every 3 steps), and FSDP resumed from its step-3
-    checkpoint in a fresh model: the reports of each, and the final weights gathered on rank 0."""
+    checkpoint in a fresh model, each rank from its part fetched (``fetched{rank}.json``: what it fetched): the
+    reports of each, and the final weights gathered on rank 0."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     root = Path(out)
@@ -110,7 +111,12 @@ def finetune(rank: int, world: int, tiny: str, shards: str, out: str) -> None:
     run("ddp", fsdp=False)
     run("fsdp", fsdp=True)
     dist.barrier()
-    run("resumed", fsdp=True, resume_from=root / "fsdp" / "step_0000003")
+    # each rank resumes from what it fetched alone (state.pt, its shard; history on rank 0), as `worker.py` does
+    from raysal.orchestration.checkpoint_fetch import fetch_for_resume
+
+    got = fetch_for_resume(str(root / "fsdp" / "step_0000003"), root / f"fetched{rank}", rank=rank, world_size=world)
+    (root / f"fetched{rank}.json").write_text(json.dumps(got.files))
+    run("resumed", fsdp=True, resume_from=got.local)
 
 
 @dataclass

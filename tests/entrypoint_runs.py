@@ -34,7 +34,10 @@ def wandb_runs(folder: Path) -> list[dict]:
 HOLDOUT = re.compile(r"validation hold-out 0\.01 of train2017 = (\d+) images")
 
 
-def space_file(tmp_path: Path, n: int, name: str, concurrency: str = "max_concurrent_trials: 1") -> Path:
+def space_file(
+    tmp_path: Path, n: int, name: str, concurrency: str = "max_concurrent_trials: 1", space: str = ""
+) -> Path:
+    """A small space file: ASHA over kl/mse, the kl weight and lr; ``space``: more lines for its ``space:`` map."""
     path = tmp_path / f"{name}.yaml"
     path.write_text(
         f"""
@@ -51,7 +54,7 @@ space:
       kl: {{criteria.align.weight: {{loguniform: [0.1, 1.0]}}}}
       mse: {{}}
   optim.lr: {{loguniform: [1.0e-3, 1.0e-2]}}
-"""
+{space}"""
     )
     return path
 

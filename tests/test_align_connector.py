@@ -128,3 +128,30 @@ def test_connector_stage_config():
         spec_from_cfg(compose_cfg(["experiment=demo", "trainer.stage=connector"]))
     with pytest.raises(ValueError, match="no such folder"):
         spec_from_cfg(compose_cfg(["experiment=demo", "model.connector_init=/no/such/connector"]))
+
+
+def test_connector_init_may_be_a_storage_location(tiny_llava, tmp_path, storage_root):
+    """A search exports ``best_connector/`` to its storage (a bucket on a cluster): a later run starts from it there,
+    checked at the config and loaded by the workers without a local copy of the folder."""
+    from raysal.model.build import save_connector
+    from raysal.orchestration import storage
+    from raysal.search.override_text import format_override
+
+    torch.manual_seed(0)
+    model = load_model(str(tiny_llava), dtype="float32", connector="align")
+    with torch.no_grad():
+        _connector(model).linear_2.weight.add_(0.5)
+    save_connector(model, tmp_path / "connector", "align")
+    remote = storage.join(storage_root, "search", "best_connector")
+    storage.upload(tmp_path / "connector", remote)
+    spec = spec_from_cfg(compose_cfg(["experiment=demo", "model.connector=align",
+                                      format_override("model.connector_init", remote)]))  # fmt: skip
+    assert spec.model["connector_init"] == remote
+    torch.manual_seed(1)
+    later = load_model(str(tiny_llava), dtype="float32", connector="align", connector_init=remote)
+    for (n, a), b in zip(_connector(model).state_dict().items(), _connector(later).state_dict().values(), strict=True):
+        assert torch.equal(a, b), n
+    missing = storage.join(storage_root, "nothing")
+    with pytest.raises(ValueError, match=r"model\.connector_init=.*: no such folder"):
+        spec_from_cfg(compose_cfg(["experiment=demo", "model.connector=align",
+                                   format_override("model.connector_init", missing)]))  # fmt: skip

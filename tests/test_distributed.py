@@ -96,6 +96,19 @@ def test_fsdp_checkpoint_resumes_exactly(finetuned):
         assert torch.allclose(v, b[k], rtol=0, atol=1e-7), k
 
 
+def test_each_rank_resumed_from_its_own_shard(finetuned):
+    """What the resumed run's ranks fetched: state.pt and their own shard, never model/ nor the other's shard."""
+    ckpt = finetuned / "fsdp" / "step_0000003"
+    sizes = {str(p.relative_to(ckpt)): p.stat().st_size for p in ckpt.rglob("*") if p.is_file()}
+    for rank in (0, 1):
+        got = json.loads((finetuned / f"fetched{rank}.json").read_text())
+        own, other = f"{SHARDED}/__{rank}_0.distcp", f"{SHARDED}/__{1 - rank}_0.distcp"
+        assert got[own] == sizes[own] and got[STATE] == sizes[STATE]
+        assert got.get(other, 0) < sizes[other] / 10  # only what every rank loads: param_groups, AdamW's steps
+        assert not any(k.startswith(MODEL) for k in got) and ("history.jsonl" in got) == (rank == 0)
+        assert sum(got.values()) < sum(sizes.values()) - sizes[other] - sizes[f"{MODEL}/model.safetensors"] / 2
+
+
 def test_exported_full_model_loads_with_from_pretrained(finetuned):
     folder = finetuned / "fsdp" / "step_0000006" / MODEL
     config = json.loads((folder / "config.json").read_text())

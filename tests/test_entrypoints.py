@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from cluster_fixture import KEYS
 from entrypoint_runs import FAKE_KEY, HOLDOUT, SMALL, files_containing, run, space_file, wandb_runs
 from peft import PeftModel
 
@@ -49,10 +50,14 @@ def test_search_on_the_coconut_defaults_adapter_wandb_and_no_key_on_disk(tmp_pat
     file without max_concurrent_trials (concurrency from the trial's worker + data CPUs: no starved pipeline on
     2 CPUs), 1 sampled trial + the LM-only control, W&B offline with an API key set; storage as a file:// URI (the
     code path of s3://, on a local disk)."""
-    space = space_file(tmp_path, 1, "itune", concurrency="")
+    # the sampled trial aligns the localization heads: the head finder's table, written to the storage first, is
+    # found by every trial (finder.out is the search's, not the trial's storage_path)
+    space = space_file(tmp_path, 1, "itune", concurrency="", space="  criteria.align.heads: {choice: [localization]}\n")
+    common = ["experiment=demo", "data=coconut", f"data.shards={single_split}", f"storage_path={tmp_path.as_uri()}"]
+    found = run(["raysal.heads", *common, "finder.samples=4"], cache)
+    assert found.returncode == 0, found.stderr[-3000:]
     sessions_before = set(Path("/tmp/ray").glob("session_2*"))
-    res = run(["raysal.tune", str(space), "experiment=demo", "data=coconut", f"data.shards={single_split}",
-               "trainer.batch_size=4", f"storage_path={tmp_path.as_uri()}"], cache,
+    res = run(["raysal.tune", str(space), *common, "trainer.batch_size=4"], cache,
               extra_env={"WANDB_API_KEY": FAKE_KEY})  # fmt: skip
     assert res.returncode == 0, res.stderr[-3000:]
     # the W&B key is written nowhere: not by raysal, not by Ray on its behalf (runtime_env logs), not by W&B
@@ -65,6 +70,7 @@ def test_search_on_the_coconut_defaults_adapter_wandb_and_no_key_on_disk(tmp_pat
     summary = json.loads((folder / "summary.json").read_text())
     assert summary["trials"] == 2 and summary["reported"] == 2  # 1 sampled + the LM-only control
     assert summary["control"] and summary["lm_limit"] > 0 and not summary["failed"]
+    assert "localization" in summary["table"], summary["table"]
     assert summary["leaked_placement_groups"] == 0
     assert "python -m raysal.train" in summary["table"] and summary["best"]["replay"].startswith(
         "python -m raysal.train"
@@ -89,12 +95,18 @@ def test_search_on_the_coconut_defaults_adapter_wandb_and_no_key_on_disk(tmp_pat
 
 
 @pytest.mark.integration
-def test_train_on_the_coconut_defaults_evaluates_the_holdout_it_printed(tmp_path, cache, single_split):
-    """data=coconut as shipped: one split, validation = the 1 % hash hold-out. It used to hang on 2 CPUs (a hold-out
-    filter asking for a whole CPU)."""
-    res = run(["raysal.train", "experiment=demo", "data=coconut", f"data.shards={single_split}",
+def test_train_on_the_coconut_defaults_evaluates_the_holdout_it_printed(tmp_path, cache, single_split, s3_server):
+    """data=coconut as shipped: one split, validation = the 1 % hash hold-out, the shards in a bucket (as on a
+    cluster: the preflight reads the manifest and footers, Ray Data the files, the probes theirs, from S3). It used
+    to hang on 2 CPUs (a hold-out filter asking for a whole CPU)."""
+    from raysal.orchestration import storage
+    from raysal.search.override_text import format_override
+
+    shards = storage.join(s3_server.new_prefix(), "shards")
+    storage.upload(single_split, shards)
+    res = run(["raysal.train", "experiment=demo", "data=coconut", format_override("data.shards", shards),
                "trainer.batch_size=4", "trainer.max_steps=4", "trainer.eval_every=2", f"storage_path={tmp_path}",
-               "name=coco"], cache)  # fmt: skip
+               "name=coco"], cache, extra_env=KEYS)  # fmt: skip
     assert res.returncode == 0, res.stderr[-3000:]
     m = HOLDOUT.search(res.stdout)
     assert m, res.stdout[-2000:]

@@ -77,18 +77,29 @@ def test_the_finder_ranks_the_planted_head_first(arch, tiny_llava, tiny_next, sm
     assert plain[0]["amr"] < 1.5
 
 
-def test_heads_entry_point_writes_the_ranked_table_and_figure(tmp_path, cache, monkeypatch, capsys):
+def test_heads_entry_point_writes_the_ranked_table_and_figure(storage_root, cache, monkeypatch, capsys):
+    """On a local folder, a file:// URI and a bucket (a search's storage on a cluster): the table and its picture
+    go to ``<storage_path>/heads/<model>/``, and the localization preset reads them back from there."""
     from raysal import heads
+    from raysal.orchestration import storage
+    from raysal.orchestration.compose import compose_cfg
+    from raysal.orchestration.spec import spec_from_cfg
+    from raysal.search.override_text import format_override
 
     monkeypatch.setenv("RAYSAL_CACHE", str(cache))
-    args = ["experiment=demo", "data.synthetic.images=24", "finder.samples=4", f"storage_path={tmp_path}"]
+    base = ["experiment=demo", "data.synthetic.images=24", format_override("storage_path", storage_root)]
+    args = [*base, "finder.samples=4"]
     assert heads.main(args) == 0
-    out = json.loads((tmp_path / "heads" / "llava" / "heads.json").read_text())
+    folder = storage.join(storage_root, "heads", "llava")
+    out = storage.read_json(storage.join(folder, "heads.json"))
     rows = out["heads"]
     assert len(rows) == out["n_layers"] * out["n_heads"] == 16 and out["images"] == 4
     assert [r["rank"] for r in rows] == list(range(1, 17)) and rows[0]["amr"] >= rows[-1]["amr"]
-    assert (tmp_path / "heads" / "llava" / "heads.png").stat().st_size > 1000
+    assert len(storage.read_bytes(storage.join(folder, "heads.png"))) > 1000
     assert "best by AMR" in capsys.readouterr().out
+    spec = spec_from_cfg(compose_cfg([*base, "criteria.align.heads=localization", "criteria.align.top_k=2"]))
+    (align,) = [c for c in spec.criteria if c.name == "kl"]
+    assert align.heads == [[r["layer"], r["head"]] for r in rows[:2]]
     assert heads.main([*args, "finder.samples=0"]) == 2
     assert "finder.samples=0: must be an integer >= 1" in capsys.readouterr().err
 

@@ -5,6 +5,7 @@ export). Integration: ~2 minutes on 2 CPUs."""
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -132,6 +133,10 @@ def test_fsdp_full_finetuning_run_resumes_and_exports(tmp_path, cache):
     assert sorted(p.name for p in (ckpt / "sharded").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
     res = run(["raysal.train", *args, "trainer.max_steps=4"], cache)
     assert res.returncode == 0, res.stderr[-3000:]
+    # each rank fetched its part of the step-2 checkpoint (state.pt, its shard), not all of it (`checkpoint_fetch`)
+    fetched = dict(re.findall(r"rank (\d): fetched \d+ files, ([\d.]+) MB for resume", res.stderr))
+    whole = sum(p.stat().st_size for p in (run_dir / "checkpoint_0000002").rglob("*") if p.is_file()) / 1e6
+    assert sorted(fetched) == ["0", "1"] and all(float(mb) < whole / 2 for mb in fetched.values()), fetched
     history = [json.loads(line) for line in (run_dir / "checkpoint_0000004" / "history.jsonl").read_text().splitlines()]
     assert [h["train/step"] for h in history] == [2.0, 4.0]  # resumed at step 2, not started over
     assert history[-1]["train/loss"] < history[0]["train/loss"]

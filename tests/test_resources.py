@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from raysal.orchestration.data import DataCPUs
+from raysal.orchestration.errors import ConfigError
 from raysal.search.space_file import load_search_space
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,7 +38,8 @@ def test_default_concurrency_counts_workers_and_data(monkeypatch):
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 16.0, "GPU": 4.0})
     assert search._max_concurrent(gpu, 1.0) == 2  # CPU-bound: 16 // 7
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0})
-    assert search._max_concurrent(gpu, 1.0) is None  # GPU nodes not up yet: Tune queues trials
+    with pytest.raises(ConfigError, match="max_concurrent_trials"):  # GPU nodes not up, their types unknown
+        search._max_concurrent(gpu, 1.0)  # (autoscaling clusters: tests/test_autoscaling.py)
 
 
 def test_a_trial_run_is_named_by_its_trial_id_even_when_it_reads_as_a_number():

@@ -15,11 +15,9 @@ Each is the mean over tokens where it is defined. The ranking is by AMR (what ``
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -125,19 +123,31 @@ def score_heads(
 
 
 HEADS_FILE = "heads.json"
+HEADS_FIGURE = "heads.png"
 
 
-def heads_file(out: str | Path, name_or_path: str) -> Path:
-    """Where ``python -m raysal.heads`` writes a model's table: ``<out>/<the hub id's or folder's last part>/``."""
-    return Path(out) / Path(name_or_path.rstrip("/")).name / HEADS_FILE
+def heads_folder(out: str, name_or_path: str) -> str:
+    """Where ``python -m raysal.heads`` writes a model's table and picture: ``<out>/<the hub id's or folder's last
+    part>``, a local folder or a storage URI (``finder.out``: the search's storage on a cluster)."""
+    from raysal.orchestration import storage
+
+    return storage.join(str(out), name_or_path.rstrip("/").rsplit("/", 1)[-1])
 
 
-def localization_heads(path: Path, top_k: int, name_or_path: str) -> list[list[int]]:
+def heads_file(out: str, name_or_path: str) -> str:
+    from raysal.orchestration import storage
+
+    return storage.join(heads_folder(out, name_or_path), HEADS_FILE)
+
+
+def localization_heads(path: str, top_k: int, name_or_path: str) -> list[list[int]]:
     """The ``top_k`` best (layer, head) pairs of a heads.json, for ``name_or_path``; a clear error otherwise."""
-    if not path.is_file():
+    from raysal.orchestration import storage
+
+    if not storage.is_file(path):
         raise FileNotFoundError(f"{path}: no heads.json for {name_or_path}; run `python -m raysal.heads` with the "
                                 "same model and data first")  # fmt: skip
-    table = json.loads(path.read_text())
+    table = storage.read_json(path)
     if table.get("model") != name_or_path:
         raise ValueError(f"{path}: scored for {table.get('model')!r}, not {name_or_path!r}")
     if not 1 <= top_k <= len(table["heads"]):

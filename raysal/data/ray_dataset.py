@@ -1,4 +1,4 @@
-"""Shard folder → `ray.data.Dataset` of decoded COCONut samples (DESIGN §2.4).
+"""Shard folder (a local folder or a URI) → `ray.data.Dataset` of decoded COCONut samples (DESIGN §2.4).
 
 The one module of `raysal.data` that imports Ray. Model-specific preprocessing (tokenisation, coverage) is added
 by the caller with ``ds.map_batches(<callable class>, ...)`` so the processor loads once per actor.
@@ -6,6 +6,7 @@ by the caller with ``ds.map_batches(<callable class>, ...)`` so the processor lo
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -14,12 +15,21 @@ import ray.data
 from raysal.data.decode import decode_row
 from raysal.data.holdout import in_holdout
 from raysal.data.shards import shard_files
+from raysal.orchestration import storage
 
 
-def _read_rows(item: dict, holdout: float = 0.0, keep_val: bool | None = None) -> list[dict]:
+def _read_rows(
+    item: dict, holdout: float = 0.0, keep_val: bool | None = None, prepare: Callable[[], None] | None = None
+) -> list[dict]:
     """One shard file → its rows; with ``keep_val`` set, only the rows inside (True) / outside (False) the hold-out.
-    Filtering here, in the read task, keeps the pipeline at one task operator of a stated CPU fraction."""
-    rows = pq.read_table(item["path"]).to_pylist()
+    Filtering here, in the read task, keeps the pipeline at one task operator of a stated CPU fraction.
+    ``prepare`` runs first, on the node of the task: it makes first-use data there (a local shard folder exists
+    only on the node that made it). The filesystem is resolved here, on that node, so an S3 location uses the
+    node's own credentials."""
+    if prepare is not None:
+        prepare()
+    fs, inner = storage.filesystem(item["path"])
+    rows = pq.read_table(inner, filesystem=fs).to_pylist()
     if keep_val is None:
         return rows
     return [r for r in rows if in_holdout(r["image_id"], holdout) == keep_val]
@@ -35,6 +45,7 @@ def coconut_dataset(
     holdout: float = 0.0,
     part: str = "all",
     limit: int | None = None,
+    prepare: Callable[[], None] | None = None,
 ) -> ray.data.Dataset:
     """Read one split of a shard folder (written by `raysal.data.shards`) as a Ray Dataset.
 
@@ -43,17 +54,24 @@ def coconut_dataset(
     ``part`` = "train" / "val" keeps the image ids outside / inside the ``holdout`` fraction (`in_holdout`);
     ``limit`` caps the rows (evaluation sets). Every operator states its CPU fraction: Ray Data's default, a whole
     CPU, never gets scheduled on a machine whose CPUs the Train workers and encode actors hold.
+    ``prepare``: a picklable zero-argument callable that makes the shards where they are missing (first-use
+    synthetic data, `raysal.orchestration.assets.ensure_data`); called here, before the manifest is read, and at
+    the start of every read task, on whichever node runs it. It must be idempotent and cheap when the shards exist.
     """
     if part not in ("all", "train", "val"):
         raise ValueError(f"part must be all, train or val, got {part!r}")
+    if prepare is not None:
+        prepare()
     files = shard_files(shard_dir, split)
     if not files:
         raise ValueError(f"{shard_dir}: split {split!r} has no rows (every sample was skipped? see manifest.json)")
     keep_val = None if part == "all" or holdout <= 0 else part == "val"
     # One row per shard file, read by a task of a fraction of a CPU: reading parquet is I/O, and Ray's
     # read_parquet plans a file-listing task of a whole CPU that can starve a small machine whose other CPU trains.
-    ds = ray.data.from_items([{"path": str(f)} for f in files]).flat_map(
-        _read_rows, fn_kwargs={"holdout": holdout, "keep_val": keep_val}, num_cpus=num_cpus_per_read
+    ds = ray.data.from_items([{"path": f} for f in files]).flat_map(
+        _read_rows,
+        fn_kwargs={"holdout": holdout, "keep_val": keep_val, "prepare": prepare},
+        num_cpus=num_cpus_per_read,
     )
     if limit is not None:
         ds = ds.limit(limit)

@@ -1,9 +1,11 @@
 """Parquet shards: ``python -m raysal.data.shards ROOT OUT [--rows-per-file R] [--strict]``.
 
-Reads ROOT through the validator (`raysal.data.check.scan`), writes the valid samples as zstd parquet files
-``OUT/<split>/part-00000.parquet`` (DESIGN §2.4) and ``OUT/manifest.json`` (counts, skipped by reason, tag
-offsets, categories). Image and mask bytes are stored exactly as read — masks stay lossless PNG. Rows are in
-image-id order and the manifest holds no timestamps, so re-running over the same ROOT gives identical shards.
+Reads ROOT (a local folder) through the validator (`raysal.data.check.scan`), writes the valid samples as zstd
+parquet files ``OUT/<split>/part-00000.parquet`` (DESIGN §2.4) and ``OUT/manifest.json`` (counts, skipped by reason,
+tag offsets, categories). OUT is a storage location (a local folder or a URI such as ``s3://bucket/shards``: every
+read and write goes through `raysal.orchestration.storage`). Image and mask bytes are stored exactly as read — masks
+stay lossless PNG. Rows are in image-id order and the manifest holds no timestamps, so re-running over the same ROOT
+gives identical shards.
 """
 
 from __future__ import annotations
@@ -13,15 +15,18 @@ import json
 import logging
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.fs
 import pyarrow.parquet as pq
 
 from raysal.data.check import InvalidDataError, SplitReport, enforce, scan
 from raysal.data.reader import LayoutError, TagConfig
 from raysal.data.sample import Sample
 from raysal.data.tags import Span
+from raysal.orchestration import storage
 
 MANIFEST = "manifest.json"
 
@@ -124,7 +129,7 @@ def _split_entry(writer: _SplitWriter | None, report: SplitReport) -> dict:
 
 def write_shards(
     root: Path | str,
-    out: Path | str,
+    out: str | Path,
     *,
     rows_per_file: int = 256,
     splits: list[str] | None = None,
@@ -132,15 +137,40 @@ def write_shards(
     strict: bool = False,
     workers: int = 1,
 ) -> dict:
-    """Validate ROOT and write shards of its valid samples to OUT; returns the manifest."""
+    """Validate the local folder ROOT and write shards of its valid samples to the location OUT; returns the manifest.
+
+    OUT must be missing, empty or earlier shards (a manifest.json): earlier shards are replaced whole, so no stale
+    part file survives. A remote OUT is written to a local temporary folder first, then published (`publish_shards`).
+    """
     if rows_per_file < 1:
         raise ValueError(f"rows_per_file must be >= 1, got {rows_per_file}")
-    root, out = Path(root), Path(out)
+    out = str(out)
+    if storage.list_names(out) and not storage.is_file(storage.join(out, MANIFEST)):
+        raise FileExistsError(f"{out}: exists, is not empty and holds no {MANIFEST}; refusing to overwrite it")
+    kwargs = {"rows_per_file": rows_per_file, "splits": splits, "tags": tags, "strict": strict, "workers": workers}
+    local = storage.local_path(out)
+    if local is not None:  # written in place: no copy of a large dataset
+        if local.exists():
+            shutil.rmtree(local)
+        return _write_local(Path(root), local, **kwargs)
+    with tempfile.TemporaryDirectory(prefix="raysal-shards-") as tmp:
+        manifest = _write_local(Path(root), Path(tmp) / "shards", **kwargs)
+        publish_shards(Path(tmp) / "shards", out)
+    return manifest
+
+
+def _write_local(
+    root: Path,
+    out: Path,
+    *,
+    rows_per_file: int,
+    splits: list[str] | None,
+    tags: TagConfig | None,
+    strict: bool,
+    workers: int,
+) -> dict:
+    """`write_shards` into a fresh local folder ``out``; the manifest is written last, after every part file."""
     tags = tags or TagConfig()
-    if out.exists():
-        if any(out.iterdir()) and not (out / MANIFEST).exists():
-            raise FileExistsError(f"{out}: exists, is not empty and holds no {MANIFEST}; refusing to overwrite it")
-        shutil.rmtree(out)  # a previous shard run: replace it whole so no stale part file survives
     out.mkdir(parents=True)
     writers: dict[str, _SplitWriter] = {}
 
@@ -167,26 +197,52 @@ def write_shards(
     return manifest
 
 
-def read_manifest(shard_dir: Path | str) -> dict:
-    path = Path(shard_dir) / MANIFEST
+def publish_shards(local: Path, out: str, *, replace: bool = True) -> None:
+    """Copy the local shard folder ``local`` to the location ``out``, the manifest last: a reader that finds the
+    manifest finds every part file it lists (an upload of a folder has no order). ``replace``: remove what ``out``
+    held first (earlier shards, replaced whole); False for writers of identical shards that may race (first-use
+    synthetic data made on several nodes at once), which then only overwrite objects with the same bytes."""
+    if replace:
+        storage.delete_file(storage.join(out, MANIFEST))  # first: no reader takes the old manifest for the new parts
+        storage.delete_dir(out)
+    for split in sorted(p.name for p in local.iterdir() if p.is_dir()):
+        storage.upload(local / split, storage.join(out, split))
+    storage.write_bytes(storage.join(out, MANIFEST), (local / MANIFEST).read_bytes())
+
+
+def read_manifest(shard_dir: str | Path) -> dict:
+    path = storage.join(str(shard_dir), MANIFEST)
     try:
-        return json.loads(path.read_text())
+        return storage.read_json(path)
     except FileNotFoundError as e:
         raise FileNotFoundError(f"{path}: no shard manifest (write shards with `python -m raysal.data.shards`)") from e
 
 
-def shard_files(shard_dir: Path | str, split: str) -> list[Path]:
-    """The parquet files of one split, in order, as the manifest lists them."""
+def _split_names(shard_dir: str, split: str) -> list[str]:
     manifest = read_manifest(shard_dir)
     if split not in manifest["splits"]:
-        raise KeyError(f"{shard_dir}/{MANIFEST}: no split {split!r} (has {sorted(manifest['splits'])})")
-    return [Path(shard_dir) / f for f in manifest["splits"][split]["files"]]
+        raise KeyError(f"{storage.join(shard_dir, MANIFEST)}: no split {split!r} (has {sorted(manifest['splits'])})")
+    return manifest["splits"][split]["files"]
+
+
+def shard_files(shard_dir: str | Path, split: str) -> list[str]:
+    """The locations of the parquet files of one split, in order, as the manifest lists them (read one with
+    ``storage.filesystem(location)``; many with `shard_paths`)."""
+    return [storage.join(str(shard_dir), f) for f in _split_names(str(shard_dir), split)]
+
+
+def shard_paths(shard_dir: str | Path, split: str) -> tuple[pyarrow.fs.FileSystem, list[str]]:
+    """(filesystem, the paths in it of one split's parquet files, in order), for readers of many files: one
+    filesystem (one object-store client) for all of them, not one per file; ``pq.read_table(path, filesystem=fs)``."""
+    names = _split_names(str(shard_dir), split)
+    fs, base = storage.filesystem(str(shard_dir))
+    return fs, [f"{base.rstrip('/')}/{n}" for n in names]
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m raysal.data.shards", description=__doc__.splitlines()[0])
-    ap.add_argument("root", type=Path, help="COCONut root folder")
-    ap.add_argument("out", type=Path, help="shard folder to write (replaced if it holds earlier shards)")
+    ap.add_argument("root", type=Path, help="COCONut root folder (local)")
+    ap.add_argument("out", help="shard folder or URI (s3://b/prefix) to write (replaced if it holds earlier shards)")
     ap.add_argument("--rows-per-file", type=int, default=256)
     ap.add_argument("--split", action="append", help="split to shard (repeatable); default: every split found")
     ap.add_argument("--strict", action="store_true", help="fail if any sample is invalid instead of skipping it")
@@ -205,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
             strict=args.strict,
             workers=args.workers,
         )
-    except (LayoutError, InvalidDataError, FileExistsError, ValueError) as e:
+    except (LayoutError, InvalidDataError, FileExistsError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     rows = ", ".join(f"{k}: {v['rows']} rows in {len(v['files'])} file(s)" for k, v in m["splits"].items())

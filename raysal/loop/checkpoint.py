@@ -6,7 +6,8 @@ Layout of a checkpoint folder::
     adapter/        LoRA: peft ``save_pretrained`` output (what users load)
     connector/      the connector-only stage: the connector's weights (``model.connector_init`` loads them)
     model/          full finetuning: the whole model, ``save_pretrained`` (what users load with ``from_pretrained``)
-    state.pt        scheduler, step/epoch/micro-batch, RNG states; trainable parameters and optimizer unless sharded
+    state.pt        scheduler, step/epoch/micro-batch, RNG states, the number of ranks that wrote it; trainable
+                    parameters and optimizer unless sharded
     sharded/        an FSDP model's trainable parameters and optimizer state, one file per rank
                     (``torch.distributed.checkpoint``); every rank writes its own part, in parallel
     history.jsonl   every metrics row the run reported up to this checkpoint (one JSON object per line): a resumed
@@ -29,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from raysal.loop.distributed import is_sharded, rank
+from raysal.loop.distributed import is_sharded, rank, world_size
 from raysal.model.build import save_connector
 
 STATE = "state.pt"
@@ -104,6 +105,8 @@ def save_checkpoint(
         "progress": asdict(progress),
         "rng": _rng_state(),
         "sharded": sharded,
+        # the ranks that wrote sharded/: a resume on as many fetches only its own shards (`checkpoint_fetch`)
+        "world_size": world_size(),
     }
     if not sharded:
         state.update(trainable=trainable_state(model), optimizer=optimizer.state_dict())

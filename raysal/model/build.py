@@ -174,20 +174,23 @@ def save_connector(model: torch.nn.Module, dest: Path, kind: str) -> None:
 
 
 def load_connector(model: torch.nn.Module, folder: str | Path, kind: str) -> None:
-    """Load a saved connector into ``model`` (the same connector kind, the same shapes), or fail with the reason."""
-    from safetensors.torch import load_file
+    """Load a saved connector into ``model`` (the same connector kind, the same shapes), or fail with the reason.
+    ``folder`` is a local folder or a storage URI (a search's ``best_connector/`` lives on its storage)."""
+    from safetensors.torch import load as load_safetensors
 
-    folder = Path(folder)
-    meta_file, weights = folder / CONNECTOR_META, folder / CONNECTOR_FILE
-    if not meta_file.is_file() or not weights.is_file():
+    from raysal.orchestration import storage
+
+    folder = str(folder)
+    meta_file, weights = storage.join(folder, CONNECTOR_META), storage.join(folder, CONNECTOR_FILE)
+    if not storage.is_file(meta_file) or not storage.is_file(weights):
         raise FileNotFoundError(f"model.connector_init={folder}: no {CONNECTOR_META} / {CONNECTOR_FILE} (a connector/ "
                                 "folder of a trainer.stage=connector run, or its best_connector/)")  # fmt: skip
-    saved = json.loads(meta_file.read_text())["connector"]
+    saved = storage.read_json(meta_file)["connector"]
     if saved != kind:
         raise ValueError(
             f"model.connector_init={folder}: the saved connector is {saved!r}, but model.connector={kind!r}"
         )
-    state = load_file(str(weights))
+    state = load_safetensors(storage.read_bytes(weights))  # the projector: tens of MB at 7B, read whole
     params = dict(model.named_parameters())
     for name, value in state.items():
         if name not in params or params[name].shape != value.shape:

@@ -7,7 +7,14 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
+
+from raysal.orchestration import storage
+
+# `${storage_join:${storage_path},heads}`: a location under the storage path that keeps a URI's ?options last
+# (`${storage_path}/heads` would put `/heads` after `&scheme=http`)
+OmegaConf.register_new_resolver("storage_join", lambda base, *parts: storage.join(str(base), *map(str, parts)),
+                                replace=True)  # fmt: skip
 
 CONFIG_DIR = os.environ.get("RAYSAL_CONFIGS", str(Path(__file__).resolve().parents[2] / "configs"))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -14,14 +15,18 @@ from raysal.batch import PixelNorm, to_device
 from raysal.data.decode import decode_row
 from raysal.data.ray_dataset import coconut_dataset
 from raysal.model.build import load_processor
+from raysal.orchestration.assets import ensure_data, ensure_model
 from raysal.preprocess.batches import encode_row
 from raysal.preprocess.collate import Collate
 
 
 class EncodeBatch:
-    """Callable class for ``map_batches``: the processor loads once per actor, not once per batch."""
+    """Callable class for ``map_batches``: the processor loads once per actor, not once per batch. ``model``: the
+    run's model config, whose first-use tiny checkpoint is made on this actor's node before its processor loads."""
 
-    def __init__(self, processor_path: str, prompt: str) -> None:
+    def __init__(self, processor_path: str, prompt: str, model: dict[str, Any] | None = None) -> None:
+        if model is not None:
+            ensure_model(model)
         self.processor = load_processor(processor_path)
         self.prompt = prompt
 
@@ -53,19 +58,28 @@ class DataCPUs:
         return DataCPUs(read=share / 4, encode=share * 3 / 4 / encode_actors)
 
 
-def run_datasets(data: dict[str, Any], processor_path: str, *, encode_actors: int = 1) -> dict[str, ray.data.Dataset]:
-    """{"train": ..., "val": ...}: encoded samples ready for `iter_collated` (``data`` checked by the preflight)."""
+def run_datasets(
+    data: dict[str, Any], processor_path: str, *, encode_actors: int = 1, model: dict[str, Any] | None = None
+) -> dict[str, ray.data.Dataset]:
+    """{"train": ..., "val": ...}: encoded samples ready for `iter_collated` (``data`` checked by the preflight).
+    First-use assets are made where they are used: the synthetic shards by every read task (`ensure_data`), the
+    tiny model (``model``, the run's model config) by every encode actor (`ensure_model`), each on its own node."""
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # the same order every epoch: exact resume
     ctx.enable_progress_bars = False  # one bar per operator per worker drowns the run summary
     same = data["train_split"] == data["val_split"]
     holdout = float(data.get("val_holdout") or 0.0)
     cpus = DataCPUs.split(float(data["encode_cpus"]), encode_actors)
-    common = {"decode": False, "holdout": holdout if same else 0.0, "num_cpus_per_read": cpus.read}
+    common = {
+        "decode": False,
+        "holdout": holdout if same else 0.0,
+        "num_cpus_per_read": cpus.read,
+        "prepare": functools.partial(ensure_data, data),
+    }
     train = coconut_dataset(data["shards"], data["train_split"], part="train", **common)
     val = coconut_dataset(data["shards"], data["val_split"], part="val", limit=data.get("val_max_images"), **common)
     kwargs = {
-        "fn_constructor_kwargs": {"processor_path": processor_path, "prompt": data["prompt"]},
+        "fn_constructor_kwargs": {"processor_path": processor_path, "prompt": data["prompt"], "model": model},
         "batch_size": 8,
         "compute": ray.data.ActorPoolStrategy(size=encode_actors),
         "num_cpus": cpus.encode,

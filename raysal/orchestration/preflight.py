@@ -10,16 +10,19 @@ from __future__ import annotations
 import logging
 import re
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.fs
 import pyarrow.parquet as pq
 
 from raysal.attention.selection import resolve_heads, resolve_layers, resolve_selection
 from raysal.data.holdout import in_holdout
 from raysal.data.shards import MANIFEST, SCHEMA
+from raysal.orchestration import storage
 from raysal.orchestration.errors import ConfigError
 from raysal.orchestration.spec import RunSpec
 from raysal.orchestration.storage import filesystem
@@ -64,7 +67,9 @@ def check_writable(location: str, key: str) -> None:
 
 
 def _model_config(name: str) -> Any | None:
-    """The model's config.json, or None for a hub id not cached on this machine (the workers download it)."""
+    """The model's config.json: a saved folder's, or a hub model's (the Hugging Face cache first, else config.json
+    alone is downloaded: kilobytes, never the weights), so the layer/head checks run here, once, before Ray starts.
+    None when the hub cannot be reached from this machine (said in a warning: each trial checks on its own)."""
     from transformers import AutoConfig
 
     path = Path(name).expanduser()
@@ -82,9 +87,11 @@ def _model_config(name: str) -> Any | None:
             f"model.name_or_path={name}: no such folder, and not a Hugging Face hub id of the form org/name"
         )
     try:
-        return AutoConfig.from_pretrained(name, local_files_only=True)
-    except (OSError, ValueError):
-        log.info("model %s is not in the local Hugging Face cache: the workers will download it", name)
+        return AutoConfig.from_pretrained(name)  # from the cache, or config.json alone from the hub
+    except (OSError, ValueError) as e:
+        reason = " ".join(str(e).split())[:300]
+        log.warning("model %s: cannot read its config from the Hugging Face hub here (%s); the layer and head checks "
+                    "run in each trial instead", name, reason)  # fmt: skip
         return None
 
 
@@ -117,57 +124,75 @@ def check_model(spec: RunSpec) -> None:
         raise ConfigError(f"trainer.eval: {e} ({name})") from None
 
 
-def _read_manifest(shards: Path) -> dict:
-    import json
-
-    path = shards / MANIFEST
-    if not path.is_file():
+def _read_manifest(shards: str) -> dict:
+    path = storage.join(shards, MANIFEST)
+    try:
+        return storage.read_json(path)
+    except FileNotFoundError:
         raise ConfigError(
             f"data.shards={shards}: no {MANIFEST}. Write shards with `python -m raysal.data.shards ROOT {shards}` "
             "or `python scripts/prepare_coconut.py` (see README), or run experiment=demo for synthetic data"
-        )
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as e:
+        ) from None
+    except (OSError, ValueError, pa.ArrowException) as e:  # a folder by that name, bad JSON, storage unreachable
         raise ConfigError(f"{path}: unreadable ({' '.join(str(e).split())})") from None
 
 
-def _split_files(shards: Path, manifest: dict, split: str) -> list[Path]:
-    files = [shards / f for f in manifest["splits"][split]["files"]]
-    if not files:
-        raise ConfigError(f"{shards / MANIFEST}: split {split!r} has no rows (every sample was skipped?)")
-    for f in files:
-        if not f.is_file():
+def _footer_columns(fs: pyarrow.fs.FileSystem, inner: str) -> set[str] | Exception:
+    """The columns a parquet file's footer names (the footer alone is read, not the file), or why it cannot be read."""
+    try:
+        with fs.open_input_file(inner) as f:
+            return set(pq.ParquetFile(f).schema_arrow.names)
+    except (OSError, pa.ArrowException) as e:
+        return e
+
+
+def _split_files(shards: str, manifest: dict, split: str) -> list[str]:
+    """The split's files (as the manifest names them, relative to ``shards``), each checked to be parquet with our
+    columns."""
+    names = manifest["splits"][split]["files"]
+    if not names:
+        raise ConfigError(f"{storage.join(shards, MANIFEST)}: split {split!r} has no rows (every sample was skipped?)")
+    fs, base = storage.filesystem(shards)  # one filesystem for every file: one client, not one per file
+    base = base.rstrip("/")
+    # side by side: on an object store each footer is a round trip; errors still come in the manifest's order
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        found = list(pool.map(lambda n: _footer_columns(fs, f"{base}/{n}"), names))
+    for name, columns in zip(names, found, strict=True):
+        f = storage.join(shards, name)
+        if isinstance(columns, FileNotFoundError):
             raise ConfigError(f"{f}: listed in {MANIFEST} but missing; re-write the shards")
-        try:
-            names = set(pq.ParquetFile(f).schema_arrow.names)
-        except (OSError, pa.ArrowException) as e:
+        if isinstance(columns, Exception):
             raise ConfigError(
-                f"{f}: not a readable parquet file ({' '.join(str(e).split())}); re-write the shards with "
+                f"{f}: not a readable parquet file ({' '.join(str(columns).split())}); re-write the shards with "
                 "`python -m raysal.data.shards`"
-            ) from None
-        missing = sorted(set(SCHEMA.names) - names)
+            )
+        missing = sorted(set(SCHEMA.names) - columns)
         if missing:
             raise ConfigError(f"{f}: columns {missing} missing; written by another version? re-write the shards")
-    return files
+    return names
 
 
-def _image_ids(files: list[Path]) -> list[int]:
+def _image_ids(shards: str, names: list[str]) -> list[int]:
+    """The image ids of the files ``names`` of ``shards`` (that column alone is read, the files side by side)."""
+    fs, base = storage.filesystem(shards)
+    base = base.rstrip("/")
     try:
-        return [i for f in files for i in pq.read_table(f, columns=["image_id"]).column(0).to_pylist()]
+        table = pq.read_table([f"{base}/{n}" for n in names], filesystem=fs, columns=["image_id"])
     except (OSError, pa.ArrowException) as e:
         raise ConfigError(f"shards: cannot read image ids ({' '.join(str(e).split())})") from None
+    return table.column("image_id").to_pylist()
 
 
 def check_data(data: dict[str, Any], num_workers: int) -> DataSizes:
     """Splits exist, every shard file is readable parquet with our columns, and the validation set (a split or a
     hold-out of the training split, counted by id) holds at least ``data.val_min_images`` images."""
-    shards = Path(data["shards"]).expanduser()
+    shards = str(data["shards"])
     manifest = _read_manifest(shards)
     for key in ("train_split", "val_split"):
         if data[key] not in manifest["splits"]:
             raise ConfigError(
-                f"data.{key}={data[key]!r}: no such split in {shards / MANIFEST} (it has {sorted(manifest['splits'])})"
+                f"data.{key}={data[key]!r}: no such split in {storage.join(shards, MANIFEST)} "
+                f"(it has {sorted(manifest['splits'])})"
             )
     train_split, val_split = data["train_split"], data["val_split"]
     train_files = _split_files(shards, manifest, train_split)
@@ -179,12 +204,12 @@ def check_data(data: dict[str, Any], num_workers: int) -> DataSizes:
             "images, or point data.val_split at a split of its own"
         )
     if same:
-        ids = _image_ids(train_files)
+        ids = _image_ids(shards, train_files)
         n_val = sum(in_holdout(i, holdout) for i in ids)
         n_train = len(ids) - n_val
     else:
-        n_train = len(_image_ids(train_files))
-        n_val = len(_image_ids(_split_files(shards, manifest, val_split)))
+        n_train = len(_image_ids(shards, train_files))
+        n_val = len(_image_ids(shards, _split_files(shards, manifest, val_split)))
     cap = data.get("val_max_images")
     sizes = DataSizes(train_split, val_split, n_train, n_val, min(n_val, cap or n_val), holdout if same else None)
     if sizes.eval_images < data["val_min_images"]:

@@ -77,8 +77,12 @@ class TrialFailed(RuntimeError):
 def search_pins(run_spec: Any) -> tuple[str, ...]:
     """Values a trial must take from the driver, not re-resolve where it runs: ``cache_dir`` comes from the
     environment (``RAYSAL_CACHE``, ``HOME``), and a trial process on the head has the raylet's environment, not the
-    driver's; the demo's data and model paths are made from it and were checked by the driver's preflight."""
-    return (format_override("cache_dir", str(run_spec.config["cache_dir"])),)
+    driver's; the demo's data and model paths are made from it and were checked by the driver's preflight.
+    ``finder.out`` (``${storage_path}/heads``) is the search's: a trial's ``storage_path`` is its trials folder."""
+    return (
+        format_override("cache_dir", str(run_spec.config["cache_dir"])),
+        format_override("finder.out", str(run_spec.config["finder"]["out"])),
+    )
 
 
 def run_trial(
@@ -86,13 +90,16 @@ def run_trial(
 ) -> None:
     """The Tune trainable: one Train run per trial, named after the Tune trial id (stable across restore).
 
-    Lost workers and nodes are retried inside the run by Ray Train (``trainer.max_failures``); what reaches here
-    is a real failure: its reason goes to the run folder (`raysal.orchestration.fail_reason`) and the trial raises,
-    so Tune marks it ERROR and Optuna FAIL."""
+    Lost workers and nodes are retried inside the run by Ray Train (``trainer.max_failures``; a worker group that
+    waits for resources, without limit); what reaches here is a real failure: its reason goes to the run folder
+    (`raysal.orchestration.fail_reason`) and the trial raises, so Tune marks it ERROR and Optuna FAIL. The stall
+    watchdog ends a trial whose workers run without reporting (``trainer.stall_timeout_s``) or never run
+    (``trainer.wait_timeout_s``) the same way."""
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from raysal.orchestration.fail_reason import clear_reason, read_reason, write_reason
+    from raysal.orchestration.heartbeat import read_heartbeat
     from raysal.orchestration.spec import spec_from_cfg
     from raysal.orchestration.stale_checkpoints import remove_stale_checkpoints
     from raysal.orchestration.trainer import build_trainer
@@ -103,10 +110,11 @@ def run_trial(
     run_dir = storage.join(trials_dir, trial_id)
     remove_stale_checkpoints(run_dir)
     clear_reason(run_dir)
-    timeout = spec.config["trainer"]["stall_timeout_s"]
+    stall, wait = spec.config["trainer"]["stall_timeout_s"], spec.config["trainer"]["wait_timeout_s"]
+    beats = partial(read_heartbeat, storage.join(spec.storage_path, spec.name))  # the key rank 0 beats under
     watchdog = (
-        StallWatchdog(run_dir, timeout, lambda reason: write_reason(run_dir, reason))
-        if timeout
+        StallWatchdog(run_dir, stall, partial(write_reason, run_dir), wait_timeout_s=wait, heartbeat=beats)
+        if stall or wait
         else contextlib.nullcontext()
     )
     try:
@@ -140,20 +148,120 @@ def trial_cpus(spec: SearchSpec, encode_cpus: float) -> float:
     return r.num_workers * r.cpus_per_worker + encode_cpus
 
 
+def trial_need(spec: SearchSpec, encode_cpus: float) -> dict[str, float]:
+    """What one trial holds: CPUs always (its workers + its data pipelines), GPUs for GPU trials."""
+    r = spec.resources
+    need = {"CPU": trial_cpus(spec, encode_cpus)}
+    if r.use_gpu and r.num_workers * r.gpus_per_worker:
+        need["GPU"] = r.num_workers * r.gpus_per_worker
+    return need
+
+
+def autoscaler_max_resources() -> dict[str, float] | None:
+    """What the cluster can grow to, from the autoscaler's node types (max count × resources, summed), as Ray Train
+    reads it to refuse a worker group the cluster can never hold; None when Ray does not know them."""
+    import ray
+    from ray._private.state import state
+
+    if not ray.is_initialized():
+        return None
+    try:
+        known = state.get_max_resources_from_cluster_config() or None
+    except Exception as e:  # a private API: a Ray that lacks it knows no node types
+        log.debug("no autoscaler node types in the GCS: %s", e)
+        known = None
+    return known or bootstrap_max_resources()
+
+
+BOOTSTRAP_CONFIG = "~/ray_bootstrap_config.yaml"  # where `ray up` puts the autoscaler's config on the head
+
+
+def bootstrap_max_resources(path: str = BOOTSTRAP_CONFIG) -> dict[str, float] | None:
+    """What the cluster can grow to, from the autoscaler config `ray up` leaves on the head (the classic autoscaler
+    does not tell the GCS its node types; v2 does): the head's resources once plus each worker type's resources ×
+    its ``max_workers``. None when this machine has no such file (a driver that is not on the head)."""
+    import yaml
+
+    file = Path(path).expanduser()
+    if not file.is_file():
+        return None
+    try:
+        config = yaml.safe_load(file.read_text()) or {}
+        types = config["available_node_types"]
+        total: dict[str, float] = {}
+        for name, node_type in types.items():
+            count = 1 if name == config.get("head_node_type") else int(node_type.get("max_workers", 0))
+            for key, value in (node_type.get("resources") or {}).items():
+                total[key] = total.get(key, 0) + count * float(value)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, yaml.YAMLError) as e:
+        log.warning("%s: not a readable autoscaler config (%s); its node types are not used", file, e)
+        return None
+    return total or None
+
+
+def _amounts(resources: dict[str, float], keys: Any) -> str:
+    def one(k: str) -> str:
+        v = resources.get(k, 0)
+        return f"no limit of {k}s" if v >= sys.maxsize else f"{v:g} {k}{'s' if v != 1 else ''}"
+
+    return " and ".join(one(k) for k in keys)
+
+
+def _fit(need: dict[str, float], have: dict[str, float]) -> tuple[int | None, str]:
+    """How many trials ``have`` holds (None: no limit) → (count, the resource that bounds it)."""
+    counts = {k: int(have.get(k, 0) // v) for k, v in need.items() if have.get(k, 0) < sys.maxsize}
+    if not counts:
+        return None, ""
+    key = min(counts, key=counts.__getitem__)
+    return counts[key], key
+
+
+def _at_once(n: int | None) -> str:
+    return "no bound on trials at once" if n is None else f"at most {n} trial{'s' if n != 1 else ''} at once"
+
+
 def _max_concurrent(spec: SearchSpec, encode_cpus: float) -> int | None:
-    """Trials at once: the file's value, or what the cluster holds — GPUs for GPU trials, and CPUs always (a trial
-    whose data pipeline finds no CPU waits for ever)."""
+    """Trials at once: the file's value, or what the cluster can hold — GPUs for GPU trials, and CPUs always (a
+    trial whose data pipeline finds no CPU waits for ever). An autoscaling cluster is bounded by what it can grow
+    to (the autoscaler's node types), a fixed one by what it has. With neither (nodes not up, their types unknown)
+    the search refuses to start: unbounded, every trial would start at once and wait for nodes. Says the bound and
+    why; raises `ConfigError` (one line) before any trial starts."""
     import ray
 
+    from raysal.orchestration.errors import ConfigError
+
     if spec.max_concurrent_trials:
-        return spec.max_concurrent_trials
-    r = spec.resources
-    total = ray.cluster_resources()
-    n = int(total.get("CPU", 0) // trial_cpus(spec, encode_cpus))
-    if r.use_gpu:
-        per = r.num_workers * r.gpus_per_worker
-        n = min(n, int(total.get("GPU", 0) // per)) if per else n
-    return n or None  # 0: the GPU nodes are not up yet (autoscaling) — let Tune queue trials
+        n = spec.max_concurrent_trials
+        print(f"raysal: {_at_once(n)}: max_concurrent_trials in {spec.path}", flush=True)
+        return n
+    need = trial_need(spec, encode_cpus)
+    grow = autoscaler_max_resources()
+    if grow is not None:
+        n, key = _fit(need, grow)
+        if n == 0:
+            raise ConfigError(
+                f"{spec.path}: resources: one trial needs {_amounts(need, need)} (CPUs: its workers' and "
+                f"data.encode_cpus), but the cluster can grow to at most {_amounts(grow, need)} (the autoscaler's "
+                "node types): no trial could ever start"
+            )
+        why = (
+            f"the cluster can grow to {_amounts(grow, [key])}, {need[key]:g} per trial"
+            if n is not None
+            else "the autoscaler's node types set no maximum: Tune queues the trials"
+        )
+    else:
+        have = ray.cluster_resources()
+        n, key = _fit(need, have)
+        if not n:
+            raise ConfigError(
+                f"{spec.path}: max_concurrent_trials: not set, and the cluster cannot say how many trials it can "
+                f"hold: it has {_amounts(have, need)} now (one trial needs {_amounts(need, need)}) and Ray does not "
+                "know the autoscaler's node types; set max_concurrent_trials: N in the space file (how many trials "
+                "the cluster can run at once when it has grown)"
+            )
+        why = f"the cluster has {_amounts(have, [key])}, {need[key]:g} per trial"
+    print(f"raysal: {_at_once(n)}: {why}", flush=True)
+    return n
 
 
 def check_localization_heads(spec: SearchSpec, path: Path, run_spec: Any) -> None:
@@ -171,7 +279,7 @@ def check_localization_heads(spec: SearchSpec, path: Path, run_spec: Any) -> Non
         for p in space.params:
             if p.key.endswith(".heads") and "localization" in values(p.dist):
                 file = heads_file(run_spec.config["finder"]["out"], run_spec.model["name_or_path"])
-                if not file.is_file():
+                if not storage.is_file(file):
                     raise SearchSpaceError(path, key_where(requires, p.key), f"may pick localization, but {file} "
                                            "does not exist: run `python -m raysal.heads` with the same overrides "
                                            "first")  # fmt: skip
@@ -362,7 +470,8 @@ def make_callbacks(spec: SearchSpec, run_spec: Any, places: SearchPlaces, wandb_
 def new_tuner(spec: SearchSpec, run_spec: Any, places: SearchPlaces, trainable: Any, wandb_mode: str,
               verbose: bool) -> Any:  # fmt: skip
     """A search that starts: the study (kept if the search folder has one), the control queued first, the
-    searcher, the scheduler and the callbacks."""
+    searcher, the scheduler and the callbacks. Raises `ConfigError` when the cluster cannot say how many trials
+    it holds (`_max_concurrent`), before the study is touched."""
     import optuna
     from ray import tune
 
@@ -371,6 +480,7 @@ def new_tuner(spec: SearchSpec, run_spec: Any, places: SearchPlaces, trainable: 
     from raysal.search.optuna_search import ReasonedOptunaSearch
     from raysal.search.sampling import define_by_run
 
+    max_concurrent = _max_concurrent(spec, float(run_spec.data["encode_cpus"]))
     if places.study.published_separately and not storage.is_file(places.study.home):
         places.study.discard_working_copy()  # the search folder has no study: a copy here is an older search's
     places.study.fetch()
@@ -392,7 +502,7 @@ def new_tuner(spec: SearchSpec, run_spec: Any, places: SearchPlaces, trainable: 
             search_alg=searcher,
             scheduler=make_scheduler(spec),
             num_samples=spec.num_samples + (spec.control is not None),  # the control is one more trial
-            max_concurrent_trials=_max_concurrent(spec, float(run_spec.data["encode_cpus"])),
+            max_concurrent_trials=max_concurrent,
             trial_dirname_creator=trial_dirname,
         ),
         run_config=tune.RunConfig(
@@ -494,7 +604,12 @@ def run_search(spec: SearchSpec, base: list[str], run_spec: Any, resume: str, ve
             print(f"error: {e}", file=sys.stderr)
             return 2
     else:
-        tuner = new_tuner(spec, run_spec, places, trainable, wandb_mode, verbose)
+        from raysal.orchestration.errors import ConfigError, print_user_error
+
+        try:
+            tuner = new_tuner(spec, run_spec, places, trainable, wandb_mode, verbose)
+        except ConfigError as e:  # no bound on trials at once: one `error:` line, exit 2, nothing started
+            return print_user_error(e)
     grid = run_tuner(tuner, spec, places, restore)
     if grid is None:
         return 130

@@ -14,6 +14,7 @@ from raysal.loop.divergence import DivergenceConfig
 from raysal.loop.fit import FitConfig
 from raysal.loop.step import validate_criteria
 from raysal.model.build import lora_target_regex, resolve_dtype
+from raysal.orchestration import storage
 from raysal.orchestration.errors import ConfigError
 from raysal.orchestration.storage import is_uri
 
@@ -181,6 +182,7 @@ def check_values(c: dict) -> None:
     _number(c, "trainer.max_grad_norm", float, low=0, low_open=True, optional=True)
     _number(c, "trainer.max_failures", int, low=0)
     _number(c, "trainer.stall_timeout_s", float, low=0, low_open=True, optional=True)
+    _number(c, "trainer.wait_timeout_s", float, low=0, low_open=True, optional=True)
     _number(c, "trainer.divergence.lm_loss_of_uniform", float, low=0, low_open=True, optional=True)
     _number(c, "trainer.divergence.lm_loss_factor", float, low=1, low_open=True, optional=True)
     _number(c, "trainer.divergence.zero_grad_steps", int, low=1, optional=True)
@@ -212,7 +214,7 @@ def check_connector(c: dict) -> None:
     kind = _choice(c, "model.connector", ("mlp", "align"))
     stage = _choice(c, "trainer.stage", ("finetune", "connector"))
     init = _get(c, "model.connector_init")
-    if init is not None and not Path(str(init)).expanduser().is_dir():
+    if init is not None and not storage.is_dir(str(init)):
         raise ConfigError(f"model.connector_init={init}: no such folder (a connector/ of a connector-only stage)")
     if stage == "connector" or kind != "align":
         return  # the connector-only stage trains (and saves) the connector whatever the lora group says
@@ -233,6 +235,9 @@ def spec_from_cfg(cfg: DictConfig) -> RunSpec:
     """Validate once, here, with the key named; then the workers trust the spec. Raises `ConfigError`."""
     c = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(c, dict)
+    if isinstance(c.get("finder"), dict) and c["finder"].get("out"):
+        # absolute here, where the command was typed: a trial or worker resolves a relative path on its own node
+        c["finder"]["out"] = absolute_storage(str(c["finder"]["out"]))
     criteria_cfg = c.get("criteria") or {}
     if not criteria_cfg:
         raise ConfigError("criteria: no criterion configured (criteria.base must be lm or cal)")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,6 +15,7 @@ from ray.train.torch import TorchTrainer
 
 from raysal.loop.checkpoint import ADAPTER, CONNECTOR, MODEL
 from raysal.orchestration import storage
+from raysal.orchestration.checkpoint_fetch import fetch_folder, folders
 from raysal.orchestration.data import run_datasets
 from raysal.orchestration.spec import RunSpec
 from raysal.orchestration.worker import train_loop_per_worker
@@ -67,13 +67,18 @@ def build_trainer(spec: RunSpec, *, callbacks: Sequence[Any] = ()) -> TorchTrain
             ),
             callbacks=list(callbacks),
             # a lost worker or node: restore the latest checkpoint and go on, no human (a diverged run is reported,
-            # not raised, so it is never retried)
+            # not raised, so it is never retried). Ray Train counts a failure of the workers while they train
+            # against max_failures; a worker group that cannot start — its placement group not ready within
+            # RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S (nodes still autoscaling, a preempted node coming back), or
+            # a worker dying as it starts — against controller_failure_limit, the only controller errors it
+            # retries. Retried without limit: waiting for resources is no failure, and a search bounds the wait
+            # itself (trainer.wait_timeout_s, `raysal.search.stall`).
             failure_config=ray.train.FailureConfig(
                 max_failures=spec.config["trainer"]["max_failures"],
-                controller_failure_limit=spec.config["trainer"]["max_failures"],
+                controller_failure_limit=-1,
             ),
         ),
-        datasets=run_datasets(spec.data, spec.model["name_or_path"]),
+        datasets=run_datasets(spec.data, spec.model["name_or_path"], model=spec.model),
         dataset_config=data_config,
     )
 
@@ -82,16 +87,15 @@ def export_best(checkpoint: ray.train.Checkpoint, parent: str, metrics: dict[str
     """Copy a checkpoint's loadable result to ``parent`` (local path or URI) with ``best.json`` beside it: LoRA's peft
     adapter as ``best_adapter/``, a fully finetuned model as ``best_model/``, a connector-only stage's connector as
     ``best_connector/`` → (key, path): the key names which."""
+    # listed, then only that folder fetched: sharded/ (FSDP: weights + AdamW moments, 84 GB for 7B) is not exported
+    have = folders(checkpoint)
+    kind = next((k for k in (ADAPTER, MODEL, CONNECTOR) if k in have), None)
+    if kind is None:
+        raise FileNotFoundError(f"{checkpoint.path}: no {ADAPTER}/, {MODEL}/ or {CONNECTOR}/ in the checkpoint")
+    key = f"best_{kind}"
+    dest = storage.join(parent, key)
     with tempfile.TemporaryDirectory() as tmp:
-        local = Path(tmp) / "ckpt"
-        checkpoint.to_directory(str(local))
-        kind = next((k for k in (ADAPTER, MODEL, CONNECTOR) if (local / k).is_dir()), None)
-        if kind is None:
-            raise FileNotFoundError(f"{checkpoint.path}: no {ADAPTER}/, {MODEL}/ or {CONNECTOR}/ in the checkpoint")
-        key = f"best_{kind}"
-        dest = storage.join(parent, key)
-        out = Path(tmp) / "export"
-        shutil.copytree(local / kind, out)
+        out = fetch_folder(checkpoint, kind, Path(tmp) / "export").local
         (out / "best.json").write_text(json.dumps({"checkpoint": checkpoint.path, "metrics": metrics}, indent=2))
         storage.replace_dir(out, dest)
         # a resumed search whose best changed regime: another kind's export is no longer the best

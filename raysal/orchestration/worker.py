@@ -96,9 +96,19 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     spec: RunSpec = config["spec"]
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
+    if rank == 0:  # first: the search's watchdog counts a stall from here, not from the wait for resources
+        from raysal.orchestration.heartbeat import start_heartbeat
+
+        start_heartbeat(storage.join(spec.storage_path, spec.name))
     device = ray.train.torch.get_device()
     torch.manual_seed(spec.seed)
 
+    from raysal.orchestration.assets import ensure_data, ensure_model
+
+    # first-use assets on this worker's node (the driver's preflight made them on its own): the tiny model before
+    # it loads, the synthetic shards before the probe set reads them
+    ensure_model(spec.model)
+    ensure_data(spec.data)
     processor = load_processor(spec.model["name_or_path"])
     pad_id = processor.tokenizer.pad_token_id
     fsdp = spec.strategy == "fsdp"
@@ -175,8 +185,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     with tempfile.TemporaryDirectory() as local:
         resume_dir = None
         if restored is not None:
-            resume_dir = Path(local) / "resume"
-            restored.to_directory(str(resume_dir))
+            from raysal.orchestration.checkpoint_fetch import fetch_for_resume
+
+            # this rank's part only (state.pt, its shards; history on rank 0), not the whole checkpoint
+            fetched = fetch_for_resume(restored, Path(local) / "resume", rank=rank, world_size=ctx.get_world_size())
+            resume_dir = fetched.local
             if run is not None:  # rows a kill took before W&B wrote them
                 relog(run, load_history(resume_dir))
         try:

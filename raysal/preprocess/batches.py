@@ -15,7 +15,7 @@ import torch
 
 from raysal.batch import PixelNorm, to_device
 from raysal.data.decode import decode_row
-from raysal.data.shards import shard_files
+from raysal.data.shards import shard_paths
 from raysal.preprocess.collate import collate
 from raysal.preprocess.encode import DEFAULT_PROMPT, encode_sample
 
@@ -29,7 +29,8 @@ def encode_row(row: dict[str, Any], processor: Any, prompt: str = DEFAULT_PROMPT
 
 
 def load_encoded(shard_dir: Path | str, split: str, processor: Any, limit: int | None = None) -> list[dict]:
-    rows = [r for f in shard_files(shard_dir, split) for r in pq.read_table(f).to_pylist()]
+    fs, files = shard_paths(str(shard_dir), split)  # a local folder or a storage URI
+    rows = [r for f in files for r in pq.read_table(f, filesystem=fs).to_pylist()]
     return [encode_row(decode_row(r), processor) for r in rows[:limit]]
 
 

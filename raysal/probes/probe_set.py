@@ -8,7 +8,6 @@ Plain pyarrow + the shard format: no Ray.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import pyarrow.parquet as pq
 
 from raysal.data.holdout import holdout_fraction_of, in_holdout
 from raysal.data.sample import Sample
-from raysal.data.shards import row_to_sample, shard_files
+from raysal.data.shards import row_to_sample, shard_paths
 
 
 @dataclass(frozen=True)
@@ -42,7 +41,7 @@ class Probe:
 
 
 def select_probes(
-    shard_dir: Path | str,
+    shard_dir: str | Path,
     split: str,
     *,
     holdout: float = 0.0,
@@ -52,12 +51,12 @@ def select_probes(
     """Up to ``images`` validation images with at least one grounded phrase, each with its first ``phrases``
     phrases (caption order, one per distinct region). ``holdout`` > 0: only ids inside the hold-out (the
     validation part of a training split)."""
-    files = shard_files(shard_dir, split)
+    fs, files = shard_paths(shard_dir, split)  # a local folder or a URI: read through its filesystem
     if not files:
         raise ValueError(f"{shard_dir}: split {split!r} has no shard files")
-    ids: list[tuple[float, int, Path]] = []
+    ids: list[tuple[float, int, str]] = []
     for f in files:
-        for image_id in pq.read_table(f, columns=["image_id"]).column("image_id").to_pylist():
+        for image_id in pq.read_table(f, filesystem=fs, columns=["image_id"]).column("image_id").to_pylist():
             if holdout <= 0 or in_holdout(image_id, holdout):
                 ids.append((holdout_fraction_of(image_id), int(image_id), f))
     ids.sort()  # by hash, then id: independent of file order and shard size
@@ -65,7 +64,7 @@ def select_probes(
     for _, image_id, f in ids:
         if len(out) >= images:
             break
-        table = pq.read_table(f, filters=[("image_id", "=", image_id)])
+        table = pq.read_table(f, filesystem=fs, filters=[("image_id", "=", image_id)])
         sample = row_to_sample(table.slice(0, 1).to_pylist()[0])
         chosen: list[Phrase] = []
         seen: set[tuple[int, ...]] = set()
@@ -80,10 +79,3 @@ def select_probes(
         if chosen:
             out.append(Probe(sample, tuple(chosen)))
     return out
-
-
-def write_probe_set(probes: list[Probe], folder: Path) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "probes.json"
-    path.write_text(json.dumps([p.describe() for p in probes], indent=2))
-    return path
