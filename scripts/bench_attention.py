@@ -14,6 +14,7 @@ after warm-up, median and 10/90 % quantiles over the repetitions. A method that 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -21,7 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import date
 from pathlib import Path
 from unittest import mock
@@ -34,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from peak_memory import RSSPeak, tensor_peak  # scripts/ is on sys.path: this file runs as a script
 
 from raysal.attention.capture import AttentionCapture, enable_capture
+from raysal.batch import model_inputs
 from raysal.criteria.kl import KLCriterion
 from raysal.criteria.lm import LMCriterion
 from raysal.criteria.maskembed import MaskEmbedCriterion
@@ -173,7 +175,9 @@ def _steps(model, batch, criteria, plan, opt, autocast, device, warmup: int, rep
             times.append(time.perf_counter() - t0)
 
 
-EVAL_METHODS = ("evaluation", "evaluation_stored_maps")  # the protocol = all layers x all heads, no grad
+# the protocol = all layers x all heads, no grad; pope_image: POPE's questions about one image (`raysal.loop.pope_eval`)
+EVAL_METHODS = ("evaluation", "evaluation_stored_maps", "pope_image")
+POPE_QUESTIONS, POPE_TEXT_TOKENS = 12, 14  # one image's distinct questions at most (3 positives + 9 negatives)
 
 
 class _StoredMaps(AttentionCapture):
@@ -191,7 +195,10 @@ def _evals(model, batch, info, method, autocast, device, warmup: int, reps: int,
     protocol = CapturePlan(tuple(range(info.n_layers)), tuple(range(info.n_heads)), 0)
     for i in range(warmup + reps):
         t0 = time.perf_counter()
-        if method == "evaluation":
+        if method == "pope_image":  # as `answer_logits`: the answer position's logits only, no capture
+            with torch.no_grad(), autocast or contextlib.nullcontext():
+                model(**model_inputs(batch), use_cache=False, logits_to_keep=1)
+        elif method == "evaluation":
             evaluate(model, [batch], protocol, device=device, autocast=autocast)
         else:
             with mock.patch("raysal.loop.evaluate.AttentionCapture", _StoredMaps):
@@ -232,6 +239,8 @@ def run_one(
         model.set_attn_implementation({"text_config": "eager"})
     else:
         enable_capture(model)
+    if method == "pope_image":  # the image once per question, a short question and the answer turn
+        preset = replace(preset, batch=POPE_QUESTIONS, prompt_tokens=POPE_TEXT_TOKENS, caption_tokens=0)
     batch, n_image = make_batch(preset, device, dtype)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else None
@@ -336,6 +345,9 @@ def main() -> int:
         "evaluation_stored_maps_over_evaluation_peak_mem": ratio(
             results["evaluation_stored_maps"], results["evaluation"], "peak_mem_bytes"
         ),
+        # POPE: one image's 12 questions in one batch, against a training step (time) and an evaluation (memory)
+        "pope_image_over_plain_time": ratio(results["pope_image"], plain, "median_s"),
+        "pope_image_over_evaluation_peak_mem": ratio(results["pope_image"], results["evaluation"], "peak_mem_bytes"),
     }
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({os.cpu_count()} cores)"
     out = {

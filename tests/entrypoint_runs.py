@@ -35,18 +35,21 @@ HOLDOUT = re.compile(r"validation hold-out 0\.01 of train2017 = (\d+) images")
 
 
 def space_file(
-    tmp_path: Path, n: int, name: str, concurrency: str = "max_concurrent_trials: 1", space: str = ""
-) -> Path:
-    """A small space file: ASHA over kl/mse, the kl weight and lr; ``space``: more lines for its ``space:`` map."""
+    tmp_path: Path, n: int, name: str, concurrency: str = "max_concurrent_trials: 1", space: str = "",
+    control: str = "", cpus_per_worker: float = 1,
+) -> Path:  # fmt: skip
+    """A small space file: ASHA over kl/mse, the kl weight and lr; ``space``: more lines for its ``space:`` map;
+    ``control``: a ``control:`` entry (a YAML flow mapping), else the default control."""
     path = tmp_path / f"{name}.yaml"
     path.write_text(
         f"""
+{f"control: {control}" if control else ""}
 name: {name}
 objectives: [{{metric: val/amr, mode: max}}]
 num_samples: {n}
 {concurrency}
 scheduler: {{type: asha, time_attr: train/step, max_t: 6, grace_period: 2, reduction_factor: 2}}
-resources: {{num_workers: 1, use_gpu: false, cpus_per_worker: 1, gpus_per_worker: 0}}
+resources: {{num_workers: 1, use_gpu: false, cpus_per_worker: {cpus_per_worker:g}, gpus_per_worker: 0}}
 base_overrides: [trainer.max_steps=6, trainer.eval_every=2]
 space:
   criterion@criteria.align:

@@ -110,15 +110,26 @@ def test_rank_zeros_heartbeat_reaches_the_driver_and_stops_with_its_thread(ray_l
     def worker(seconds: float) -> float:
         """The training thread of a Train worker: it beats, then returns."""
         started = time.time()
-        thread = threading.Thread(target=lambda: (start_heartbeat(run_dir, interval_s=0.1), time.sleep(seconds)))
+
+        def train() -> None:
+            beating = start_heartbeat(run_dir, interval_s=0.1)
+            time.sleep(seconds)  # its setup
+            beating.training()
+            time.sleep(seconds)
+
+        thread = threading.Thread(target=train)
         thread.start()
+        time.sleep(seconds / 2)
+        in_setup = read_heartbeat(run_dir)
         thread.join()
-        return started
+        return started, in_setup
 
     assert read_heartbeat(run_dir) is None
-    started = ray.get(worker.remote(1.0))
+    started, in_setup = ray.get(worker.remote(1.0))
+    assert in_setup is not None and in_setup.training is None, in_setup  # setting up: not training yet
     beat = read_heartbeat(run_dir)
     assert beat is not None and started <= beat.started <= started + 1 and time.time() - beat.beat < 1.0
+    assert started + 1 <= beat.training <= started + 2
     time.sleep(0.5)  # the training thread is gone: no more beats
     assert read_heartbeat(run_dir) == beat
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -52,7 +53,10 @@ def test_search_on_the_coconut_defaults_adapter_wandb_and_no_key_on_disk(tmp_pat
     code path of s3://, on a local disk)."""
     # the sampled trial aligns the localization heads: the head finder's table, written to the storage first, is
     # found by every trial (finder.out is the search's, not the trial's storage_path)
-    space = space_file(tmp_path, 1, "itune", concurrency="", space="  criteria.align.heads: {choice: [localization]}\n")
+    # guards against the control on POPE: every trial is asked the hold-out's questions at every evaluation
+    guards = "{lm_tolerance: 0.02, guards: {val/pope/adversarial/f1: 0.01, val/pope/adversarial/fpr: 0.01}}"
+    space = space_file(tmp_path, 1, "itune", concurrency="", space="  criteria.align.heads: {choice: [localization]}\n",
+                       control=guards)  # fmt: skip
     common = ["experiment=demo", "data=coconut", f"data.shards={single_split}", f"storage_path={tmp_path.as_uri()}"]
     found = run(["raysal.heads", *common, "finder.samples=4"], cache)
     assert found.returncode == 0, found.stderr[-3000:]
@@ -72,6 +76,10 @@ def test_search_on_the_coconut_defaults_adapter_wandb_and_no_key_on_disk(tmp_pat
     assert summary["control"] and summary["lm_limit"] > 0 and not summary["failed"]
     assert "localization" in summary["table"], summary["table"]
     assert summary["leaked_placement_groups"] == 0
+    pope = ("val/pope/adversarial/f1", "val/pope/adversarial/fpr")
+    assert set(summary["guards"]) == set(pope) and summary["guards"][pope[1]]["mode"] == "min"
+    assert all(set(r["guards"]) == set(pope) for r in summary["rows"]), summary["rows"]  # each trial's verdicts
+    assert "raysal: guard val/pope/adversarial/fpr (may rise by at most 0.01): control" in res.stdout
     assert "python -m raysal.train" in summary["table"] and summary["best"]["replay"].startswith(
         "python -m raysal.train"
     )
@@ -82,9 +90,15 @@ def test_search_on_the_coconut_defaults_adapter_wandb_and_no_key_on_disk(tmp_pat
     report_runs = [r for r in every if any(k.startswith("report/") for h in r["history"] for k in h)]
     runs = [r for r in every if r not in report_runs]  # one per trial
     assert len(runs) == 2 and len(report_runs) == 1 and {r["group"] for r in every} == {"itune"}
-    assert {"report/plane/_type", "report/probes/_type"} <= set(report_runs[0]["history"][0])
+    assert {"report/plane/_type", "report/hallucination/_type", "report/probes/_type"} <= set(
+        report_runs[0]["history"][0]
+    )
     for r in runs:  # every trial evaluated the hold-out the driver printed, and shows its probe heatmaps
         assert {h["val/images"] for h in r["history"] if "val/images" in h} == {n}
+        evaluated = [h for h in r["history"] if "val/images" in h]
+        assert [h["train/step"] for h in evaluated] == [2, 4, 6]  # POPE and the readout at every evaluation
+        for key in (*pope, "val/pope/random/accuracy", "val/pope/popular/mass", "val/rec_acc50", "val/rec_miou"):
+            assert all(math.isfinite(h[key]) for h in evaluated), (key, evaluated[-1])
         media = [h for h in r["history"] if h.get("probes/scores/_type") == "table-file"]
         assert media and all(h.get("probes/probe0_0/_type") == "image-file" for h in media), r["history"][-1].keys()
     # the replay command of the best trial is a valid run config
@@ -92,6 +106,17 @@ def test_search_on_the_coconut_defaults_adapter_wandb_and_no_key_on_disk(tmp_pat
 
     replay = summary["best"]["replay"].split()[3:]
     assert compose_cfg(replay).optim.lr > 0
+
+    # the winner and the control, as folders transformers loads alone (their logits: tests/test_export.py)
+    exported = run(["raysal.export", folder.as_uri(), "--out", str(tmp_path / "export")], cache)
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    assert f"raysal: exported control (trial {summary['control']})" in exported.stdout
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    for name in ("best", "control"):
+        AutoModelForImageTextToText.from_pretrained(tmp_path / "export" / name)
+        assert AutoProcessor.from_pretrained(tmp_path / "export" / name).chat_template
+        assert (tmp_path / "export" / name / "train_image_ids.txt").read_text().split()
 
 
 @pytest.mark.integration

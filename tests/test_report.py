@@ -41,9 +41,10 @@ def search(tmp_path):
         t.set_user_attr("val/lm_loss", lm)
         study.tell(t, amr)
         params = {"optim.lr": lr, "criterion@criteria.align": crit}
+        fpr = 0.1 + 0.004 * i + (0.05 if i == 2 else 0.0)  # t2 hallucinates: over the guard
         rows.append({"trial_id": f"t{i}", "control": i == 0, "params": params,
-                     "metrics": {"val/amr": amr, "val/lm_loss": lm, "train/step": 24.0},
-                     "replay": f"python -m raysal.train optim.lr={lr}"})  # fmt: skip
+                     "metrics": {"val/amr": amr, "val/lm_loss": lm, "train/step": 24.0, FPR: fpr},
+                     "guards": {FPR: i != 2}, "replay": f"python -m raysal.train optim.lr={lr}"})  # fmt: skip
     for tid, color in (("t0", (200, 0, 0)), ("t4", (0, 0, 200))):
         step = folder / "trials" / tid / "probes" / "step_0000024"
         step.mkdir(parents=True)
@@ -53,11 +54,16 @@ def search(tmp_path):
         "search": "demo", "metric": "val/amr", "mode": "max", "trials": 6, "reported": 5, "rows": rows,
         "failed": [{"trial_id": "t5", "reason": "diverged: val/lm_loss 9.9 >= 0.98 x ln(V)", "replay": "python -m x"}],
         "control": "t0", "lm_limit": 5.0 * 1.02, "excluded_by_lm_tolerance": ["t3"],
+        "guards": {FPR: {"max_loss": 0.02, "mode": "min", "control": 0.1, "limit": 0.12}},
+        "failed_guards": {"t2": [FPR]},
         "best": {"trial_id": "t4", "replay": "python -m raysal.train optim.lr=0.001"},
         "trials_dir": str(folder / "trials"),
     }  # fmt: skip
     (folder / "summary.json").write_text(json.dumps(summary))
     return folder
+
+
+FPR = "val/pope/adversarial/fpr"
 
 
 def _not_blank(png: bytes) -> bool:
@@ -76,13 +82,14 @@ def test_report_has_every_figure_and_lists_failures(search, storage_root):
     report = build_report(folder)
     assert report.html == storage.join(folder, "report.html")
     page = storage.read_text(report.html)
-    assert set(report.figures) == {"plane", "importance", "history", "parallel", "probes"}
+    assert set(report.figures) == {"plane", "hallucination", "importance", "history", "parallel", "probes"}
     for name, png in report.figures.items():
         assert _not_blank(png), name
         assert storage.read_bytes(storage.join(folder, "report", f"{name}.png")) == png
         assert f'<figure id="{name}">' in page or name == "probes"
     assert "diverged: val/lm_loss 9.9" in page and "(LM over the limit)" in page and "t4</td>" in page
-    assert page.count("data:image/png;base64,") == 4 + 2  # 4 figures + best and control probe heatmaps
+    assert f"(failed {FPR})" in page and f"guards: {FPR} ≤ 0.12" in page  # the guard and who failed it
+    assert page.count("data:image/png;base64,") == 5 + 2  # 5 figures + best and control probe heatmaps
     assert not re.search(r'src="(?!data:)', page), "every picture is embedded: the page opens offline"
 
 

@@ -4,6 +4,7 @@ the shard writer, the preflight, the probe set, the head finder's samples, Ray D
 from __future__ import annotations
 
 import functools
+import json
 import shutil
 
 import numpy as np
@@ -147,6 +148,13 @@ def test_first_use_tiny_model_is_written_whole(tmp_path, s3_server):
     ensure_model({"tiny": "llava", "name_or_path": str(out)})
     assert (out / "config.json").is_file() and not (out / "half.bin").exists()
     assert [p.name for p in out.parent.iterdir() if ".tmp-" in p.name] == []
+    # a checkpoint an older raysal wrote (no answer tokens, no stamp) is written again, not loaded
+    from raysal.model.tiny import STAMP
+
+    (out / STAMP).unlink()
+    ensure_model({"tiny": "llava", "name_or_path": str(out)})
+    tokens = json.loads((out / "tokenizer.json").read_text())["added_tokens"]
+    assert (out / STAMP).is_file() and {"Yes", "No"} <= {t["content"] for t in tokens}
     with pytest.raises(ConfigError, match=r"model\.name_or_path=s3://.*: a tiny model .* local folder, not a URI"):
         ensure_model({"tiny": "llava", "name_or_path": s3_server.uri("tiny")})
 

@@ -16,8 +16,8 @@ STARTED = time.time()
 
 
 def running() -> Heartbeat:
-    """Workers that beat now (started when the test module was imported)."""
-    return Heartbeat(STARTED, time.time())
+    """Workers that beat now, training (started when the test module was imported)."""
+    return Heartbeat(STARTED, time.time(), STARTED)
 
 
 def wait_for(ends: list, seconds: float) -> None:
@@ -32,7 +32,7 @@ def test_a_silent_run_is_ended_with_the_reason(tmp_path):
         wait_for(ends, 30)
     assert ends == [3]
     assert len(reasons) == 1 and reasons[0].startswith("stalled: no report for"), reasons
-    assert "while the workers ran" in reasons[0] and "stall_timeout_s=0.3" in reasons[0]
+    assert "while the workers trained" in reasons[0] and "stall_timeout_s=0.3" in reasons[0]
 
 
 def test_a_reporting_run_is_left_alone(tmp_path):
@@ -61,7 +61,7 @@ def test_waiting_longer_than_the_wait_timeout_ends_with_its_reason(tmp_path):
                        end=ends.append):  # fmt: skip
         wait_for(ends, 30)
     assert ends == [3]
-    assert len(reasons) == 1 and reasons[0].startswith("waiting: no worker ran for"), reasons
+    assert len(reasons) == 1 and reasons[0].startswith("waiting: no worker trained for"), reasons
     assert "trainer.wait_timeout_s=0.5" in reasons[0] and "never had the resources" in reasons[0]
 
 
@@ -74,33 +74,48 @@ def judge_at(*, started: float = 0.0, stall: float | None = 100, wait: float | N
 
 def test_a_node_lost_then_a_new_worker_group_resets_the_stall_clock():
     w = judge_at()
-    assert w.judge(50, None, Heartbeat(10, 50)) is None  # running, 40 s without a report
-    assert w.judge(105, 100, Heartbeat(10, 105)) is None  # a report at 100
+    assert w.judge(50, None, Heartbeat(10, 50, 10)) is None  # training, 40 s without a report
+    assert w.judge(105, 100, Heartbeat(10, 105, 10)) is None  # a report at 100
     # the node is lost: the last beat (at 110) grows old; 290 s without a report is waiting, not a stall
-    assert w.judge(400, 100, Heartbeat(10, 110)) is None
-    # Ray Train starts a new worker group at 600 (the node came back): its stall clock starts there
+    assert w.judge(400, 100, Heartbeat(10, 110, 10)) is None
+    # Ray Train starts a new worker group at 600 (the node came back); it sets up (downloads the model) for 300 s,
+    # longer than the stall timeout, then trains: its stall clock starts there
     assert w.judge(650, 100, Heartbeat(600, 650)) is None
-    reason = w.judge(701, 100, Heartbeat(600, 701))
-    assert reason is not None and reason.startswith("stalled: no report for 101 s while the workers ran")
+    assert w.judge(899, 100, Heartbeat(600, 899)) is None
+    assert w.judge(950, 100, Heartbeat(600, 950, 900)) is None
+    reason = w.judge(1001, 100, Heartbeat(600, 1001, 900))
+    assert reason is not None and reason.startswith("stalled: no report for 101 s while the workers trained")
 
 
 def test_the_waiting_clock_runs_from_the_last_beat_or_report():
     w = judge_at()
     assert w.judge(900, None, None) is None  # never a worker: 900 s of waiting
     reason = w.judge(1001, None, None)
-    assert reason is not None and reason.startswith("waiting: no worker ran for 1001 s (trainer.wait_timeout_s=1000)")
+    assert reason is not None and reason.startswith(
+        "waiting: no worker trained for 1001 s (trainer.wait_timeout_s=1000): the cluster never had the resources"
+    )
     w = judge_at()
-    assert w.judge(50, None, Heartbeat(10, 50)) is None
-    assert w.judge(1040, 60, Heartbeat(10, 50)) is None  # lost at 50 after a report at 60: 980 s of waiting
-    assert w.judge(1061, 60, Heartbeat(10, 50)).startswith("waiting: no worker ran for 1001 s")
+    assert w.judge(50, None, Heartbeat(10, 50, 20)) is None
+    assert w.judge(1040, 60, Heartbeat(10, 50, 20)) is None  # lost at 50 after a report at 60: 980 s of waiting
+    assert w.judge(1061, 60, Heartbeat(10, 50, 20)).startswith("waiting: no worker trained for 1001 s")
+
+
+def test_a_setup_that_never_ends_is_waiting_not_stalled():
+    """A worker group that beats but never starts its loop (a model download that hangs): past the stall timeout it
+    is not stalled; after the wait timeout it ends as waiting, naming the setup."""
+    w = judge_at()
+    assert w.judge(500, None, Heartbeat(10, 500)) is None  # 5 stall timeouts of setup
+    reason = w.judge(1001, None, Heartbeat(10, 1001))
+    assert reason is not None and reason.startswith("waiting: no worker trained for 1001 s"), reason
+    assert "setting up for 991 s: a model download or checkpoint fetch" in reason
 
 
 def test_limits_can_be_off_and_an_earlier_attempts_beat_does_not_count():
     off = judge_at(stall=None, wait=None)
-    assert off.judge(10**6, None, None) is None and off.judge(10**6, None, Heartbeat(0, 10**6)) is None
+    assert off.judge(10**6, None, None) is None and off.judge(10**6, None, Heartbeat(0, 10**6, 0)) is None
     # a beat left by an earlier attempt of the trial, started long before this watchdog: the clock starts here
     w = judge_at(started=1000)
-    assert w.judge(1010, None, Heartbeat(0, 1005)) is None
+    assert w.judge(1010, None, Heartbeat(0, 1005, 0)) is None
 
 
 def test_the_wait_timeout_is_a_checked_config_key():

@@ -32,6 +32,8 @@ from raysal.model.build import ModelInfo, model_info, param_groups
 Report = Callable[[dict[str, float], Path | None], None]
 # (unwrapped model, its ModelInfo, the evaluation protocol, step, autocast context) → None
 AfterEval = Callable[[torch.nn.Module, ModelInfo, CapturePlan, int, contextlib.AbstractContextManager], None]
+# more validation metrics (POPE, the localisation readout): called on every rank, returns the whole set's values
+ExtraEval = Callable[[torch.nn.Module, CapturePlan, contextlib.AbstractContextManager], dict[str, float]]
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -86,6 +88,7 @@ def fit(
     resume_from: Path | str | None = None,
     device: torch.device | str = "cpu",
     after_eval: AfterEval | None = None,
+    extra_eval: ExtraEval | None = None,
 ) -> dict[str, float]:
     """Train until ``cfg.max_steps`` optimizer steps; returns the last reported metrics.
 
@@ -96,8 +99,9 @@ def fit(
     An FSDP model (`raysal.model.shard`): every rank passes a ``checkpoint_dir`` (its shards go there).
     ``after_eval(model, info, protocol, step, autocast)`` runs after each evaluation with the unwrapped model in
     the capture attention implementation (the probe heatmaps): rank 0 alone, unless the model is sharded, when
-    every rank must run its forwards. Raises `DivergedError` (non-finite loss,
-    or a model that stopped learning: `raysal.loop.divergence`).
+    every rank must run its forwards. ``extra_eval(model, protocol, autocast)`` → more validation metrics
+    (un-namespaced, reported as ``val/<name>``), on every rank after each evaluation. Raises `DivergedError`
+    (non-finite loss, or a model that stopped learning: `raysal.loop.divergence`).
     """
     device = torch.device(device)
     core = unwrap(model)  # DDP (Ray Train, several workers) hides the HF/peft model behind .module
@@ -145,6 +149,8 @@ def fit(
             core.set_attn_implementation({"text_config": CAPTURE_IMPL})
             val = evaluate(core, val_batches(), protocol, device=device, autocast=autocast, theta=cfg.eval_theta,
                            sharded=world_size() > 1, lockstep=sharded, filler=last_batch)  # fmt: skip
+            if extra_eval is not None:
+                val.update(extra_eval(core, protocol, autocast))
             if after_eval is not None:
                 after_eval(core, info, protocol, progress.step, autocast)
             core.set_attn_implementation({"text_config": train_attn})

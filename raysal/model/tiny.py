@@ -9,11 +9,12 @@ template — written with ``save_pretrained`` and loaded back through the same `
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import (
     CLIPVisionConfig,
     LlamaConfig,
@@ -30,6 +31,9 @@ from transformers import (
 from raysal.data.synthetic import COLOURS, OPENERS, STUFF, THINGS, WORDS
 
 IMAGE_TOKEN = "<image>"
+ANSWERS = ("Yes", "No")  # single tokens, so the hallucination probe (`raysal.metrics.pope`) can read their logits
+FORMAT = 2  # of what `write_tiny` writes (2: the answer tokens): an older cached checkpoint is written again
+STAMP = "raysal_tiny.json"
 SPECIAL = ["<unk>", "<s>", "</s>", "<pad>", IMAGE_TOKEN]
 PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]  # llava-v1.6 defaults
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
@@ -91,6 +95,9 @@ def build_tokenizer(vocab_size: int = 600) -> PreTrainedTokenizerFast:
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
     )
     fast.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    # POPE's answers, one token each as in Llama's and Mistral's vocabularies (the synthetic captions never say
+    # them, so BPE would split them); whole words only, appended after every other id
+    fast.add_tokens([AddedToken(w, single_word=True, normalized=False) for w in ANSWERS])
     return fast
 
 
@@ -159,7 +166,16 @@ def write_tiny(out: Path | str, arch: str, seed: int = 0) -> Path:
         )
     model.save_pretrained(out)
     processor.save_pretrained(out)
+    (out / STAMP).write_text(json.dumps({"arch": arch, "seed": seed, "format": FORMAT}))
     return out
+
+
+def is_current(out: Path | str) -> bool:
+    """A whole tiny checkpoint (its stamp is written last) in this version's format."""
+    try:
+        return json.loads((Path(out) / STAMP).read_text()).get("format") == FORMAT
+    except (OSError, ValueError):
+        return False
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -50,19 +50,20 @@ def ensure_model(model: dict[str, Any]) -> None:
         return
     # a local folder: `from_pretrained` reads nothing else
     out = _local(str(model["name_or_path"]), "model.name_or_path", f"a tiny model (model.tiny={arch})")
-    if (out / "config.json").exists():  # written whole by a rename below: a complete checkpoint
+    from raysal.model.tiny import is_current, write_tiny
+
+    if is_current(out):  # written whole by a rename below, in this version's format
         return
     with _lock(out):
-        if (out / "config.json").exists():
+        if is_current(out):
             return
-        from raysal.model.tiny import write_tiny
 
         log.info("writing tiny %s checkpoint to %s (first use)", arch, out)
         # beside the target, renamed over it when complete: a reader never loads a half-written checkpoint
         tmp = out.with_name(f"{out.name}.tmp-{uuid.uuid4().hex[:8]}")
         try:
             write_tiny(tmp, arch)
-            if out.exists():  # a folder an interrupted writer left without config.json
+            if out.exists():  # an older version's checkpoint, or a folder an interrupted writer left
                 shutil.rmtree(out)
             tmp.rename(out)
         finally:

@@ -565,6 +565,8 @@ def finish(grid: Any, spec: SearchSpec, base: list[str], run_spec: Any, places: 
     storage.write_json(storage.join(places.search_dir, "summary.json"), summary)
     places.study.publish(final=True)
     print(summary["table"])
+    for line in guard_lines(summary):
+        print(f"raysal: {line}")
     report(places.search_dir, run_spec, wandb_mode, places.local_dir, spec.name)
     best = summary.get("best")
     w = sync_hint(places.search_dir) if wandb_mode == "offline" else ""
@@ -576,6 +578,17 @@ def finish(grid: Any, spec: SearchSpec, base: list[str], run_spec: Any, places: 
     if summary.get("warning"):
         print(f"raysal: {summary['warning']}", file=sys.stderr)
     return 0 if best else 1  # failed trials are part of a search's result; no trial to export is not
+
+
+def guard_lines(summary: dict) -> list[str]:
+    """One console line per guard: what the control scored, the limit, the trials that failed it."""
+    out = []
+    for metric, g in (summary.get("guards") or {}).items():
+        failed = sorted(t for t, names in (summary.get("failed_guards") or {}).items() if metric in names)
+        worse = "may fall by at most" if g["mode"] == "max" else "may rise by at most"
+        out.append(f"guard {metric} ({worse} {g['max_loss']:g}): control {g['control']:.4g}, limit "
+                   f"{g['limit']:.4g}; failed by {', '.join(failed) if failed else 'no trial'}")  # fmt: skip
+    return out
 
 
 def run_search(spec: SearchSpec, base: list[str], run_spec: Any, resume: str, verbose: bool = False) -> int:

@@ -47,8 +47,9 @@ def summarise(result_grid: Any, spec: SearchSpec, base: list[str], search_dir: s
             failed.append({"trial_id": trial_id, "reason": reason, "replay": replay})
         elif metric in metrics:
             rows.append({"trial_id": trial_id, "metrics": metrics, "config": r.config, "replay": replay})
-    best, decision = choose_best(rows, metric, mode, spec.control.lm_tolerance if spec.control else None)
-    excluded = set(decision["excluded_by_lm_tolerance"])
+    best, decision = choose_best(rows, metric, mode, spec.control.lm_tolerance if spec.control else None,
+                                 spec.control.guards if spec.control else ())  # fmt: skip
+    excluded, failed_guards = set(decision["excluded_by_lm_tolerance"]), decision["failed_guards"]
     rows.sort(key=lambda x: x["metrics"][metric], reverse=mode == "max")
     lines = [
         f"| rank | trial | {metric} | val/lm_loss | step | sampled parameters | replay |",
@@ -58,7 +59,9 @@ def summarise(result_grid: Any, spec: SearchSpec, base: list[str], search_dir: s
         shown = " ".join(format_override(k, v) for k, v in params_to_overrides(row["config"]).items())
         if row["config"].get(CONTROL_KEY):
             shown = "control: " + " ".join(control)
-        mark = " (best)" if row is best else " (lm > limit)" if row["trial_id"] in excluded else ""
+        marks = [" (lm > limit)"] if row["trial_id"] in excluded else []
+        marks += [f" (guard: {g})" for g in failed_guards.get(row["trial_id"], [])]
+        mark = " (best)" if row is best else "".join(marks)
         lines.append(
             f"| {i + 1}{mark} | {row['trial_id']} | {row['metrics'][metric]:.4g} | "
             f"{row['metrics'].get('val/lm_loss', float('nan')):.4g} | "
@@ -79,6 +82,7 @@ def summarise(result_grid: Any, spec: SearchSpec, base: list[str], search_dir: s
                 "control": bool(row["config"].get(CONTROL_KEY)),
                 "params": params_to_overrides(row["config"]),
                 "metrics": {k: v for k, v in row["metrics"].items() if k.startswith(("val/", "train/"))},
+                "guards": {g: g not in failed_guards.get(row["trial_id"], []) for g in decision["guards"]},
                 "replay": row["replay"],
             }
             for row in rows

@@ -189,6 +189,8 @@ def check_values(c: dict) -> None:
     _number(c, "trainer.divergence.grad_norm_limit", float, low=0, low_open=True, optional=True)
     _number(c, "trainer.probes.images", int, low=0)
     _number(c, "trainer.probes.phrases", int, low=1)
+    _number(c, "trainer.pope.images", int, low=0)
+    _number(c, "trainer.readout.images", int, low=0)
     _choice(c, "trainer.objective.mode", ("max", "min"))
     _choice(c, "trainer.eval.query_offset", (0, -1))
     _number(c, "trainer.eval.theta", float, low=0, high=1, low_open=True)

@@ -35,6 +35,7 @@ from raysal.model.shard import shard_model
 from raysal.orchestration import storage
 from raysal.orchestration.data import iter_collated
 from raysal.orchestration.fail_reason import write_reason
+from raysal.orchestration.merged_export import RUN_CONFIG
 from raysal.orchestration.placement_groups import record_placement_group
 from raysal.orchestration.probe_files import wandb_media, write_probe_set, write_step
 from raysal.orchestration.spec import RunSpec
@@ -96,10 +97,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     spec: RunSpec = config["spec"]
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
-    if rank == 0:  # first: the search's watchdog counts a stall from here, not from the wait for resources
+    beating = None
+    if rank == 0:  # first: the search's watchdog sees a worker group set up, not one waiting for resources
         from raysal.orchestration.heartbeat import start_heartbeat
 
-        start_heartbeat(storage.join(spec.storage_path, spec.name))
+        beating = start_heartbeat(storage.join(spec.storage_path, spec.name))
     device = ray.train.torch.get_device()
     torch.manual_seed(spec.seed)
 
@@ -157,9 +159,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         from raysal.orchestration.wandb_run import init_wandb
 
         record_placement_group(storage.join(spec.storage_path, spec.name))  # for the search's janitor
+        # what `python -m raysal.export` rebuilds the base model and the training image list from
+        storage.write_json(storage.join(spec.storage_path, spec.name, RUN_CONFIG), spec.config)
 
         run = init_wandb(spec.wandb, spec.name, wandb_dir(spec), spec.config)
     after_eval = probe_hook(spec, processor, padding, device, run, write=rank == 0) if rank == 0 or fsdp else None
+    from raysal.orchestration.val_extras import val_extras
+
+    extra_eval = val_extras(spec, processor, device, sharded=ctx.get_world_size() > 1, lockstep=fsdp,
+                            write=rank == 0)  # fmt: skip
 
     run_dir = storage.join(spec.storage_path, spec.name)
 
@@ -192,11 +200,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             resume_dir = fetched.local
             if run is not None:  # rows a kill took before W&B wrote them
                 relog(run, load_history(resume_dir))
+        if beating is not None:  # set up (assets, model download, checkpoint fetch): the stall clock runs from here
+            beating.training()
         try:
             fit(
                 model, spec.criteria, train_batches, val_batches, spec.fit, report=report,
                 checkpoint_dir=Path(local) / "checkpoints" if rank == 0 or fsdp else None, resume_from=resume_dir,
-                device=device, after_eval=after_eval,
+                device=device, after_eval=after_eval, extra_eval=extra_eval,
             )  # fmt: skip
         except DivergedError as e:
             # Reported, not raised: Ray Train would retry a raised error from the last checkpoint (FailureConfig)

@@ -48,6 +48,7 @@ def encode_sample(
     segment_ids: Sequence[int],  # (S,) segments of this image, from segments_info
     processor: Any,
     prompt: str = DEFAULT_PROMPT,
+    cov: np.ndarray | None = None,  # (I, S) this image's coverage, when the caller has it (one image, many spans)
 ) -> Sample:
     """One sample → arrays for the model and the criteria (`raysal.batch.Sample`: keys, dtypes, shapes).
 
@@ -93,7 +94,8 @@ def encode_sample(
     ends = np.concatenate([offsets[:k, 1], np.full(n_image, -1), offsets[k + 1 :, 1]])
     labels = np.where(ends > caption_start, ids, IGNORE).astype(np.int64)
 
-    cov = coverage(segment_map, segment_ids, processor)  # (I, S)
+    if cov is None:
+        cov = coverage(segment_map, segment_ids, processor)  # (I, S)
     if cov.shape[0] != n_image:
         raise ValueError(f"coverage has {cov.shape[0]} rows but input_ids hold {n_image} image tokens")
     grounded = (token_segments >= 0).any(1) & (labels != IGNORE)  # (L,)

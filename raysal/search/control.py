@@ -3,7 +3,8 @@
 An objective like val/amr alone can be won by a model that no longer speaks (a dead model's flat attention scored
 a higher AMR than a healthy one's). So every search runs an LM-only control trial first, enqueued in the Optuna
 study before any sampling and never stopped early, and the best trial is the one with the best objective among
-the trials whose val/lm_loss is within ``lm_tolerance`` of the control's. The constraint is applied when choosing
+the trials whose val/lm_loss is within ``lm_tolerance`` of the control's and that pass the space file's guards
+(``control.guards``: POPE's hallucination rate, say; `raysal.search.guards`). The constraint is applied when choosing
 the best, not inside Optuna: TPE keeps learning from every trial's objective (a trial that hurt language still
 tells it where grounding is), ASHA keeps its single metric, and the rule is one line a user can check in the
 table. If the control failed, no trial is best (the summary says why): a search with a control never ends with a
@@ -17,6 +18,7 @@ from typing import Any
 import optuna
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
+from raysal.search.guards import Guard, judge
 from raysal.search.optuna_params import CONTROL_KEY
 from raysal.search.space import SearchSpec
 
@@ -74,20 +76,34 @@ class ControlAwareASHA(ASHAScheduler):
             super().on_trial_complete(tune_controller, trial, result)
 
 
-def choose_best(rows: list[dict], metric: str, mode: str, lm_tolerance: float | None) -> tuple[dict | None, dict]:
+def choose_best(
+    rows: list[dict], metric: str, mode: str, lm_tolerance: float | None, guards: tuple[Guard, ...] = ()
+) -> tuple[dict | None, dict]:
     """rows: {"trial_id", "metrics", "config", ...} of trials that did not fail. → (best row, what was decided):
-    the best ``metric`` among rows whose val/lm_loss ≤ control's × (1 + lm_tolerance); the control is eligible."""
+    the best ``metric`` among rows whose val/lm_loss ≤ control's × (1 + lm_tolerance) and that pass every guard
+    (`raysal.search.guards`); the control is eligible. Without a control that reported what it is judged on, none
+    is best (``warning`` says why)."""
     control = next((r for r in rows if r["config"].get(CONTROL_KEY)), None)
-    decision: dict[str, Any] = {"control": None, "lm_limit": None, "excluded_by_lm_tolerance": []}
+    decision: dict[str, Any] = {"control": None, "lm_limit": None, "excluded_by_lm_tolerance": [], "guards": {},
+                                "failed_guards": {}}  # fmt: skip
     eligible = rows
     if lm_tolerance is not None and control is not None and LM_METRIC in control["metrics"]:
         limit = control["metrics"][LM_METRIC] * (1 + lm_tolerance)
         decision.update(control=control["trial_id"], lm_limit=limit)
         eligible = [r for r in rows if r["metrics"].get(LM_METRIC, float("inf")) <= limit]
         decision["excluded_by_lm_tolerance"] = [r["trial_id"] for r in rows if r not in eligible]
-    elif lm_tolerance is not None:
+    elif lm_tolerance is not None or guards:
         # the LM guard is what makes the best honest: without a finished control no trial can be judged
         decision["warning"] = "the LM-only control did not finish: no trial can be judged against it, none is best"
-        eligible = []
+        return None, decision
+    if guards:
+        try:
+            table, failed = judge(rows, control, guards)
+        except ValueError as e:
+            decision["warning"] = f"{e}: no trial can be judged, none is best"
+            return None, decision
+        decision.update(control=control["trial_id"], guards=table,
+                        failed_guards={t: f for t, f in failed.items() if f})  # fmt: skip
+        eligible = [r for r in eligible if not failed[r["trial_id"]]]
     ranked = sorted(eligible, key=lambda r: r["metrics"][metric], reverse=mode == "max")
     return (ranked[0] if ranked else None), decision

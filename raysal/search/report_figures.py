@@ -32,6 +32,18 @@ def _png(fig: Any) -> bytes:
     return buf.getvalue()
 
 
+def _plane_png(fig: Any, ax: Any, xlabel: str, metric: str, mode: str, against: str) -> bytes:
+    """Labels, one legend entry per label, grid → PNG: the end of both planes."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(f"{metric} ({'higher' if mode == 'max' else 'lower'} is better)")
+    ax.set_title(f"Grounding vs {against}, one point per trial")
+    handles, labels = ax.get_legend_handles_labels()
+    unique = dict(zip(labels, handles, strict=True))
+    ax.legend(unique.values(), unique.keys(), fontsize=8, loc="best")
+    ax.grid(alpha=0.3)
+    return _png(fig)
+
+
 def pareto_front(points: list[tuple[float, float]], maximise: bool) -> list[int]:
     """Indices of the points no other point beats on both axes (x = LM loss, lower better; y = the objective),
     sorted by x."""
@@ -74,14 +86,40 @@ def grounding_language_plane(
         ax.annotate(r["trial_id"], (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7, color="#444")
     pad = (max(xs) - min(xs)) * 0.1 or abs(xs[0]) * 0.01 or 0.01
     ax.set_xlim(min(xs) - pad, max(xs + ([lm_limit] if lm_limit else [])) + pad)
-    ax.set_xlabel("val/lm_loss (language: lower is better)")
-    ax.set_ylabel(f"{metric} ({'higher' if mode == 'max' else 'lower'} is better)")
-    ax.set_title("Grounding vs language, one point per trial")
-    handles, labels = ax.get_legend_handles_labels()
-    unique = dict(zip(labels, handles, strict=True))
-    ax.legend(unique.values(), unique.keys(), fontsize=8, loc="best")
-    ax.grid(alpha=0.3)
-    return _png(fig)
+    return _plane_png(fig, ax, "val/lm_loss (language: lower is better)", metric, mode, "language")
+
+
+HALLUCINATION = "val/pope/adversarial/fpr"
+
+
+def grounding_hallucination_plane(
+    rows: list[dict[str, Any]], metric: str, mode: str, fpr_limit: float | None, best: str | None,
+    x: str = HALLUCINATION,
+) -> bytes | None:  # fmt: skip
+    """The objective against POPE's hallucination rate (the false-positive rate on adversarial negatives: "yes" to
+    an object that is not there), one point per trial, the control as a star; ``fpr_limit``: a guard's limit (trials
+    right of it cannot be chosen best)."""
+    pts = [(r["metrics"][x], r["metrics"][metric], r) for r in rows if x in r["metrics"] and metric in r["metrics"]]
+    pts = [p for p in pts if math.isfinite(p[0]) and math.isfinite(p[1])]
+    if not pts:
+        return None
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    if fpr_limit is not None:
+        ax.axvline(fpr_limit, color="#9467bd", ls="--", lw=1, label=f"guard: {x} ≤ {fpr_limit:.4g}")
+    for px, py, r in pts:
+        failed = bool(r.get("guards")) and not all(r["guards"].values())
+        if r["control"]:
+            ax.scatter([px], [py], marker="*", s=220, color="#d62728", zorder=3, label="LM-only control")
+        else:
+            ax.scatter([px], [py], s=36, color="#aaa" if failed else "#1f77b4", zorder=2,
+                       label="failed a guard" if failed else "trial")  # fmt: skip
+        if r["trial_id"] == best:
+            ax.scatter([px], [py], s=260, facecolors="none", edgecolors="k", lw=1.5, zorder=4, label="best")
+        ax.annotate(r["trial_id"], (px, py), textcoords="offset points", xytext=(5, 4), fontsize=7, color="#444")
+    xs = [p[0] for p in pts] + ([fpr_limit] if fpr_limit is not None else [])
+    pad = (max(xs) - min(xs)) * 0.1 or 0.01
+    ax.set_xlim(min(xs) - pad, max(xs) + pad)
+    return _plane_png(fig, ax, f"{x} (hallucination: lower is better)", metric, mode, "hallucination")
 
 
 def importance(study: Any, metric: str, mode: str) -> tuple[bytes | None, str]:

@@ -100,6 +100,13 @@ def _probe_grid(pngs: list[list[bytes | None]]) -> bytes | None:
     return buf.getvalue()
 
 
+def _guards_text(summary: dict[str, Any]) -> str:
+    guards = summary.get("guards") or {}
+    if not guards:
+        return "no guard in this search"
+    return "; ".join(f"{m} {'≥' if g['mode'] == 'max' else '≤'} {g['limit']:.4g}" for m, g in guards.items())
+
+
 def _trials_table(summary: dict[str, Any]) -> str:
     metric, mode = summary["metric"], summary["mode"]
     rows = sorted(summary.get("rows", []), key=lambda r: r["metrics"].get(metric, float("nan")), reverse=mode == "max")
@@ -108,7 +115,9 @@ def _trials_table(summary: dict[str, Any]) -> str:
     out = [f"<tr><th>rank</th><th>trial</th><th>{html.escape(metric)}</th><th>val/lm_loss</th><th>step</th>"
            "<th>parameters</th><th>replay</th></tr>"]  # fmt: skip
     for i, r in enumerate(rows):
-        mark = " (best)" if r["trial_id"] == best else " (LM over the limit)" if r["trial_id"] in excluded else ""
+        failed_guards = [m for m, ok in (r.get("guards") or {}).items() if not ok]
+        mark = (" (best)" if r["trial_id"] == best else " (LM over the limit)" if r["trial_id"] in excluded
+                else f" (failed {', '.join(failed_guards)})" if failed_guards else "")  # fmt: skip
         params = "LM-only control" if r["control"] else " ".join(f"{k}={v}" for k, v in r["params"].items())
         out.append(
             f'<tr class="{"best" if mark == " (best)" else ""}"><td>{i + 1}{mark}</td><td>{r["trial_id"]}</td>'
@@ -176,6 +185,15 @@ def build_report(search_dir: str) -> Report:
         "LM tolerance of language quality against the LM-only control (the star) and cannot be chosen best; the "
         "grey line is the Pareto front.", "No trial reported both metrics.",
     )  # fmt: skip
+    fpr_guard = (summary.get("guards") or {}).get(figures.HALLUCINATION)
+    figure(
+        "hallucination", "Grounding vs hallucination", figures.grounding_hallucination_plane(
+            summary.get("rows", []), metric, mode, fpr_guard["limit"] if fpr_guard else None, best),
+        f"Each trial's final {metric} against POPE's adversarial false-positive rate (it says yes to an object "
+        "that is not in the image). The LM-only control is the star; grey trials failed a guard against it "
+        f"({_guards_text(summary)}) and cannot be chosen best.", "No trial reported POPE (trainer.pope.images=0, "
+        "or no validation image has 3 distinct things).",
+    )  # fmt: skip
     if study is not None:
         png, note = figures.importance(study, metric, mode)
         figure("importance", "Which parameters mattered", png, note, note)
@@ -199,6 +217,8 @@ def build_report(search_dir: str) -> Report:
             f"({mode}); best: {best or 'none'}")  # fmt: skip
     if summary.get("lm_limit") is not None:
         lead += f"; LM-only control {control}, val/lm_loss limit {summary['lm_limit']:.4g}"
+    if summary.get("guards"):
+        lead += f"; guards: {_guards_text(summary)}"
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>raysal search {html.escape(summary['search'])}"
             f"</title><style>{STYLE}</style></head><body><h1>raysal search: {html.escape(summary['search'])}</h1>"
             f"<p class='lead'>{html.escape(lead)}</p>{''.join(sections)}</body></html>")  # fmt: skip

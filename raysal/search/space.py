@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from raysal.search.guards import Guard
 from raysal.search.optuna_params import CONTROL_KEY, param_name, params_to_overrides
 from raysal.search.override_text import format_override, format_value
 
@@ -124,6 +125,7 @@ class Control:
 
     overrides: tuple[str, ...] = ("~criterion@criteria.align",)
     lm_tolerance: float = 0.02
+    guards: tuple[Guard, ...] = ()  # more metrics a trial must not lose against the control (`raysal.search.guards`)
 
 
 @dataclass(frozen=True)

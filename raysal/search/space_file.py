@@ -11,6 +11,7 @@ from typing import Any
 import yaml
 from omegaconf._utils import get_yaml_loader
 
+from raysal.search.guards import Guard, direction
 from raysal.search.optuna_params import encode_option
 from raysal.search.override_text import DICT_KEY, format_value
 from raysal.search.space import (
@@ -175,14 +176,29 @@ class _Parser:
         if raw is None:
             return None
         if not isinstance(raw, dict):
-            raise self.fail("control", "expected a mapping {overrides, lm_tolerance} or null (no control trial)")
-        top = self.mapping(raw, "control", ("overrides", "lm_tolerance"))
+            raise self.fail("control", "expected a mapping {overrides, lm_tolerance, guards} or null (no control)")
+        top = self.mapping(raw, "control", ("overrides", "lm_tolerance", "guards"))
         default = Control()
         overrides = default.overrides
         if "overrides" in top:
             overrides = self.base_overrides(top["overrides"], "control.overrides")
         tolerance = self.number(top.get("lm_tolerance", default.lm_tolerance), "control.lm_tolerance", 0.0)
-        return Control(overrides, float(tolerance))
+        return Control(overrides, float(tolerance), self.guards(top.get("guards")))
+
+    def guards(self, raw: Any) -> tuple[Guard, ...]:
+        if raw is None:
+            return ()
+        if not isinstance(raw, dict):
+            raise self.fail("control.guards", "expected a mapping {metric: largest allowed loss against the control}")
+        out = []
+        for metric, loss in raw.items():
+            where = f"control.guards.{metric}"
+            try:
+                direction(str(metric))
+            except ValueError as e:
+                raise self.fail(where, str(e)) from None
+            out.append(Guard(str(metric), float(self.number(loss, where, 0.0))))
+        return tuple(out)
 
     def objectives(self, raw: Any) -> tuple[Objective, ...]:
         if not isinstance(raw, list) or not raw:

@@ -1,5 +1,6 @@
-"""A trial whose workers run but report nothing for ``trainer.stall_timeout_s`` is stopped as "stalled"; one whose
-workers never run for ``trainer.wait_timeout_s`` is stopped as "waiting".
+"""A trial whose workers train but report nothing for ``trainer.stall_timeout_s`` is stopped as "stalled"; one whose
+workers never train for ``trainer.wait_timeout_s`` (no worker group, or one that never ends its setup) is stopped as
+"waiting".
 
 A search runs unattended: a trial whose data pipeline never gets a CPU would otherwise hold its slot (and its
 placement group) until a person looks. Waiting is not a stall: on an autoscaling cluster a trial's worker group
@@ -9,9 +10,11 @@ for longer than a stall may last; Ray Train retries the worker group's start wit
 
 What the watchdog reads: progress, what Ray Train writes at every report (the run folder's
 ``checkpoint_manager_snapshot.json``, rewritten at each report), and the heartbeat of the workers' rank 0
-(`raysal.orchestration.heartbeat`). Workers running (a recent beat): the stall clock runs from their start or the
-last report, whichever is later — a worker group that restarts after a lost node starts it again. No worker
-running: the waiting clock runs from the watchdog's start, the last beat or the last report. The watchdog runs in
+(`raysal.orchestration.heartbeat`). Workers training (a recent beat, their setup done): the stall clock runs from
+the start of their loop or the last report, whichever is later — a worker group that restarts after a lost node
+starts it again. Workers setting up (first-use assets, the model's download, the checkpoint's fetch) or none
+running: the waiting clock runs from the watchdog's start, the last beat of a training worker group or the last
+report. The watchdog runs in
 the trial process; at a limit it records the reason and ends that process: the Train controller, its workers and
 its placement group are owned by it and go with it, and Tune marks the trial ERROR (Optuna FAIL, with the reason).
 """
@@ -60,8 +63,8 @@ class StallWatchdog:
         self.run_dir, self.on_stall, self.poll_s, self.end = run_dir, on_stall, poll_s, end
         self.stall_timeout_s, self.wait_timeout_s, self.alive_s = stall_timeout_s, wait_timeout_s, alive_s
         self.heartbeat = heartbeat or partial(read_heartbeat, run_dir)
-        self._last_beat = 0.0
-        self._running: bool | None = None  # None: not judged yet
+        self._last_training = 0.0  # the last beat of a worker group that trained
+        self._state: str | None = None  # "training", "setup" or "waiting"; None: not judged yet
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="raysal-stall-watchdog", daemon=True)
 
@@ -75,29 +78,36 @@ class StallWatchdog:
 
     def judge(self, now: float, progress: float | None, beat: Heartbeat | None) -> str | None:
         """The reason to stop the trial now, or None to let it go on."""
-        if beat is not None:
-            self._last_beat = max(self._last_beat, beat.beat)
-        running = beat is not None and now - beat.beat <= self.alive_s
-        if running != self._running:
-            if running:
-                log.info("%s: its workers run (started %.0f s ago)", self.run_dir, now - beat.started)
-            elif self._running is not None:
+        if beat is not None and beat.training is not None:
+            self._last_training = max(self._last_training, beat.beat)
+        alive = beat is not None and now - beat.beat <= self.alive_s
+        state = ("training" if beat.training is not None else "setup") if alive else "waiting"
+        if state != self._state:
+            if state == "training":
+                log.info("%s: its workers train (started %.0f s ago)", self.run_dir, now - beat.started)
+            elif state == "setup":
+                log.info("%s: its workers set up (model, data, checkpoint): not a stall yet", self.run_dir)
+            elif self._state is not None:
                 log.warning("%s: no heartbeat from its workers for %.0f s: waiting for them (a lost node?)",
-                            self.run_dir, now - self._last_beat)  # fmt: skip
-            self._running = running
-        if running:
+                            self.run_dir, now - beat.beat if beat else 0.0)  # fmt: skip
+            self._state = state
+        if state == "training":
             # the watchdog's own start too: a beat left by an earlier attempt of this trial must not count
-            idle = now - max(self.started, beat.started, progress or 0.0)
+            idle = now - max(self.started, beat.training, progress or 0.0)
             if self.stall_timeout_s is not None and idle > self.stall_timeout_s:
-                return (f"stalled: no report for {idle:.0f} s while the workers ran "
+                return (f"stalled: no report for {idle:.0f} s while the workers trained "
                         f"(trainer.stall_timeout_s={self.stall_timeout_s:g})")  # fmt: skip
             return None
-        waited = now - max(self.started, self._last_beat, progress or 0.0)
-        if self.wait_timeout_s is not None and waited > self.wait_timeout_s:
-            return (f"waiting: no worker ran for {waited:.0f} s (trainer.wait_timeout_s={self.wait_timeout_s:g}): "
-                    "the cluster never had the resources for this trial, or its worker group kept failing to "
-                    "start (see the trial's log)")  # fmt: skip
-        return None
+        waited = now - max(self.started, self._last_training, progress or 0.0)
+        if self.wait_timeout_s is None or waited <= self.wait_timeout_s:
+            return None
+        why = (
+            f"its workers have been setting up for {now - beat.started:.0f} s: a model download or checkpoint fetch "
+            "that never ends (see the trial's log)" if state == "setup" else
+            "the cluster never had the resources for this trial, or its worker group kept failing to start (see "
+            "the trial's log)"
+        )  # fmt: skip
+        return f"waiting: no worker trained for {waited:.0f} s (trainer.wait_timeout_s={self.wait_timeout_s:g}): {why}"
 
     def _watch(self) -> None:
         while not self._done.wait(self.poll_s):

@@ -1,0 +1,77 @@
+"""The validation metrics beyond LM loss and attention mass, for a Train worker: POPE (``val/pope/*``, the
+hallucination probe) and the localisation readout (``val/rec_acc50``, ``val/rec_miou``), each on a fixed set of
+validation images chosen from the data alone (`raysal.data.pope_set`, `raysal.probes.probe_set`), so that every
+trial, resume and rank of a search measures the same thing. Rank 0 records what was asked in the run folder."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Any
+
+import torch
+
+from raysal.data.pope_set import select_pope
+from raysal.loop.fit import ExtraEval
+from raysal.loop.pope_eval import pope_scores
+from raysal.loop.readout_eval import readout_scores
+from raysal.loop.step import CapturePlan
+from raysal.metrics.pope import yes_no_token_ids
+from raysal.orchestration import storage
+from raysal.orchestration.spec import RunSpec
+from raysal.probes.probe_set import select_probes
+
+log = logging.getLogger(__name__)
+
+POPE_FILE = "pope.json"  # <run>/pope.json: the questions asked at every evaluation
+READOUT_FILE = "readout.json"  # <run>/readout.json: the images whose phrases are read out
+ALL_PHRASES = 1_000_000  # every grounded phrase of a readout image
+
+
+def _holdout(data: dict[str, Any]) -> float:
+    return float(data.get("val_holdout") or 0.0) if data["train_split"] == data["val_split"] else 0.0
+
+
+def val_extras(
+    spec: RunSpec, processor: Any, device: torch.device, *, sharded: bool, lockstep: bool, write: bool
+) -> ExtraEval | None:
+    """The hook `raysal.loop.fit.fit` calls after each evaluation, or None when both are off (``trainer.pope.images``
+    and ``trainer.readout.images`` 0). ``write``: this rank records the sets in the run folder."""
+    d, t = spec.data, spec.config["trainer"]
+    run_dir = storage.join(spec.storage_path, spec.name)
+    pope = None
+    if t["pope"]["images"]:
+        try:
+            yes_no_token_ids(processor.tokenizer)
+        except ValueError as e:
+            raise ValueError(f"trainer.pope: {e} (trainer.pope.images=0 turns POPE off)") from None
+        pope = select_pope(d["shards"], d["val_split"], holdout=_holdout(d), images=t["pope"]["images"])
+        if not pope.images:
+            log.warning("trainer.pope: no validation image has 3 distinct things (of %d): the run reports no "
+                        "val/pope", pope.build.n_kept)  # fmt: skip
+            pope = None
+        elif write:
+            storage.write_json(storage.join(run_dir, POPE_FILE), pope.describe())
+    readout = None
+    if t["readout"]["images"]:
+        readout = select_probes(d["shards"], d["val_split"], holdout=_holdout(d), images=t["readout"]["images"],
+                                phrases=ALL_PHRASES)  # fmt: skip
+        if not readout:
+            log.warning("trainer.readout: no validation image has a grounded phrase: the run reports no val/rec_*")
+        elif write:
+            storage.write_json(storage.join(run_dir, READOUT_FILE), {"probes": [p.describe() for p in readout]})
+    if pope is None and not readout:
+        return None
+    padding = spec.model.get("padding_side", "right")
+
+    def extra(model: torch.nn.Module, protocol: CapturePlan, autocast: contextlib.AbstractContextManager) -> dict:
+        out: dict[str, float] = {}
+        kw = {"device": device, "autocast": autocast, "sharded": sharded, "lockstep": lockstep}
+        if pope is not None:
+            out.update(pope_scores(model, processor, pope, **kw))
+        if readout:
+            out.update(readout_scores(model, processor, readout, protocol, prompt=d["prompt"], padding_side=padding,
+                                      **kw))  # fmt: skip
+        return out
+
+    return extra

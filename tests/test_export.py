@@ -1,0 +1,79 @@
+"""`python -m raysal.export`'s merge: the merged folder loads with transformers alone and computes what base +
+adapter computes (tiny LLaVA and LLaVA-NeXT, float32), with the processor, its chat template and the training image
+ids beside it; an ALIGN connector is refused with the reason."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from raysal.model.build import apply_lora, load_model, load_processor
+from raysal.orchestration import storage
+from raysal.orchestration.merged_export import RUN_CONFIG, TRAIN_IDS, ExportError, export_one, train_image_ids
+
+
+def _run_folder(tmp_path, model_dir, shards, *, connector: str = "mlp", seed: int = 0):
+    """A run folder as a run leaves it: run_config.json, and a checkpoint whose adapter has trained (non-zero) LoRA
+    weights and a trained projector."""
+    torch.manual_seed(seed)
+    model = apply_lora(load_model(str(model_dir), dtype="float32"), rank=4, targets="qv", train_projector=True)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name or "modules_to_save" in name:
+                p.add_(torch.randn_like(p) * 0.05)  # B starts at zero: a merge of it would prove nothing
+    run = tmp_path / "run"
+    ckpt = run / "checkpoint_0000004"
+    model.save_pretrained(ckpt / "adapter")
+    config = {"name": "r", "model": {"name_or_path": str(model_dir), "connector": connector},
+              "data": {"shards": str(shards), "train_split": "train2017", "val_split": "train2017",
+                       "val_holdout": 0.25}}  # fmt: skip
+    storage.write_json(str(run / RUN_CONFIG), config)
+    return run, ckpt, model
+
+
+def _inputs(processor):
+    rng = np.random.default_rng(0)
+    image = (rng.random((90, 160, 3)) * 255).astype(np.uint8)
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Is there a circle?"}]}]
+    text = processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    return processor(text=[text], images=[image], return_tensors="pt", input_data_format="channels_last")
+
+
+@pytest.mark.parametrize("arch", ["llava", "llava_next"])
+def test_the_merged_folder_loads_alone_and_computes_base_plus_adapter(arch, request, tmp_path, small_shards):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    model_dir = request.getfixturevalue("tiny_llava" if arch == "llava" else "tiny_next")
+    run, ckpt, peft_model = _run_folder(tmp_path, model_dir, small_shards)
+    out = str(tmp_path / "export")
+    export_one(str(run), str(ckpt), {"val/amr": 1.5}, out, trial_id="t1")
+
+    merged = AutoModelForImageTextToText.from_pretrained(out, dtype=torch.float32).eval()
+    processor = AutoProcessor.from_pretrained(out)
+    assert processor.chat_template == load_processor(str(model_dir)).chat_template
+    batch = _inputs(processor)
+    with torch.no_grad():
+        want = peft_model.eval()(**batch, use_cache=False).logits
+        got = merged(**batch, use_cache=False).logits
+        base = load_model(str(model_dir), dtype="float32").eval()(**batch, use_cache=False).logits
+    assert (want - base).abs().max() > 1e-3, "the adapter changes the model: the comparison can fail"
+    assert (got - want).abs().max() < 1e-5
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+
+    ids = [int(x) for x in (tmp_path / "export" / TRAIN_IDS).read_text().split()]
+    assert ids == train_image_ids({"shards": str(small_shards), "train_split": "train2017", "val_split": "train2017",
+                                   "val_holdout": 0.25})  # fmt: skip
+    everything = train_image_ids({"shards": str(small_shards), "train_split": "train2017", "val_split": "val2017"})
+    assert ids == sorted(ids) and 0 < len(ids) < len(everything) and set(ids) < set(everything)  # hold-out left out
+    info = json.loads((tmp_path / "export" / "raysal_export.json").read_text())
+    assert info["trial_id"] == "t1" and info["metrics"] == {"val/amr": 1.5} and info["base"] == str(model_dir)
+
+
+def test_an_align_connector_is_refused_with_the_reason(tiny_llava, tmp_path, small_shards):
+    run, ckpt, _ = _run_folder(tmp_path, tiny_llava, small_shards, connector="align")
+    with pytest.raises(ExportError, match=r"model\.connector=align: the ALIGN connector is raysal's own module"):
+        export_one(str(run), str(ckpt), {}, str(tmp_path / "export"), trial_id=None)
+    assert not (tmp_path / "export").exists()

@@ -1,0 +1,120 @@
+"""Guards against the control: which way each metric is worse, the space file's `control.guards`, the best chosen
+only among trials that pass them, and what the summary and console say of each."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import pytest
+from search_space_files import minimal, write
+
+from raysal.orchestration.search import guard_lines
+from raysal.search.control import choose_best
+from raysal.search.guards import Guard, direction
+from raysal.search.optuna_params import CONTROL_KEY
+from raysal.search.space_file import SearchSpaceError, load_search_space
+
+
+def test_each_metric_has_its_better_side():
+    assert direction("val/pope/adversarial/f1") == "max" and direction("val/pope/random/auroc") == "max"
+    assert direction("val/pope/popular/fpr") == "min" and direction("val/lm_loss") == "min"
+    assert direction("val/rec_acc50") == "max" and direction("val/amr") == "max"
+    for bad, why in [
+        ("val/pope/adversarial/yes_ratio", "base rate"),
+        ("val/pope/hard/f1", "val/pope/<random|popular|adversarial>"),
+        ("train/loss", "validation metrics"),
+        ("val/bleu", "not a metric raysal reports"),
+    ]:
+        with pytest.raises(ValueError, match=why):
+            direction(bad)
+
+
+def test_the_space_file_reads_guards_and_refuses_bad_ones(tmp_path):
+    control = {"lm_tolerance": 0.02, "guards": {"val/pope/adversarial/f1": 0.01, "val/pope/adversarial/fpr": 0.01}}
+    spec = load_search_space(write(tmp_path, minimal(control=control)))
+    assert spec.control.guards == (Guard("val/pope/adversarial/f1", 0.01), Guard("val/pope/adversarial/fpr", 0.01))
+    for guards, where in [
+        ({"val/pope/adversarial/yes_ratio": 0.01}, "control.guards.val/pope/adversarial/yes_ratio"),
+        ({"val/pope/adversarial/f1": -0.1}, "control.guards.val/pope/adversarial/f1"),
+        ([0.01], "control.guards"),
+    ]:
+        with pytest.raises(SearchSpaceError, match=re.escape(where)):
+            load_search_space(write(tmp_path, minimal(control={"guards": guards})))
+
+
+def row(trial: str, amr: float, f1: float, fpr: float, *, control: bool = False, lm: float = 5.0) -> dict:
+    metrics = {"val/amr": amr, "val/lm_loss": lm, "val/pope/adversarial/f1": f1, "val/pope/adversarial/fpr": fpr}
+    return {"trial_id": trial, "metrics": metrics, "config": {CONTROL_KEY: True} if control else {}}
+
+
+GUARDS = (Guard("val/pope/adversarial/f1", 0.01), Guard("val/pope/adversarial/fpr", 0.01))
+
+
+def test_the_best_passes_every_guard_by_the_metrics_direction():
+    rows = [
+        row("c", 1.0, 0.80, 0.10, control=True),
+        row("a", 3.0, 0.70, 0.10),  # best AMR, but F1 fell by 0.10
+        row("b", 2.5, 0.81, 0.125),  # hallucinates more: FPR rose by 0.025
+        row("d", 2.0, 0.795, 0.105),  # within both guards (F1 −0.005, FPR +0.005)
+        row("e", 4.0, float("nan"), 0.0),  # no F1: cannot pass
+    ]
+    best, decision = choose_best(rows, "val/amr", "max", 0.02, GUARDS)
+    assert best["trial_id"] == "d"
+    assert decision["failed_guards"] == {
+        "a": ["val/pope/adversarial/f1"], "b": ["val/pope/adversarial/fpr"], "e": ["val/pope/adversarial/f1"],
+    }  # fmt: skip
+    g = decision["guards"]["val/pope/adversarial/fpr"]
+    assert g["mode"] == "min" and g["control"] == 0.10 and math.isclose(g["limit"], 0.11)
+    assert math.isclose(decision["guards"]["val/pope/adversarial/f1"]["limit"], 0.79)
+    lines = guard_lines(decision)
+    f1 = "guard val/pope/adversarial/f1 (may fall by at most 0.01): control 0.8, limit 0.79; failed by a, e"
+    assert lines[0] == f1
+    assert lines[1].endswith("control 0.1, limit 0.11; failed by b")
+    # the LM tolerance still applies beside them
+    rows.append(row("f", 5.0, 0.9, 0.0, lm=5.2))
+    best, decision = choose_best(rows, "val/amr", "max", 0.02, GUARDS)
+    assert best["trial_id"] == "d" and decision["excluded_by_lm_tolerance"] == ["f"]
+
+
+def test_a_control_without_the_guarded_metric_leaves_no_winner():
+    rows = [row("c", 1.0, 0.8, 0.1, control=True), row("a", 3.0, 0.8, 0.1)]
+    del rows[0]["metrics"]["val/pope/adversarial/fpr"]
+    best, decision = choose_best(rows, "val/amr", "max", 0.02, GUARDS)
+    assert best is None and "did not report val/pope/adversarial/fpr" in decision["warning"]
+    best, decision = choose_best(rows[1:], "val/amr", "max", None, GUARDS)  # no control at all
+    assert best is None and "control did not finish" in decision["warning"]
+
+
+def test_a_guard_excludes_a_trial_from_a_searchs_summary(tmp_path, monkeypatch):
+    """The search's end (`summarise`) on three finished trials: the one with the best AMR lost F1 against the
+    control, so the next is best; the table, the rows and the decision say which guard it failed."""
+    from types import SimpleNamespace
+
+    import ray.train
+
+    from raysal.orchestration.search_summary import summarise
+
+    control = {"guards": {"val/pope/adversarial/f1": 0.01, "val/pope/adversarial/fpr": 0.01}}
+    spec = load_search_space(write(tmp_path, minimal(control=control)))
+    grid = []
+    for r in (row("c", 1.0, 0.80, 0.10, control=True), row("a", 3.0, 0.60, 0.10), row("b", 2.0, 0.80, 0.10)):
+        metrics = {**r["metrics"], "trial_id": r["trial_id"]}
+        grid.append(
+            SimpleNamespace(metrics=metrics, config=r["config"], error=None, path=str(tmp_path / r["trial_id"]))
+        )
+    no_checkpoint = SimpleNamespace(get_best_checkpoint=lambda *a: None)
+    monkeypatch.setattr(ray.train.Result, "from_path", staticmethod(lambda path: no_checkpoint))  # nothing to export
+    summary = summarise(grid, spec, [], str(tmp_path))
+    assert summary["failed_guards"] == {"a": ["val/pope/adversarial/f1"]}
+    assert {r["trial_id"]: r["guards"]["val/pope/adversarial/f1"] for r in summary["rows"]} == {
+        "a": False, "b": True, "c": True,
+    }  # fmt: skip
+    assert "| 1 (guard: val/pope/adversarial/f1) | a |" in summary["table"], summary["table"]
+    assert "(best) | b |" in summary["table"] and summary["control"] == "c"
+
+
+def test_an_objective_may_be_a_pope_metric(tmp_path):
+    objectives = [{"metric": "val/pope/adversarial/f1", "mode": "max"}, {"metric": "val/rec_acc50", "mode": "max"}]
+    spec = load_search_space(write(tmp_path, minimal(objectives=objectives, scheduler={"type": "fifo"})))
+    assert [o.metric for o in spec.objectives] == ["val/pope/adversarial/f1", "val/rec_acc50"]

@@ -1,0 +1,160 @@
+"""POPE and the localisation readout on a real (tiny) model, end to end from the shards: the questions go through
+the chat template and the processor, the first answer token's logits decide, and the answers land in the right
+setting with the right label — a planted yes-bias says yes to everything, a planted oracle that answers from the
+segments is always right; the readout scores each phrase's own tokens — attention planted on the regions reads
+out as hits, uniform attention as misses."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import pytest
+import torch
+
+import raysal.loop.pope_eval as pope_eval
+import raysal.loop.readout_eval as readout_eval
+from raysal.data.pope_set import select_pope
+from raysal.data.shards import read_manifest
+from raysal.loop.step import CapturePlan
+from raysal.metrics.pope import SETTINGS, yes_no_token_ids
+from raysal.model.build import load_model, load_processor
+from raysal.probes.probe_set import select_probes
+
+
+@pytest.fixture(scope="module", params=["llava", "llava_next"])
+def tiny(request) -> tuple:
+    path = request.getfixturevalue("tiny_llava" if request.param == "llava" else "tiny_next")
+    processor = load_processor(str(path))
+    model = load_model(str(path), dtype="float32", device=torch.device("cpu"))
+    return model, processor
+
+
+def _plant(model, processor, answer) -> torch.utils.hooks.RemovableHandle:
+    """Add +30 to the yes or the no logit of each row, as ``answer(question_text) -> bool`` says."""
+    yes, no = yes_no_token_ids(processor.tokenizer)
+    asked: list[str] = []
+
+    def before(module, args, kwargs):
+        asked[:] = processor.tokenizer.batch_decode(kwargs["input_ids"])
+
+    def after(module, args, out):
+        bias = torch.zeros_like(out)
+        for i, text in enumerate(asked):
+            bias[i, ..., yes if answer(text) else no] = 30.0
+        return out + bias
+
+    return [model.register_forward_pre_hook(before, with_kwargs=True), model.lm_head.register_forward_hook(after)]
+
+
+def test_a_yes_bias_and_an_oracle(tiny, small_shards, monkeypatch):
+    model, processor = tiny
+    pope = select_pope(str(small_shards), "train2017", images=64)  # the train split: more images with 3 things
+    assert len(pope.images) >= 3
+    names = {int(c["id"]): c["name"] for c in read_manifest(str(small_shards))["categories"]}
+    n_pos = sum(q.label for q in pope.build.questions if q.setting == "random")
+    n_all = sum(1 for q in pope.build.questions if q.setting == "random")
+    assert 0 < n_pos < n_all  # both labels are asked
+
+    hooks = _plant(model, processor, lambda text: True)
+    try:
+        biased = pope_eval.pope_scores(model, processor, pope, device="cpu")
+    finally:
+        [h.remove() for h in hooks]
+    for s in SETTINGS:
+        n = sum(1 for q in pope.build.questions if q.setting == s)
+        pos = sum(q.label for q in pope.build.questions if q.setting == s)
+        assert biased[f"pope/{s}/yes_ratio"] == 1.0 and biased[f"pope/{s}/recall"] == 1.0
+        assert biased[f"pope/{s}/fpr"] == 1.0 and math.isclose(biased[f"pope/{s}/precision"], pos / n)
+        assert biased[f"pope/{s}/n"] == n and biased[f"pope/{s}/mass"] > 0.99
+
+    # the oracle: the image it is asked about (the one being decoded), the thing the question names
+    current: dict = {}
+    decode = pope_eval.decode_image
+    by_bytes = {item.sample.image_bytes: item.sample for item in pope.images}
+
+    def decoding(data: bytes):
+        current["sample"] = by_bytes[data]
+        return decode(data)
+
+    def present(text: str) -> bool:
+        name = re.search(r"Is there an? (.+?) in the image\?", text).group(1)
+        return name in {names[c] for c in current["sample"].category_ids}
+
+    monkeypatch.setattr(pope_eval, "decode_image", decoding)
+    hooks = _plant(model, processor, present)
+    try:
+        oracle = pope_eval.pope_scores(model, processor, pope, device="cpu")
+    finally:
+        [h.remove() for h in hooks]
+    for s in SETTINGS:
+        assert oracle[f"pope/{s}/f1"] == 1.0 and oracle[f"pope/{s}/fpr"] == 0.0 and oracle[f"pope/{s}/auroc"] == 1.0
+        assert oracle[f"pope/{s}/accuracy"] == 1.0
+
+
+def test_a_tokenizer_without_one_token_answers_is_refused_with_the_key(small_shards):
+    from raysal.orchestration.val_extras import val_extras
+
+    class Spec:  # what val_extras reads of a RunSpec
+        def __init__(self) -> None:
+            self.data = {"shards": str(small_shards), "train_split": "train2017", "val_split": "val2017", "prompt": ""}
+            self.config = {"trainer": {"pope": {"images": 8}, "readout": {"images": 0}}}
+            self.storage_path, self.name, self.model = "/nonexistent", "r", {}
+
+    class NoAnswers:
+        name_or_path, unk_token_id = "plain", 0
+
+        def encode(self, text, add_special_tokens=False):
+            return [5, 6]
+
+        def convert_tokens_to_ids(self, piece):
+            return 0
+
+    class Proc:
+        tokenizer = NoAnswers()
+
+    with pytest.raises(ValueError, match=r"trainer\.pope: .*trainer\.pope\.images=0 turns POPE off"):
+        val_extras(Spec(), Proc(), torch.device("cpu"), sharded=False, lockstep=False, write=False)
+
+
+def test_the_readout_scores_each_phrases_own_tokens(tiny, small_shards, monkeypatch):
+    model, processor = tiny
+    probes = select_probes(str(small_shards), "train2017", images=6, phrases=10**6)
+    tc = model.config.text_config
+    protocol = CapturePlan(tuple(range(tc.num_hidden_layers)), tuple(range(tc.num_attention_heads)), 0)
+    targets: dict = {}
+    real_targets = readout_eval.grounding_targets
+
+    def keep(batch, offset):
+        targets["t"] = real_targets(batch, offset)
+        return targets["t"]
+
+    class Planted:
+        """The capture, replaced: each grounded token attends to its own region's image tokens (or uniformly)."""
+
+        def __init__(self, *args, uniform: bool = False, **kw) -> None:
+            self.uniform = uniform
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def mean(self) -> torch.Tensor:
+            region = targets["t"].region  # (B, T, I)
+            return torch.ones_like(region) if self.uniform else region
+
+    monkeypatch.setattr(readout_eval, "grounding_targets", keep)
+    monkeypatch.setattr(readout_eval, "AttentionCapture", Planted)
+    on_region = readout_eval.readout_scores(model, processor, probes, protocol, device="cpu")
+    phrases = sum(len(p.phrases) for p in probes)
+    assert 0 < on_region["rec_phrases"] <= phrases
+    # a perfect map is not a perfect box: the smoothing widens small shapes' boxes (the readout's own bias)
+    assert on_region["rec_acc50"] >= 0.7 and on_region["rec_miou"] >= 0.5, on_region
+    monkeypatch.setattr(readout_eval, "AttentionCapture", lambda *a, **k: Planted(uniform=True))
+    uniform = readout_eval.readout_scores(model, processor, probes, protocol, device="cpu")
+    # uniform over tokens is not uniform on the pixels (NeXT's base and tile tokens have other footprints), and a
+    # big region's box can be hit by luck: far fewer hits, never the planted map's
+    assert uniform["rec_phrases"] == on_region["rec_phrases"], uniform
+    assert uniform["rec_acc50"] <= on_region["rec_acc50"] - 0.5 and uniform["rec_miou"] < 0.3, (on_region, uniform)
