@@ -86,6 +86,30 @@ def evaluate_parts(rank: int, world: int, tiny: str, shards: str, out: str, fsdp
         Path(out).write_text(json.dumps(got))
 
 
+def extras_parts(rank: int, world: int, tiny: str, shards: str, out: str, fsdp: bool) -> None:
+    """POPE and the readout over the train split's images (more of them with 3 things), each rank its part (5 POPE
+    images, 3 readout images: the ranks hold unequal parts), the sums added; rank 0 writes what it got."""
+    from raysal.data.pope_set import select_pope
+    from raysal.loop.pope_eval import pope_scores
+    from raysal.loop.readout_eval import readout_scores
+    from raysal.probes.probe_set import select_probes
+
+    proc = load_processor(tiny)
+    model = load_model(tiny, dtype="float32")
+    if fsdp:
+        model = shard_model(prepare_full_finetune(model), device=torch.device("cpu"), mixed_precision=False)
+    enable_capture(model)
+    model.set_attn_implementation({"text_config": CAPTURE_IMPL})
+    info = model_info(model)
+    protocol = CapturePlan(resolve_layers("all", info.n_layers), resolve_heads("all", info.n_heads), 0)
+    pope = select_pope(shards, "train2017", images=5)
+    probes = select_probes(shards, "train2017", images=3, phrases=10**6)
+    got = {**pope_scores(model, proc, pope, device="cpu", sharded=True, lockstep=fsdp),
+           **readout_scores(model, proc, probes, protocol, device="cpu", sharded=True, lockstep=fsdp)}  # fmt: skip
+    if rank == 0:
+        Path(out).write_text(json.dumps(got))
+
+
 def finetune(rank: int, world: int, tiny: str, shards: str, out: str) -> None:
     """Full finetuning with DDP, with FSDP (checkpoints every 3 steps), and FSDP resumed from its step-3
     checkpoint in a fresh model, each rank from its part fetched (``fetched{rank}.json``: what it fetched): the

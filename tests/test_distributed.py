@@ -15,7 +15,7 @@ from raysal.attention.selection import resolve_heads, resolve_layers
 from raysal.loop.checkpoint import MODEL, SHARDED, STATE
 from raysal.loop.evaluate import evaluate
 from raysal.loop.step import CapturePlan
-from raysal.model.build import load_model, model_info, param_groups, prepare_full_finetune
+from raysal.model.build import load_model, load_processor, model_info, param_groups, prepare_full_finetune
 
 METRICS = ("lm_loss", "amr", "ap", "nss", "pointing", "images", "tokens")
 
@@ -43,6 +43,32 @@ def test_sharded_evaluation_equals_one_process(whole_set, tiny_llava, small_shar
     assert got["images"] == 7 and got["tokens"] == whole_set["tokens"]
     for k in METRICS:
         assert got[k] == pytest.approx(whole_set[k], rel=1e-5, abs=1e-7), k
+
+
+@pytest.mark.parametrize("fsdp", [False, True], ids=["replicated", "fsdp-lockstep"])
+def test_sharded_pope_and_readout_equal_one_process(tiny_llava, small_shards, tmp_path, fsdp):
+    """Two ranks, each asking about its part of the POPE images and reading out its part of the phrases (unequal
+    parts: in lockstep the rank with fewer runs one more forward, uncounted), report what one process reports."""
+    from raysal.data.pope_set import select_pope
+    from raysal.loop.pope_eval import pope_scores
+    from raysal.loop.readout_eval import readout_scores
+    from raysal.probes.probe_set import select_probes
+
+    out = tmp_path / "extras.json"
+    runs.spawn(runs.extras_parts, 2, str(tiny_llava), str(small_shards), str(out), fsdp)
+    got = json.loads(out.read_text())
+    proc, model = load_processor(str(tiny_llava)), load_model(str(tiny_llava), dtype="float32")
+    enable_capture(model)
+    model.set_attn_implementation({"text_config": CAPTURE_IMPL})
+    info = model_info(model)
+    protocol = CapturePlan(resolve_layers("all", info.n_layers), resolve_heads("all", info.n_heads), 0)
+    pope = select_pope(str(small_shards), "train2017", images=5)
+    probes = select_probes(str(small_shards), "train2017", images=3, phrases=10**6)
+    assert len(pope.images) == 5 and len(probes) == 3  # odd: the ranks' parts differ
+    want = {**pope_scores(model, proc, pope, device="cpu"), **readout_scores(model, proc, probes, protocol)}
+    assert set(got) == set(want) and want["pope/adversarial/n"] > 0 and want["rec_phrases"] > 0
+    for k, v in want.items():
+        assert got[k] == pytest.approx(v, rel=1e-5, abs=1e-7, nan_ok=True), k
 
 
 def test_full_finetuning_groups_and_frozen_parts(tiny_next):
@@ -142,3 +168,23 @@ def test_a_loss_that_is_not_finite_on_one_rank_stops_every_rank(tiny_llava, smal
     runs.spawn(runs.one_rank_diverges, 2, str(tiny_llava), str(small_shards), str(tmp_path))
     assert "loss term 'rank1_inf' is inf" in (tmp_path / "rank1.txt").read_text()
     assert "another rank's loss is not finite" in (tmp_path / "rank0.txt").read_text()
+
+
+def test_each_rank_takes_its_part_and_lockstep_ranks_run_as_many_rounds(monkeypatch):
+    """POPE's and the readout's split of their images: every image counted once over the ranks; in lockstep (FSDP)
+    a rank with fewer images repeats one, uncounted."""
+    import raysal.loop.distributed as d
+
+    items = list(range(5))
+    monkeypatch.setattr(d, "world_size", lambda: 2)
+    parts = {}
+    for r in (0, 1):
+        monkeypatch.setattr(d, "rank", lambda r=r: r)
+        parts[r] = (list(d.my_part(items, sharded=True, lockstep=False)),
+                    list(d.my_part(items, sharded=True, lockstep=True)))  # fmt: skip
+    assert parts[0][0] == [(0, True), (2, True), (4, True)] and parts[1][0] == [(1, True), (3, True)]
+    assert parts[0][1] == parts[0][0] and parts[1][1] == [(1, True), (3, True), (3, False)]
+    monkeypatch.setattr(d, "world_size", lambda: 8)
+    monkeypatch.setattr(d, "rank", lambda: 7)  # no item of its own: it runs item 0, uncounted
+    assert list(d.my_part(items, sharded=True, lockstep=True)) == [(0, False)]
+    assert list(d.my_part(items, sharded=False, lockstep=False)) == [(i, True) for i in items]

@@ -6,7 +6,8 @@ function here is the single-process identity, so the loop has one code path.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -28,6 +29,23 @@ def all_reduce_sum(values: Sequence[float], device: torch.device | str) -> list[
     t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)  # (n,)
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t.tolist()
+
+
+T = TypeVar("T")
+
+
+def my_part(items: Sequence[T], *, sharded: bool, lockstep: bool) -> Iterator[tuple[T, bool]]:
+    """(item, counted) for this rank's part of ``items`` (every ``world``-th, from its rank) when ``sharded``, all of
+    them otherwise. ``lockstep`` (an FSDP model: every forward is a collective): as many rounds on every rank, a rank
+    with fewer items repeating one, uncounted, so the collectives stay paired."""
+    world, me = (world_size(), rank()) if sharded or lockstep else (1, 0)
+    part = list(items[me::world])
+    rounds = -(-len(items) // world) if lockstep else len(part)
+    for i in range(rounds):
+        if i < len(part):
+            yield part[i], True
+        elif items:
+            yield (part[-1] if part else items[0]), False
 
 
 def is_sharded(model: torch.nn.Module) -> bool:

@@ -11,7 +11,6 @@ on every rank, a rank with fewer images repeating one, uncounted. Plain PyTorch/
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,7 +18,7 @@ import torch
 
 from raysal.data.decode import decode_image
 from raysal.data.pope_set import PopeImage, PopeSet
-from raysal.loop.distributed import all_reduce_sum, rank, world_size
+from raysal.loop.distributed import all_reduce_sum, my_part, world_size
 from raysal.metrics.pope import PopeSums, p_yes, pope_metrics, yes_no_token_ids
 
 
@@ -91,18 +90,11 @@ def pope_scores(
     was_training = model.training
     model.eval()
     sums = PopeSums()
-    world, me = (world_size(), rank()) if sharded or lockstep else (1, 0)
-    part = list(pope.images[me::world])
-    rounds = math.ceil(len(pope.images) / world) if lockstep else len(part)
     try:
-        for i in range(rounds):
-            if i < len(part):
-                ask(model, processor, part[i], yes_ids, no_ids, sums, device=device, autocast=autocast)
-            elif pope.images:  # keeps an FSDP model's collectives paired
-                spare = part[-1] if part else pope.images[0]
-                ask(model, processor, spare, yes_ids, no_ids, None, device=device, autocast=autocast)
+        for item, counted in my_part(pope.images, sharded=sharded, lockstep=lockstep):
+            ask(model, processor, item, yes_ids, no_ids, sums if counted else None, device=device, autocast=autocast)
     finally:
         model.train(was_training)
-    if sharded and world > 1:
+    if sharded and world_size() > 1:
         sums = PopeSums.from_tensor(torch.tensor(all_reduce_sum(sums.tensor().tolist(), device), dtype=torch.float64))
     return pope_metrics(sums)

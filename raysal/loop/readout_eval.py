@@ -13,7 +13,6 @@ runs as many forwards on every rank. Plain PyTorch.
 from __future__ import annotations
 
 import contextlib
-import math
 from typing import Any
 
 import numpy as np
@@ -25,7 +24,7 @@ from raysal.criteria.inputs import renormalise
 from raysal.criteria.targets import grounding_targets
 from raysal.data.decode import decode_image
 from raysal.data.mask import decode_mask_png
-from raysal.loop.distributed import all_reduce_sum, rank, world_size
+from raysal.loop.distributed import all_reduce_sum, my_part, world_size
 from raysal.loop.step import CapturePlan
 from raysal.metrics.localization import LocalizationSums, cell_side, phrase_iou
 from raysal.preprocess.collate import collate
@@ -96,18 +95,12 @@ def readout_scores(
     was_training = model.training
     model.eval()
     sums = LocalizationSums()
-    world, me = (world_size(), rank()) if sharded or lockstep else (1, 0)
-    part = probes[me::world]
-    rounds = math.ceil(len(probes) / world) if lockstep else len(part)
     kw = {"prompt": prompt, "padding_side": padding_side, "device": device, "autocast": autocast}
     try:
-        for i in range(rounds):
-            if i < len(part):
-                read_out(model, processor, part[i], protocol, sums, **kw)
-            elif probes:  # keeps an FSDP model's collectives paired
-                read_out(model, processor, part[-1] if part else probes[0], protocol, None, **kw)
+        for probe, counted in my_part(probes, sharded=sharded, lockstep=lockstep):
+            read_out(model, processor, probe, protocol, sums if counted else None, **kw)
     finally:
         model.train(was_training)
-    if sharded and world > 1:
+    if sharded and world_size() > 1:
         sums = LocalizationSums.from_tensor(torch.tensor(all_reduce_sum(sums.tensor().tolist(), device)))
     return {**sums.metrics(), "rec_phrases": sums.n}

@@ -25,7 +25,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from raysal.data.holdout import in_holdout
+from raysal.data.holdout import in_holdout, validation_holdout
 from raysal.data.shards import shard_paths
 from raysal.loop.checkpoint import ADAPTER, MODEL
 from raysal.orchestration import storage
@@ -71,7 +71,7 @@ def best_checkpoint(run_dir: str, metric: str, mode: str) -> tuple[Any, dict[str
 def train_image_ids(data: dict[str, Any]) -> list[int]:
     """Every image id the run's training data holds: the training split, less the hold-out when it validates on
     the same split."""
-    holdout = float(data.get("val_holdout") or 0.0) if data["train_split"] == data["val_split"] else 0.0
+    holdout = validation_holdout(data)
     fs, files = shard_paths(data["shards"], data["train_split"])
     ids: set[int] = set()
     for f in files:

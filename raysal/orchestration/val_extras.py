@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from raysal.data.holdout import validation_holdout
 from raysal.data.pope_set import select_pope
 from raysal.loop.fit import ExtraEval
 from raysal.loop.pope_eval import pope_scores
@@ -28,10 +29,6 @@ READOUT_FILE = "readout.json"  # <run>/readout.json: the images whose phrases ar
 ALL_PHRASES = 1_000_000  # every grounded phrase of a readout image
 
 
-def _holdout(data: dict[str, Any]) -> float:
-    return float(data.get("val_holdout") or 0.0) if data["train_split"] == data["val_split"] else 0.0
-
-
 def val_extras(
     spec: RunSpec, processor: Any, device: torch.device, *, sharded: bool, lockstep: bool, write: bool
 ) -> ExtraEval | None:
@@ -39,13 +36,13 @@ def val_extras(
     and ``trainer.readout.images`` 0). ``write``: this rank records the sets in the run folder."""
     d, t = spec.data, spec.config["trainer"]
     run_dir = storage.join(spec.storage_path, spec.name)
-    pope = None
+    holdout, pope = validation_holdout(d), None
     if t["pope"]["images"]:
         try:
             yes_no_token_ids(processor.tokenizer)
         except ValueError as e:
             raise ValueError(f"trainer.pope: {e} (trainer.pope.images=0 turns POPE off)") from None
-        pope = select_pope(d["shards"], d["val_split"], holdout=_holdout(d), images=t["pope"]["images"])
+        pope = select_pope(d["shards"], d["val_split"], holdout=holdout, images=t["pope"]["images"])
         if not pope.images:
             log.warning("trainer.pope: no validation image has 3 distinct things (of %d): the run reports no "
                         "val/pope", pope.build.n_kept)  # fmt: skip
@@ -54,7 +51,7 @@ def val_extras(
             storage.write_json(storage.join(run_dir, POPE_FILE), pope.describe())
     readout = None
     if t["readout"]["images"]:
-        readout = select_probes(d["shards"], d["val_split"], holdout=_holdout(d), images=t["readout"]["images"],
+        readout = select_probes(d["shards"], d["val_split"], holdout=holdout, images=t["readout"]["images"],
                                 phrases=ALL_PHRASES)  # fmt: skip
         if not readout:
             log.warning("trainer.readout: no validation image has a grounded phrase: the run reports no val/rec_*")

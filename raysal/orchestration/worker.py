@@ -19,6 +19,7 @@ import ray.train.torch
 import torch
 
 from raysal.batch import PixelNorm
+from raysal.data.holdout import validation_holdout
 from raysal.loop.checkpoint import load_history
 from raysal.loop.divergence import DivergedError
 from raysal.loop.fit import AfterEval, fit
@@ -69,9 +70,8 @@ def probe_hook(
     n, d = spec.config["trainer"]["probes"], spec.data
     if not n["images"]:
         return None
-    same = d["train_split"] == d["val_split"]
-    holdout = float(d.get("val_holdout") or 0.0) if same else 0.0
-    probes = select_probes(d["shards"], d["val_split"], holdout=holdout, images=n["images"], phrases=n["phrases"])
+    probes = select_probes(d["shards"], d["val_split"], holdout=validation_holdout(d), images=n["images"],
+                           phrases=n["phrases"])  # fmt: skip
     if not probes:
         log.warning("no validation image has a grounded phrase: the run shows no probe heatmaps")
         return None
