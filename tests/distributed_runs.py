@@ -70,17 +70,23 @@ def data(tiny: str, shards: str, rank: int, world: int, *, train: int, val: int,
     return batch_factory(tr, batch, pad, px, seed=1), lambda: batch_factory(va, batch, pad, px, shuffle=False)(0)
 
 
-def evaluate_parts(rank: int, world: int, tiny: str, shards: str, out: str, fsdp: bool, one_rank: bool) -> None:
-    """This rank's part of 7 validation samples (batches of 3: 2 batches on rank 0, 1 on rank 1; ``one_rank``:
-    all 3 on rank 0, none on rank 1, which runs a training batch in step), summed."""
-    train, val = data(tiny, shards, rank, world, train=4, val=7, batch=3, one_rank=one_rank)
+def eval_model(tiny: str, fsdp: bool) -> tuple[torch.nn.Module, CapturePlan]:
+    """The tiny model as an evaluation sees it (the capture implementation; FSDP-sharded for ``fsdp``) and the
+    all-layers × all-heads protocol."""
     model = load_model(tiny, dtype="float32")
     if fsdp:
         model = shard_model(prepare_full_finetune(model), device=torch.device("cpu"), mixed_precision=False)
     enable_capture(model)
     model.set_attn_implementation({"text_config": CAPTURE_IMPL})
     info = model_info(model)
-    protocol = CapturePlan(resolve_layers("all", info.n_layers), resolve_heads("all", info.n_heads), 0)
+    return model, CapturePlan(resolve_layers("all", info.n_layers), resolve_heads("all", info.n_heads), 0)
+
+
+def evaluate_parts(rank: int, world: int, tiny: str, shards: str, out: str, fsdp: bool, one_rank: bool) -> None:
+    """This rank's part of 7 validation samples (batches of 3: 2 batches on rank 0, 1 on rank 1; ``one_rank``:
+    all 3 on rank 0, none on rank 1, which runs a training batch in step), summed."""
+    train, val = data(tiny, shards, rank, world, train=4, val=7, batch=3, one_rank=one_rank)
+    model, protocol = eval_model(tiny, fsdp)
     got = evaluate(model, val(), protocol, sharded=True, lockstep=fsdp, filler=next(train(0)) if one_rank else None)
     if rank == 0:
         Path(out).write_text(json.dumps(got))
@@ -95,13 +101,7 @@ def extras_parts(rank: int, world: int, tiny: str, shards: str, out: str, fsdp: 
     from raysal.probes.probe_set import select_probes
 
     proc = load_processor(tiny)
-    model = load_model(tiny, dtype="float32")
-    if fsdp:
-        model = shard_model(prepare_full_finetune(model), device=torch.device("cpu"), mixed_precision=False)
-    enable_capture(model)
-    model.set_attn_implementation({"text_config": CAPTURE_IMPL})
-    info = model_info(model)
-    protocol = CapturePlan(resolve_layers("all", info.n_layers), resolve_heads("all", info.n_heads), 0)
+    model, protocol = eval_model(tiny, fsdp)
     pope = select_pope(shards, "train2017", images=5)
     probes = select_probes(shards, "train2017", images=3, phrases=10**6)
     got = {**pope_scores(model, proc, pope, device="cpu", sharded=True, lockstep=fsdp),

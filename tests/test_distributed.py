@@ -57,11 +57,7 @@ def test_sharded_pope_and_readout_equal_one_process(tiny_llava, small_shards, tm
     out = tmp_path / "extras.json"
     runs.spawn(runs.extras_parts, 2, str(tiny_llava), str(small_shards), str(out), fsdp)
     got = json.loads(out.read_text())
-    proc, model = load_processor(str(tiny_llava)), load_model(str(tiny_llava), dtype="float32")
-    enable_capture(model)
-    model.set_attn_implementation({"text_config": CAPTURE_IMPL})
-    info = model_info(model)
-    protocol = CapturePlan(resolve_layers("all", info.n_layers), resolve_heads("all", info.n_heads), 0)
+    proc, (model, protocol) = load_processor(str(tiny_llava)), runs.eval_model(str(tiny_llava), fsdp=False)
     pope = select_pope(str(small_shards), "train2017", images=5)
     probes = select_probes(str(small_shards), "train2017", images=3, phrases=10**6)
     assert len(pope.images) == 5 and len(probes) == 3  # odd: the ranks' parts differ
