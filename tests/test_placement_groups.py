@@ -112,3 +112,15 @@ def _pg_state(pg_hex: str) -> str | None:
     from ray.util import placement_group_table
 
     return placement_group_table().get(pg_hex, {}).get("state")
+
+
+def test_leaked_placement_groups_waits_for_an_asynchronous_removal(monkeypatch):
+    """The last trial's placement group is removed asynchronously: one still alive for a few polls is not a leak,
+    one alive past the settle time is (a fixed sleep failed on a loaded CI machine)."""
+    from raysal.orchestration import search
+
+    alive = iter([[{"state": "CREATED"}]] * 3 + [[]])
+    monkeypatch.setattr(search, "live_placement_groups", lambda: next(alive))
+    assert search.leaked_placement_groups(settle_s=60.0, poll_s=0.0) == 0
+    monkeypatch.setattr(search, "live_placement_groups", lambda: [{"state": "CREATED", "name": "stuck"}])
+    assert search.leaked_placement_groups(settle_s=0.05, poll_s=0.01) == 1

@@ -133,13 +133,25 @@ def trial_dirname(trial: Any) -> str:
     return trial.trial_id  # the default packs every sampled value into the folder name
 
 
-def leaked_placement_groups() -> int:
-    """Placement groups still alive after the search (trials stopped by ASHA must release theirs)."""
+def live_placement_groups() -> list[dict[str, Any]]:
     from ray.util import placement_group_table
 
-    return sum(
-        1 for pg in placement_group_table().values() if pg.get("state") in ("CREATED", "PENDING", "RESCHEDULING")
-    )
+    return [pg for pg in placement_group_table().values() if pg.get("state") in ("CREATED", "PENDING", "RESCHEDULING")]
+
+
+def leaked_placement_groups(settle_s: float = 60.0, poll_s: float = 0.5) -> int:
+    """Placement groups still alive after the search (trials stopped by ASHA must release theirs). Tune and Ray
+    Train remove the last trial's asynchronously, so this waits until none is left, up to ``settle_s`` (a loaded
+    machine takes seconds), and names what is still alive then."""
+    deadline = time.monotonic() + settle_s
+    live = live_placement_groups()
+    while live and time.monotonic() < deadline:
+        time.sleep(poll_s)
+        live = live_placement_groups()
+    for pg in live:
+        log.warning("placement group %s (%s, %s) still alive %.0f s after the search", pg.get("placement_group_id"),
+                    pg.get("name") or "unnamed", pg.get("state"), settle_s)  # fmt: skip
+    return len(live)
 
 
 def trial_cpus(spec: SearchSpec, encode_cpus: float) -> float:
@@ -556,7 +568,6 @@ def finish(grid: Any, spec: SearchSpec, base: list[str], run_spec: Any, places: 
     from raysal.orchestration.wandb_run import sync_hint
 
     summary = summarise(grid, spec, base, places.search_dir)
-    time.sleep(2)  # placement groups of the last trial are removed asynchronously
     summary["leaked_placement_groups"] = leaked_placement_groups()
     summary["placement_groups_removed"] = removed_count(places.search_dir)  # by the janitor: Ray Train left them
     summary["study"] = places.study.describe()
