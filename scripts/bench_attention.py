@@ -277,7 +277,7 @@ def run_one(
     return {
         "status": "ok", "median_s": statistics.median(times), "p10_s": q[0], "p90_s": q[1], "reps": reps,
         "peak_mem_bytes": peak, "peak_total_bytes": peak_total, "mem_kind": kind, "peak_tensor_bytes": tensors,
-        "tokens": int(batch["input_ids"].numel()), "image_tokens": n_image,
+        "tokens": int(batch["input_ids"].numel()), "batch": int(batch["input_ids"].shape[0]), "image_tokens": n_image,
         "grounded_tokens": int(batch["grounded_pos"].shape[1]), "lm_params": n_params,
         "vision_params": n_vision, **({"profile": table} if table else {}),
     }  # fmt: skip

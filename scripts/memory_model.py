@@ -23,6 +23,7 @@ key, the layer's q/k/v and LoRA dropout: ≈ 4·d per token). The seed's eager m
 (B, H, L, L) map and its gradient, plus the recomputed layer's scores and the causal mask. Evaluation holds no
 checkpoint and no KV cache: the logits and the loss (the fp32 copy on bf16, the contiguous copy cross_entropy
 takes, the log-softmax: 8 or 12 bytes per logit beyond the logits) or one layer's forward, whichever is larger.
+A POPE image (`pope_image`: its questions in one batch, logits at the answer row) is one layer's forward.
 
 The per-layer coefficients (11.2·d, 2·d_kv, 6·f per token; the capture's 4·d) were read off the profiler's
 live-tensor trace of the small fp32 model (vary one dimension, difference the exact peaks); `--validate` checks
@@ -43,7 +44,8 @@ GIB = 2**30
 H100_BF16_PEAK = 989e12  # dense bf16 FLOP/s of an H100 SXM (NVIDIA datasheet)
 ASSUMED_MFU = 0.4  # for the full-finetuning time column, until a GPU has measured it
 CLIP_L_336 = 303.5e6  # vision tower parameters (CLIP ViT-L/14-336)
-METHODS = ("plain_sdpa", "capture_kl_2layers", "seed_eager", "evaluation")
+METHODS = ("plain_sdpa", "capture_kl_2layers", "seed_eager", "evaluation", "pope_image")
+POPE_QUESTIONS, POPE_TEXT_TOKENS = 12, 14  # as `scripts/bench_attention.py`: one image's questions, one batch
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,16 @@ def predict(s: Shapes, method: str) -> dict[str, float]:
         layer = E * (8 * d + 3 * f) * b + 2 * s.batch * s.image_tokens * d * b
         reduced = s.batch * s.grounded * s.image_tokens * 4
         phases = {"loss": loss + 2 * E * d * b + reduced, "layer": layer + reduced}
+        return _peak(phases)
+    if method == "pope_image":
+        # one image's POPE questions in one batch (B = its questions, L = image + question tokens), no grad, no
+        # capture, logits at the answer row only (`logits_to_keep`): one decoder layer's forward — its MLP
+        # (3·f + 4.3·d per token) or its attention (10.1·d) — over the image features and the merged embeddings
+        # (2·B·I·d); the vision tower (no grad) runs on the same B images and is smaller. Coefficients read off the
+        # profiler's peak on cpu-small with f doubled, then d doubled (`--validate` checks both CPU presets).
+        image = 2 * s.batch * s.image_tokens * d * b
+        phases = {"mlp": E * (3 * f + 4.3 * d) * b + image, "attention": E * 10.1 * d * b + image,
+                  "logits": s.batch * V * (b + 8)}  # fmt: skip
         return _peak(phases)
     checkpoints = n * E * d * b
     layer = E * (11.2 * d + 2 * d_kv + 6 * f) * b + (2 * E * d * 4 if b < 4 else 0)
@@ -194,6 +206,11 @@ def seven_b(name: str, batch: int) -> Shapes:
     return Shapes(batch, 24 + I + 160, I, 96, d, f, 32, H, kv, 32064, 2, 2, params)
 
 
+def pope_shapes(s: Shapes) -> Shapes:
+    """One POPE image's batch: its questions, each the image and a short question with the answer turn."""
+    return replace(s, batch=POPE_QUESTIONS, tokens=s.image_tokens + POPE_TEXT_TOKENS, grounded=0)
+
+
 def table_7b(gpu_gib: float = 80.0) -> list[dict]:
     rows = []
     for name in ("llava-1.5-7b", "llava-next-7b"):
@@ -202,7 +219,7 @@ def table_7b(gpu_gib: float = 80.0) -> list[dict]:
             weights = s.params * s.dtype_bytes
             row = {"model": name, "batch": batch, "weights_gib": weights / GIB}
             for m in METHODS:
-                p = predict(s, m)
+                p = predict(pope_shapes(s) if m == "pope_image" else s, m)
                 row[m] = p["peak"] / GIB
                 row[f"{m}_phase"] = p["phase"]
                 row[f"{m}_fits_{int(gpu_gib)}gib"] = (weights + p["peak"]) / GIB <= gpu_gib
@@ -211,8 +228,11 @@ def table_7b(gpu_gib: float = 80.0) -> list[dict]:
 
 
 def print_7b(rows: list[dict]) -> None:
-    print("| model | batch | weights | plain LoRA step | capture (2 layers) | seed eager | evaluation |")
-    print("|---|---|---|---|---|---|---|")
+    print(
+        "| model | batch | weights | plain LoRA step | capture (2 layers) | seed eager | evaluation | "
+        f"POPE image ({POPE_QUESTIONS} questions) |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         cells = []
         for m in METHODS:
@@ -240,7 +260,8 @@ def validate() -> dict:
         for method in METHODS:
             r = measure(preset, method)
             t = p.text
-            s = Shapes(p.batch, r["tokens"] // p.batch, r["image_tokens"], r["grounded_tokens"], t["hidden_size"],
+            batch = r.get("batch", p.batch)  # pope_image: one image's questions
+            s = Shapes(batch, r["tokens"] // batch, r["image_tokens"], r["grounded_tokens"], t["hidden_size"],
                        t["intermediate_size"], t["num_hidden_layers"], t["num_attention_heads"],
                        t["num_key_value_heads"], t["vocab_size"], dtype_bytes=4)  # fmt: skip
             pred = predict(s, method)
@@ -278,9 +299,8 @@ def compare(path: Path) -> dict:
         r = run["methods"].get(method, {})
         if r.get("status") != "ok":
             continue
-        s = replace(
-            seven_b(run["preset"], run["batch"]), grounded=r["grounded_tokens"], tokens=r["tokens"] // run["batch"]
-        )
+        batch = r.get("batch", run["batch"])  # pope_image: one image's questions
+        s = replace(seven_b(run["preset"], batch), grounded=r["grounded_tokens"], tokens=r["tokens"] // batch)
         pred = predict(s, method)
         rows.append({"method": method, "measured": r["peak_tensor_bytes"], "predicted": pred["peak"],
                      "phase": pred["phase"], "error": pred["peak"] / r["peak_tensor_bytes"] - 1})  # fmt: skip

@@ -18,12 +18,13 @@ MICRO = Preset("llava", {"hidden_size": 256, "intermediate_size": 688, "num_hidd
                SMALL_VISION, batch=2, caption_tokens=64)  # fmt: skip
 
 
-@pytest.mark.parametrize("method", ["plain_sdpa", "capture_kl_2layers", "seed_eager", "evaluation"])
+@pytest.mark.parametrize("method", ["plain_sdpa", "capture_kl_2layers", "seed_eager", "evaluation", "pope_image"])
 def test_memory_model_predicts_the_measured_peak(method, monkeypatch):
     monkeypatch.setitem(PRESETS, "micro", MICRO)
     r = run_one("micro", method, reps=1, warmup=1, device_name="cpu", checkpointing=True)
     t = MICRO.text
-    s = Shapes(MICRO.batch, r["tokens"] // MICRO.batch, r["image_tokens"], r["grounded_tokens"], t["hidden_size"],
+    b = r["batch"]  # pope_image: one image's questions in one batch
+    s = Shapes(b, r["tokens"] // b, r["image_tokens"], r["grounded_tokens"], t["hidden_size"],
                t["intermediate_size"], t["num_hidden_layers"], t["num_attention_heads"], t["num_key_value_heads"],
                t["vocab_size"], dtype_bytes=4)  # fmt: skip
     predicted = predict(s, method)["peak"]
