@@ -112,6 +112,12 @@ def test_a_guard_excludes_a_trial_from_a_searchs_summary(tmp_path, monkeypatch):
     }  # fmt: skip
     assert "| 1 (guard: val/pope/adversarial/f1) | a |" in summary["table"], summary["table"]
     assert "(best) | b |" in summary["table"] and summary["control"] == "c"
+    # the guarded metrics are columns of the table, beside the objective and the LM loss
+    header = summary["table"].splitlines()[0]
+    assert header.startswith("| rank | trial | val/amr | val/lm_loss | val/pope/adversarial/f1 | "
+                             "val/pope/adversarial/fpr | step |"), header  # fmt: skip
+    a = next(line for line in summary["table"].splitlines() if "| a |" in line)
+    assert "| 0.6 | 0.1 |" in a, a
 
 
 def test_an_objective_may_be_a_pope_metric(tmp_path):

@@ -22,6 +22,18 @@ def trial_overrides(base: list[str], params: dict[str, Any], control: tuple[str,
     return [*base, *(format_override(k, v) for k, v in params_to_overrides(params).items())]
 
 
+# shown when a trial reported them: the hallucination rate and the localisation readout beside the objective
+READOUT_COLUMNS = ("val/pope/adversarial/f1", "val/pope/adversarial/fpr", "val/rec_acc50")
+
+
+def table_columns(rows: list[dict], spec: SearchSpec, guards: dict[str, Any]) -> list[str]:
+    """The table's metric columns: the objectives, val/lm_loss (the LM guard), each guard's metric, then the POPE
+    and readout metrics any trial reported; each once, in that order."""
+    wanted = [*(o.metric for o in spec.objectives), "val/lm_loss", *guards, *READOUT_COLUMNS]
+    first = wanted[: len(spec.objectives) + 1]  # always shown, reported or not
+    return list(dict.fromkeys(c for c in wanted if c in first or any(c in r["metrics"] for r in rows)))
+
+
 def _trial_id(result: Any) -> str:
     return (result.metrics or {}).get("trial_id") or storage.name(result.path)  # trial folders: named by trial id
 
@@ -51,9 +63,10 @@ def summarise(result_grid: Any, spec: SearchSpec, base: list[str], search_dir: s
                                  spec.control.guards if spec.control else ())  # fmt: skip
     excluded, failed_guards = set(decision["excluded_by_lm_tolerance"]), decision["failed_guards"]
     rows.sort(key=lambda x: x["metrics"][metric], reverse=mode == "max")
+    columns = table_columns(rows, spec, decision["guards"])
     lines = [
-        f"| rank | trial | {metric} | val/lm_loss | step | sampled parameters | replay |",
-        "|---|---|---|---|---|---|---|",
+        f"| rank | trial | {' | '.join(columns)} | step | sampled parameters | replay |",
+        "|---|---|" + "---|" * len(columns) + "---|---|---|",
     ]
     for i, row in enumerate(rows[:top]):
         shown = " ".join(format_override(k, v) for k, v in params_to_overrides(row["config"]).items())
@@ -62,13 +75,13 @@ def summarise(result_grid: Any, spec: SearchSpec, base: list[str], search_dir: s
         marks = [" (lm > limit)"] if row["trial_id"] in excluded else []
         marks += [f" (guard: {g})" for g in failed_guards.get(row["trial_id"], [])]
         mark = " (best)" if row is best else "".join(marks)
+        values = " | ".join(f"{row['metrics'].get(c, float('nan')):.4g}" for c in columns)
         lines.append(
-            f"| {i + 1}{mark} | {row['trial_id']} | {row['metrics'][metric]:.4g} | "
-            f"{row['metrics'].get('val/lm_loss', float('nan')):.4g} | "
+            f"| {i + 1}{mark} | {row['trial_id']} | {values} | "
             f"{row['metrics'].get('train/step', float('nan')):.0f} | {shown} | `{row['replay']}` |"
         )
     for f in failed:
-        lines.append(f"| failed | {f['trial_id']} | | | | {f['reason']} | `{f['replay']}` |")
+        lines.append(f"| failed | {f['trial_id']} | {'| ' * len(columns)}| {f['reason']} | `{f['replay']}` |")
     summary: dict[str, Any] = {
         "search": spec.name,
         "metric": metric,
