@@ -31,8 +31,10 @@ from transformers import (
 from raysal.data.synthetic import COLOURS, OPENERS, STUFF, THINGS, WORDS
 
 IMAGE_TOKEN = "<image>"
-ANSWERS = ("Yes", "No")  # single tokens, so the hallucination probe (`raysal.metrics.pope`) can read their logits
-FORMAT = 2  # of what `write_tiny` writes (2: the answer tokens): an older cached checkpoint is written again
+# single tokens, so the hallucination probe (`raysal.metrics.pope`) can read their logits; with the leading space
+# too, as Llama's "▁Yes": the chat template writes "ASSISTANT: Yes", so the first answer token is " Yes", not "▁"
+ANSWERS = ("Yes", "No", " Yes", " No")
+FORMAT = 3  # of what `write_tiny` writes (2: the answer tokens, 3: with their spaces): older ones are written again
 STAMP = "raysal_tiny.json"
 SPECIAL = ["<unk>", "<s>", "</s>", "<pad>", IMAGE_TOKEN]
 PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]  # llava-v1.6 defaults

@@ -44,25 +44,42 @@ def _local(location: str, key: str, what: str) -> Path:
 
 
 def ensure_model(model: dict[str, Any]) -> None:
-    """For ``model.tiny`` configs, write the tiny checkpoint at ``model.name_or_path`` if it is not there."""
+    """For ``model.tiny`` configs, write the tiny checkpoint at ``model.name_or_path`` if it is not there; with
+    ``model.captioned`` ({steps, lr, seed}), the demo's base trained from it (`raysal.model.demo_base`)."""
     arch = model.get("tiny")
     if not arch:
         return
     # a local folder: `from_pretrained` reads nothing else
     out = _local(str(model["name_or_path"]), "model.name_or_path", f"a tiny model (model.tiny={arch})")
-    from raysal.model.tiny import is_current, write_tiny
+    captioned = model.get("captioned")
+    if captioned:
+        from raysal.model import demo_base
 
+        args = {"steps": int(captioned["steps"]), "lr": float(captioned["lr"]), "seed": int(captioned["seed"])}
+
+        def is_current(path: Path) -> bool:
+            return demo_base.is_current(path, arch, **args)
+
+        def write(path: Path, arch: str) -> Path:
+            return demo_base.write_demo_base(path, arch, **args)
+
+        what = f"the demo base ({arch} trained to caption, {args['steps']} steps, ~1-2 min on 2 CPUs)"
+    else:
+        from raysal.model.tiny import is_current
+        from raysal.model.tiny import write_tiny as write
+
+        what = f"tiny {arch} checkpoint"
     if is_current(out):  # written whole by a rename below, in this version's format
         return
     with _lock(out):
         if is_current(out):
             return
 
-        log.info("writing tiny %s checkpoint to %s (first use)", arch, out)
+        log.warning("writing %s to %s (first use)", what, out)
         # beside the target, renamed over it when complete: a reader never loads a half-written checkpoint
         tmp = out.with_name(f"{out.name}.tmp-{uuid.uuid4().hex[:8]}")
         try:
-            write_tiny(tmp, arch)
+            write(tmp, arch)
             if out.exists():  # an older version's checkpoint, or a folder an interrupted writer left
                 shutil.rmtree(out)
             tmp.rename(out)

@@ -566,8 +566,10 @@ def finish(grid: Any, spec: SearchSpec, base: list[str], run_spec: Any, places: 
     """summary.json, the study and the report, all in the search folder; the console's last line."""
     from raysal.orchestration.placement_groups import removed_count
     from raysal.orchestration.wandb_run import sync_hint
+    from raysal.search.verdict import verdict
 
     summary = summarise(grid, spec, base, places.search_dir)
+    summary["verdict"] = verdict(summary)
     summary["leaked_placement_groups"] = leaked_placement_groups()
     summary["placement_groups_removed"] = removed_count(places.search_dir)  # by the janitor: Ray Train left them
     summary["study"] = places.study.describe()
@@ -578,6 +580,8 @@ def finish(grid: Any, spec: SearchSpec, base: list[str], run_spec: Any, places: 
     print(summary["table"])
     for line in guard_lines(summary):
         print(f"raysal: {line}")
+    if summary["verdict"]:
+        print(f"raysal: {summary['verdict']}", flush=True)
     report(places.search_dir, run_spec, wandb_mode, places.local_dir, spec.name)
     best = summary.get("best")
     w = sync_hint(places.search_dir) if wandb_mode == "offline" else ""

@@ -219,6 +219,8 @@ def build_report(search_dir: str) -> Report:
         lead += f"; LM-only control {control}, val/lm_loss limit {summary['lm_limit']:.4g}"
     if summary.get("guards"):
         lead += f"; guards: {_guards_text(summary)}"
+    if summary.get("verdict"):
+        lead += f". In words: {summary['verdict']}."
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>raysal search {html.escape(summary['search'])}"
             f"</title><style>{STYLE}</style></head><body><h1>raysal search: {html.escape(summary['search'])}</h1>"
             f"<p class='lead'>{html.escape(lead)}</p>{''.join(sections)}</body></html>")  # fmt: skip

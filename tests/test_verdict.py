@@ -1,0 +1,29 @@
+"""The search's result in plain words (`raysal.search.verdict`): the console's and the report's last sentence."""
+
+from __future__ import annotations
+
+from raysal.search.verdict import verdict
+
+
+def _summary(best: str | None, guards: bool = True) -> dict:
+    rows = [
+        {"trial_id": "c", "control": True, "metrics": {"val/amr": 1.5, "val/lm_loss": 0.75}},
+        {"trial_id": "a", "control": False, "metrics": {"val/amr": 6.0, "val/lm_loss": 0.7575}},
+    ]
+    return {"metric": "val/amr", "mode": "max", "rows": rows, "control": "c", "lm_limit": 0.765,
+            "best": {"trial_id": best} if best else None, "guards": {"val/pope/adversarial/fpr": {}} if guards else {},
+            "warning": "the control did not report val/pope/adversarial/fpr"}  # fmt: skip
+
+
+def test_an_aligned_winner_is_said_as_a_multiple_of_the_control_at_its_lm_cost():
+    text = verdict(_summary("a"))
+    assert text == ("best trial a reaches val/amr 6, 4.00× the control's (1.5), at val/lm_loss +1.0% against the "
+                    "control (limit +2.0%), passing its 1 guard(s)")  # fmt: skip
+
+
+def test_a_control_that_wins_and_no_winner_are_said_too():
+    assert verdict(_summary("c")).startswith("the LM-only control c is best (val/amr 1.5): no aligned trial")
+    assert verdict(_summary(None)) == "no trial could be chosen best: the control did not report " \
+                                      "val/pope/adversarial/fpr"  # fmt: skip
+    no_control = {**_summary("a"), "control": None}
+    assert verdict(no_control) is None
