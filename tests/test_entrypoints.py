@@ -51,15 +51,15 @@ def test_search_on_the_coconut_defaults_adapter_wandb_and_no_key_on_disk(tmp_pat
     file without max_concurrent_trials (concurrency from the trial's worker + data CPUs: no starved pipeline on
     2 CPUs), 1 sampled trial + the LM-only control, W&B offline with an API key set; storage as a file:// URI (the
     code path of s3://, on a local disk)."""
-    # the sampled trial aligns the localization heads: the head finder's table, written to the storage first, is
-    # found by every trial (finder.out is the search's, not the trial's storage_path)
+    # the sampled trial aligns the localization heads: the search runs the head finder first (a Ray task), its
+    # table written to the storage is found by every trial (finder.out is the search's, not the trial's
+    # storage_path), and a second search reuses it
     # guards against the control on POPE: every trial is asked the hold-out's questions at every evaluation
     guards = "{lm_tolerance: 0.02, guards: {val/pope/adversarial/f1: 0.01, val/pope/adversarial/fpr: 0.01}}"
     space = space_file(tmp_path, 1, "itune", concurrency="", space="  criteria.align.heads: {choice: [localization]}\n",
                        control=guards)  # fmt: skip
-    common = ["experiment=demo", "data=coconut", f"data.shards={single_split}", f"storage_path={tmp_path.as_uri()}"]
-    found = run(["raysal.heads", *common, "finder.samples=4"], cache)
-    assert found.returncode == 0, found.stderr[-3000:]
+    common = ["experiment=demo", "data=coconut", f"data.shards={single_split}", f"storage_path={tmp_path.as_uri()}",
+              "finder.samples=4"]  # fmt: skip
     sessions_before = set(Path("/tmp/ray").glob("session_2*"))
     res = run(["raysal.tune", str(space), *common, "trainer.batch_size=4"], cache,
               extra_env={"WANDB_API_KEY": FAKE_KEY})  # fmt: skip
@@ -69,6 +69,9 @@ def test_search_on_the_coconut_defaults_adapter_wandb_and_no_key_on_disk(tmp_pat
     assert sessions, "the search started a Ray session of its own"
     leaks = [p for folder in (*sessions, tmp_path, cache) for p in files_containing(folder, FAKE_KEY)]
     assert not leaks, leaks
+    table = tmp_path / "heads" / "llava" / "heads.json"
+    assert f"and {table.as_uri()} does not exist yet: scoring the base model's heads first" in res.stdout, res.stdout
+    assert json.loads(table.read_text())["images"] == 4
     n = int(HOLDOUT.search(res.stdout).group(1))
     folder = tmp_path / "itune"
     summary = json.loads((folder / "summary.json").read_text())
@@ -117,6 +120,13 @@ def test_search_on_the_coconut_defaults_adapter_wandb_and_no_key_on_disk(tmp_pat
         AutoModelForImageTextToText.from_pretrained(tmp_path / "export" / name)
         assert AutoProcessor.from_pretrained(tmp_path / "export" / name).chat_template
         assert (tmp_path / "export" / name / "train_image_ids.txt").read_text().split()
+
+    # the same search again: finished, nothing trains, and the heads table is reused, not made again
+    before = table.stat().st_mtime_ns
+    again = run(["raysal.tune", str(space), *common, "trainer.batch_size=4"], cache)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "0 trials to run" in again.stdout and "scoring the base model's heads" not in again.stdout
+    assert table.stat().st_mtime_ns == before
 
 
 @pytest.mark.integration

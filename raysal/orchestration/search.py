@@ -276,30 +276,63 @@ def _max_concurrent(spec: SearchSpec, encode_cpus: float) -> int | None:
     return n
 
 
-def check_localization_heads(spec: SearchSpec, path: Path, run_spec: Any) -> None:
-    """A space that may pick ``heads: localization`` needs the head finder's table for the model before any trial
-    (every such trial would fail on its own otherwise)."""
+def missing_heads_table(spec: SearchSpec, run_spec: Any) -> str | None:
+    """The head finder's table that a space which may pick ``heads: localization`` needs (every such trial reads
+    it), when it does not exist yet; None when the space never picks it or the table is there."""
     from raysal.attention.head_scores import heads_file
-    from raysal.search.space import Choice, Fixed, key_where
+    from raysal.search.space import Choice, Fixed
 
     def values(dist: Any) -> list[Any]:
         if isinstance(dist, Choice):
             return [o.value for o in dist.options]
         return [dist.value] if isinstance(dist, Fixed) else []
 
-    def walk(space: Any, requires: tuple) -> None:
+    def may_pick(space: Any) -> bool:
         for p in space.params:
             if p.key.endswith(".heads") and "localization" in values(p.dist):
-                file = heads_file(run_spec.config["finder"]["out"], run_spec.model["name_or_path"])
-                if not storage.is_file(file):
-                    raise SearchSpaceError(path, key_where(requires, p.key), f"may pick localization, but {file} "
-                                           "does not exist: run `python -m raysal.heads` with the same overrides "
-                                           "first")  # fmt: skip
-            if isinstance(p.dist, Choice):
-                for o in p.dist.options:
-                    walk(o.space, (*requires, (p.key, o.value)))
+                return True
+            if isinstance(p.dist, Choice) and any(may_pick(o.space) for o in p.dist.options):
+                return True
+        return False
 
-    walk(spec.space, ())
+    if not may_pick(spec.space):
+        return None
+    file = heads_file(run_spec.config["finder"]["out"], run_spec.model["name_or_path"])
+    return None if storage.is_file(file) else file
+
+
+def find_heads(overrides: list[str]) -> str:
+    """A Ray task: the head finder (`raysal.heads.find`) on the search's base config → the table it wrote."""
+    from raysal.heads import find
+    from raysal.orchestration.compose import compose_cfg
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    return find(compose_cfg(overrides))
+
+
+def ensure_heads_table(spec: SearchSpec, base: list[str], run_spec: Any, pins: tuple[str, ...]) -> None:
+    """Before any trial: a space that may pick ``heads: localization`` and finds no table for its model gets one,
+    made by the head finder as a Ray task with one worker's resources (a GPU on a cluster, not the CPU-only head),
+    written to the search's storage (``finder.out``), where every trial and every later search finds it."""
+    import ray
+
+    file = missing_heads_table(spec, run_spec)
+    if file is None:
+        return
+    r = spec.resources
+    need = {"num_cpus": r.cpus_per_worker, "num_gpus": r.gpus_per_worker if r.use_gpu else 0}
+    print(f"raysal: the space may pick heads: localization and {file} does not exist yet: scoring the base model's "
+          f"heads first (a Ray task with one worker's resources: {need['num_cpus']:g} CPU, {need['num_gpus']:g} "
+          "GPU)", flush=True)  # fmt: skip
+    task = ray.remote(max_retries=2, **need)(find_heads)  # a lost node is retried; a bad config is not
+    try:
+        written = ray.get(task.remote([*base, *pins]))
+    except ray.exceptions.RayTaskError as e:
+        cause = e.cause if getattr(e, "cause", None) is not None else e
+        raise SearchStateError(f"the head finder failed before the search could start ({file}): "
+                               f"{type(cause).__name__}: {' '.join(str(cause).split())[:500]}") from None  # fmt: skip
+    print(f"raysal: heads table {written}: read by every trial that picks heads: localization, and reused by "
+          "later searches of this model", flush=True)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -362,7 +395,6 @@ def prepare_search(
             )
     if spec.control is not None:  # the control trial's config must compose too, before anything runs
         spec_from_cfg(compose_cfg([*base, *spec.control.overrides]))
-    check_localization_heads(spec, path, run_spec)
     sizes = preflight(run_spec)  # once, here, rather than racing in concurrent trials
     check_study(search_places(spec, run_spec))
     return spec, base, run_spec, sizes
@@ -613,6 +645,11 @@ def run_search(spec: SearchSpec, base: list[str], run_spec: Any, resume: str, ve
     places.local_dir.mkdir(parents=True, exist_ok=True)
     connect_ray(verbose)
     control = spec.control.overrides if spec.control else ()
+    try:
+        ensure_heads_table(spec, base, run_spec, search_pins(run_spec))
+    except SearchStateError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     trainable = make_trainable(base, control, places.trials_dir, search_pins(run_spec))
     # a run that diverged reports its reason without the objective (then stops): Tune must not take that for a
     # misspelt metric (the objectives were checked against the reported metrics before the search started)
