@@ -160,20 +160,21 @@ def test_localization_preset_resolves_from_the_finders_table(tmp_path, cache, mo
         spec_from_cfg(compose_cfg([*base, *preset]))
 
 
-def test_a_search_that_may_pick_localization_needs_the_table_first(tmp_path):
+def test_a_search_that_may_pick_localization_finds_out_whether_its_table_is_missing(tmp_path):
+    """A space with a localization option and no table for its model: the search must make it first (it does, as a
+    Ray task: tests/test_entrypoints.py); a space without one, or a table already there, needs nothing."""
     from pathlib import Path
     from types import SimpleNamespace
 
-    from raysal.orchestration.search import check_localization_heads
-    from raysal.search.space import SearchSpaceError
+    from raysal.orchestration.search import missing_heads_table
     from raysal.search.space_file import load_search_space
 
-    path = Path(__file__).resolve().parents[1] / "search_spaces" / "methods.yaml"
+    root = Path(__file__).resolve().parents[1] / "search_spaces"
     run = SimpleNamespace(config={"finder": {"out": str(tmp_path)}}, model={"name_or_path": "llava-hf/llava-1.5-7b-hf"})
-    where = r"criterion@criteria\.align=kl\]\[criteria\.align\.heads\].*raysal\.heads"
-    with pytest.raises(SearchSpaceError, match=where):
-        check_localization_heads(load_search_space(path), path, run)
-    check_localization_heads(load_search_space(path, "demo"), path, run)  # the demo profile has no head presets
-    (tmp_path / "llava-1.5-7b-hf").mkdir()
-    (tmp_path / "llava-1.5-7b-hf" / "heads.json").write_text("{}")
-    check_localization_heads(load_search_space(path), path, run)
+    table = tmp_path / "llava-1.5-7b-hf" / "heads.json"
+    assert missing_heads_table(load_search_space(root / "methods.yaml"), run) == str(table)  # nested under kl
+    assert missing_heads_table(load_search_space(root / "criteria.yaml"), run) == str(table)
+    assert missing_heads_table(load_search_space(root / "methods.yaml", "demo"), run) is None  # no head presets
+    table.parent.mkdir()
+    table.write_text("{}")
+    assert missing_heads_table(load_search_space(root / "criteria.yaml"), run) is None
