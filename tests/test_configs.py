@@ -6,7 +6,7 @@ from raysal.orchestration.compose import CONFIG_DIR, compose_cfg
 from raysal.orchestration.spec import spec_from_cfg
 
 GROUP_OPTIONS = {
-    "model": ["llava-1.5-7b", "llava-v1.6-mistral-7b", "tiny", "tiny-next"],
+    "model": ["llava-1.5-7b", "llava-v1.6-mistral-7b", "tiny", "tiny-next", "tiny-captioned", "tiny-next-captioned"],
     "data": ["coconut", "synthetic"],
     "criterion@criteria.base": ["lm", "cal"],
     "criterion@criteria.align": ["kl", "mse", "mass", "bce_dice", "seed_kl"],

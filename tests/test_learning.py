@@ -20,22 +20,24 @@ from raysal.model.build import apply_lora, load_model, load_processor
 from raysal.preprocess.batches import batch_factory, load_encoded
 
 
-def test_kl_doubles_held_out_amr_without_raising_lm_loss(tiny_llava, small_shards):
-    proc = load_processor(str(tiny_llava))
-    train = load_encoded(small_shards, "train2017", proc)
-    val = load_encoded(small_shards, "val2017", proc)
+def lora_fit(base: Path, shards: Path, criteria: list, cfg: FitConfig) -> dict[str, float]:
+    """LoRA r=16 all-linear + the projector on ``base``, seeded, trained on the shards' train split, evaluated on
+    their validation split (batches of 8, the same order for every run)."""
+    proc = load_processor(str(base))
+    train = load_encoded(shards, "train2017", proc)
+    val = load_encoded(shards, "val2017", proc)
     pad, px = proc.tokenizer.pad_token_id, PixelNorm.from_processor(proc)
+    torch.manual_seed(0)
+    model = apply_lora(load_model(str(base), dtype="float32"), rank=16, alpha=32, targets="all-linear",
+                       train_projector=True)  # fmt: skip
+    return fit(model, criteria, batch_factory(train, 8, pad, px, seed=0),
+               lambda: batch_factory(val, 8, pad, px, shuffle=False)(0), cfg)  # fmt: skip
+
+
+def test_kl_doubles_held_out_amr_without_raising_lm_loss(tiny_llava, small_shards):
     cfg = FitConfig(max_steps=60, lr=5e-3, warmup_steps=4, eval_every=40, seed=0, eval_layers="all", eval_heads="all")
-
-    def run(criteria):
-        torch.manual_seed(0)
-        model = apply_lora(load_model(str(tiny_llava), dtype="float32"), rank=16, alpha=32, targets="all-linear",
-                           train_projector=True)  # fmt: skip
-        return fit(model, criteria, batch_factory(train, 8, pad, px, seed=0),
-                   lambda: batch_factory(val, 8, pad, px, shuffle=False)(0), cfg)  # fmt: skip
-
-    lm = run([LMCriterion()])
-    kl = run([LMCriterion(), KLCriterion(weight=1.0, layers="all", heads="all")])
+    lm = lora_fit(tiny_llava, small_shards, [LMCriterion()], cfg)
+    kl = lora_fit(tiny_llava, small_shards, [LMCriterion(), KLCriterion(weight=1.0, layers="all", heads="all")], cfg)
     print(f"lm-only: {lm}\nlm+kl:   {kl}")
     assert kl["val/amr"] >= 2 * lm["val/amr"], (kl["val/amr"], lm["val/amr"])
     assert kl["val/lm_loss"] <= 1.10 * lm["val/lm_loss"], (kl["val/lm_loss"], lm["val/lm_loss"])
@@ -64,21 +66,10 @@ def test_on_the_demo_base_alignment_doubles_amr_within_the_lm_tolerance(demo_bas
 
     generate(tmp_path / "root", images=96, seed=data_seed, max_side=320)  # the demo's data config, another seed
     write_shards(tmp_path / "root", tmp_path / "shards")
-    proc = load_processor(str(demo_base))
-    train = load_encoded(tmp_path / "shards", "train2017", proc)
-    val = load_encoded(tmp_path / "shards", "val2017", proc)
-    pad, px = proc.tokenizer.pad_token_id, PixelNorm.from_processor(proc)
     cfg = FitConfig(max_steps=24, lr=3e-3, warmup_steps=4, eval_every=24, seed=0, bf16=False)
-
-    def run(criteria):
-        torch.manual_seed(0)
-        model = apply_lora(load_model(str(demo_base), dtype="float32"), rank=16, alpha=32, targets="all-linear",
-                           train_projector=True)  # fmt: skip
-        return fit(model, criteria, batch_factory(train, 8, pad, px, seed=0),
-                   lambda: batch_factory(val, 8, pad, px, shuffle=False)(0), cfg)  # fmt: skip
-
-    lm = run([LMCriterion()])
-    kl = run([LMCriterion(), KLCriterion(weight=0.1, layers="all", heads="all")])
+    lm = lora_fit(demo_base, tmp_path / "shards", [LMCriterion()], cfg)
+    kl = lora_fit(demo_base, tmp_path / "shards", [LMCriterion(), KLCriterion(weight=0.1, layers="all", heads="all")],
+                  cfg)  # fmt: skip
     print(f"seed {data_seed}: lm-only {lm['val/amr']:.3f} / {lm['val/lm_loss']:.4f}, "
           f"kl {kl['val/amr']:.3f} / {kl['val/lm_loss']:.4f}")  # fmt: skip
     assert lm["val/lm_loss"] < 1.0, lm  # the base has learned to caption (a random-init model starts near 6)
