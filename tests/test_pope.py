@@ -284,8 +284,11 @@ def test_token_ids_tiny_llava_tokenizer():
 
     tok = build_tokenizer()
     yes, no = yes_no_token_ids(tok)
-    assert [tok.convert_ids_to_tokens(i) for i in yes] == ["Yes"]
-    assert [tok.convert_ids_to_tokens(i) for i in no] == ["No"]
+    assert [tok.convert_ids_to_tokens(i) for i in yes] == ["Yes", " Yes"]
+    assert [tok.convert_ids_to_tokens(i) for i in no] == ["No", " No"]
+    # the chat template's answer turn ("ASSISTANT: Yes") starts with an answer token, not a lone "▁"
+    assert tok.encode("ASSISTANT: Yes", add_special_tokens=False)[-1] in yes
+    assert tok.encode("ASSISTANT: No", add_special_tokens=False)[-1] in no
     assert not set(tok.encode("Yesterday", add_special_tokens=False)) & set(yes)
 
 
