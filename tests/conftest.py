@@ -122,3 +122,17 @@ def postgres():
     server = Postgres()
     yield server
     server.stop()
+
+
+_SUMMARY = pytest.StashKey[list]()
+
+
+@pytest.fixture
+def summary_lines(request) -> list[str]:
+    """Lines a test puts in the terminal summary (how many docs commands `test_docs.py` checked)."""
+    return request.config.stash.setdefault(_SUMMARY, [])
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
+    for line in config.stash.get(_SUMMARY, []):
+        terminalreporter.write_line(line)

@@ -1,6 +1,6 @@
-"""README "What raysal does with bad input": every row of its table, run the way a user would (in process, with
-``ray.init`` booby-trapped so that every error must come before Ray starts). The README is the source of the
-expected messages; this file only knows how to make each input."""
+"""docs/bad-input.md: every row of its table, run the way a user would (in process, with ``ray.init``
+booby-trapped so that every error must come before Ray starts). The page is the source of the expected messages;
+this file only knows how to make each input."""
 
 from __future__ import annotations
 
@@ -20,10 +20,9 @@ ROOT = Path(__file__).resolve().parents[1]
 ROW = re.compile(r"^\| `([\w-]+)` \| (.*) \| `(.*)` \|$")
 
 
-def readme_cases() -> dict[str, str]:
-    text = (ROOT / "README.md").read_text()
-    section = text.split("### What raysal does with bad input", 1)[1].split("\n## ", 1)[0]
-    return {m.group(1): m.group(3) for ln in section.splitlines() if (m := ROW.match(ln))}
+def page_cases() -> dict[str, str]:
+    text = (ROOT / "docs" / "bad-input.md").read_text()
+    return {m.group(1): m.group(3) for ln in text.splitlines() if (m := ROW.match(ln))}
 
 
 @pytest.fixture(scope="module")
@@ -107,8 +106,8 @@ EXIT = {"check": 2, "shards": 1}
 
 
 def test_every_readme_row_has_a_case_and_every_case_a_row():
-    assert len(readme_cases()) >= 20
-    assert set(readme_cases()) == set(CASES)
+    assert len(page_cases()) >= 20
+    assert set(page_cases()) == set(CASES)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -131,7 +130,7 @@ def test_bad_input_is_one_error_line_before_ray_starts(case, world, monkeypatch,
     errors = [ln for ln in err.splitlines() if ln.startswith("error:")]
     assert rc == EXIT.get(entry, 2), err
     assert len(errors) == 1 and "Traceback" not in err, err
-    assert readme_cases()[case] in errors[0], errors[0]
+    assert page_cases()[case] in errors[0], errors[0]
 
 
 def test_unknown_key_on_tune_is_the_whole_output_of_the_process(world):

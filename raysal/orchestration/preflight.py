@@ -131,7 +131,7 @@ def _read_manifest(shards: str) -> dict:
     except FileNotFoundError:
         raise ConfigError(
             f"data.shards={shards}: no {MANIFEST}. Write shards with `python -m raysal.data.shards ROOT {shards}` "
-            "or `python scripts/prepare_coconut.py` (see README), or run experiment=demo for synthetic data"
+            "or `python scripts/prepare_coconut.py` (see docs/data.md), or run experiment=demo for synthetic data"
         ) from None
     except (OSError, ValueError, pa.ArrowException) as e:  # a folder by that name, bad JSON, storage unreachable
         raise ConfigError(f"{path}: unreadable ({' '.join(str(e).split())})") from None
