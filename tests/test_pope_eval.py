@@ -158,3 +158,26 @@ def test_the_readout_scores_each_phrases_own_tokens(tiny, small_shards, monkeypa
     # big region's box can be hit by luck: far fewer hits, never the planted map's
     assert uniform["rec_phrases"] == on_region["rec_phrases"], uniform
     assert uniform["rec_acc50"] <= on_region["rec_acc50"] - 0.5 and uniform["rec_miou"] < 0.3, (on_region, uniform)
+
+
+@pytest.mark.parametrize(("objective", "fails"), [("val/pope/adversarial/f1", True), ("val/amr", False)])
+def test_a_pope_objective_without_pope_questions_fails_with_the_reason(monkeypatch, objective, fails):
+    """Validation images with fewer than 3 distinct things leave no POPE question: a run that ranks by a POPE
+    metric could never report it, so it stops saying why; any other run goes on without val/pope."""
+    from types import SimpleNamespace
+
+    import raysal.orchestration.val_extras as extras
+
+    monkeypatch.setattr(extras, "yes_no_token_ids", lambda tok: None)
+    no_questions = SimpleNamespace(images=[], build=SimpleNamespace(n_kept=5))
+    monkeypatch.setattr(extras, "select_pope", lambda *a, **k: no_questions)
+    data = {"shards": "/x", "train_split": "train2017", "val_split": "val2017", "prompt": ""}
+    trainer = {"pope": {"images": 8}, "readout": {"images": 0}}
+    spec = SimpleNamespace(data=data, config={"trainer": trainer}, storage_path="/nonexistent", name="r", model={},
+                           objective={"metric": objective})  # fmt: skip
+    proc = SimpleNamespace(tokenizer=None)
+    if fails:
+        with pytest.raises(ValueError, match=r"no validation image has 3 distinct things \(of 5\).*never reported"):
+            extras.val_extras(spec, proc, torch.device("cpu"), sharded=False, lockstep=False, write=False)
+    else:
+        assert extras.val_extras(spec, proc, torch.device("cpu"), sharded=False, lockstep=False, write=False) is None

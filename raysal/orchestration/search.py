@@ -387,7 +387,7 @@ def prepare_search(
     from raysal.orchestration.spec import objective_metrics, spec_from_cfg
 
     run_spec = spec_from_cfg(compose_cfg(base))
-    reported = objective_metrics(run_spec.criteria)
+    reported = objective_metrics(run_spec.criteria, run_spec.config.get("trainer"))
     for i, o in enumerate(spec.objectives):
         if o.metric not in reported and not o.metric.startswith("train/loss/"):
             raise SearchSpaceError(

@@ -88,9 +88,18 @@ def _choice(c: dict, key: str, options: tuple[str, ...]) -> str:
     return v
 
 
-def objective_metrics(criteria: list[Any]) -> set[str]:
-    """Metrics a run reports at every evaluation: what `trainer.objective.metric` may name."""
+def objective_metrics(criteria: list[Any], trainer: dict[str, Any] | None = None) -> set[str]:
+    """Metrics a run reports at every evaluation: what `trainer.objective.metric` and a search's objectives may
+    name. ``trainer`` (the run's ``trainer`` config): POPE's ``val/pope/<setting>/<metric>`` while
+    ``trainer.pope.images`` > 0, the readout's ``val/rec_acc50`` / ``val/rec_miou`` while ``trainer.readout.images``
+    > 0 (the counts ``n`` are not objectives)."""
+    from raysal.metrics.pope import METRICS, SETTINGS
+
     val = {f"val/{k}" for k in ("lm_loss", "amr", "ap", "nss", "pointing")}
+    if trainer and (trainer.get("pope") or {}).get("images"):
+        val |= {f"val/pope/{s}/{m}" for s in SETTINGS for m in METRICS if m != "n"}
+    if trainer and (trainer.get("readout") or {}).get("images"):
+        val |= {"val/rec_acc50", "val/rec_miou"}
     return val | {"train/loss", "train/grad_norm"} | {f"train/loss/{c.name}" for c in criteria}
 
 
@@ -274,10 +283,9 @@ def spec_from_cfg(cfg: DictConfig) -> RunSpec:
             "teacher is the same tower with the adapters off)"
         )
     metric = _get(c, "trainer.objective.metric")
-    if metric not in objective_metrics(criteria):
-        raise ConfigError(
-            f"trainer.objective.metric={metric!r}: not a reported metric (one of {sorted(objective_metrics(criteria))})"
-        )
+    reported = objective_metrics(criteria, c["trainer"])
+    if metric not in reported:
+        raise ConfigError(f"trainer.objective.metric={metric!r}: not a reported metric (one of {sorted(reported)})")
     t, o, ev = c["trainer"], c["optim"], c["trainer"]["eval"]
     fit = FitConfig(
         max_steps=t["max_steps"], lr=o["lr"], projector_lr=o.get("projector_lr"), weight_decay=o["weight_decay"],

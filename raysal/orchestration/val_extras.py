@@ -44,8 +44,11 @@ def val_extras(
             raise ValueError(f"trainer.pope: {e} (trainer.pope.images=0 turns POPE off)") from None
         pope = select_pope(d["shards"], d["val_split"], holdout=holdout, images=t["pope"]["images"])
         if not pope.images:
-            log.warning("trainer.pope: no validation image has 3 distinct things (of %d): the run reports no "
-                        "val/pope", pope.build.n_kept)  # fmt: skip
+            why = f"no validation image has 3 distinct things (of {pope.build.n_kept})"
+            if spec.objective["metric"].startswith("val/pope/"):  # an objective the run could never report
+                raise ValueError(f"trainer.pope: {why}: trainer.objective.metric={spec.objective['metric']!r} "
+                                 "is never reported")  # fmt: skip
+            log.warning("trainer.pope: %s: the run reports no val/pope", why)
             pope = None
         elif write:
             storage.write_json(storage.join(run_dir, POPE_FILE), pope.describe())
@@ -54,6 +57,10 @@ def val_extras(
         readout = select_probes(d["shards"], d["val_split"], holdout=holdout, images=t["readout"]["images"],
                                 phrases=ALL_PHRASES)  # fmt: skip
         if not readout:
+            metric = spec.objective["metric"]
+            if metric.startswith("val/rec_"):
+                raise ValueError(f"trainer.readout: no validation image has a grounded phrase: "
+                                 f"trainer.objective.metric={metric!r} is never reported")  # fmt: skip
             log.warning("trainer.readout: no validation image has a grounded phrase: the run reports no val/rec_*")
         elif write:
             storage.write_json(storage.join(run_dir, READOUT_FILE), {"probes": [p.describe() for p in readout]})
