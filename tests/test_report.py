@@ -82,11 +82,19 @@ def test_report_has_every_figure_and_lists_failures(search, storage_root):
     report = build_report(folder)
     assert report.html == storage.join(folder, "report.html")
     page = storage.read_text(report.html)
-    assert set(report.figures) == {"plane", "hallucination", "importance", "history", "parallel", "probes"}
+    assert set(report.figures) == {"plane", "hallucination", "importance", "history", "parallel", "probes", "lead"}
     for name, png in report.figures.items():
         assert _not_blank(png), name
         assert storage.read_bytes(storage.join(folder, "report", f"{name}.png")) == png
-        assert f'<figure id="{name}">' in page or name == "probes"
+        assert f'<figure id="{name}">' in page or name in ("probes", "lead")
+    # the lead picture: the plane, and right of it the best trial's first phrase (blue) over the control's (red)
+    plane = Image.open(io.BytesIO(report.figures["plane"]))
+    lead = np.asarray(Image.open(io.BytesIO(report.figures["lead"])).convert("RGB")).astype(int)
+    assert lead.shape[1] > plane.width and lead.shape[0] >= plane.height
+    right = lead[:, plane.width :]
+    blue = np.nonzero((right[..., 2] == 200) & (right[..., 0] == 0))[0]
+    red = np.nonzero((right[..., 0] == 200) & (right[..., 2] == 0))[0]
+    assert blue.size and red.size and blue.max() < red.min(), "best above control"
     assert "diverged: val/lm_loss 9.9" in page and "(LM over the limit)" in page and "t4</td>" in page
     assert f"(failed {FPR})" in page and f"guards: {FPR} ≤ 0.12" in page  # the guard and who failed it
     assert page.count("data:image/png;base64,") == 5 + 2  # 5 figures + best and control probe heatmaps
@@ -109,3 +117,13 @@ def test_cli_rebuilds_a_report_from_a_bucket(search, s3_server, capsys):
     assert main([folder]) == 0
     assert f"raysal: report {storage.join(folder, 'report.html')}" in capsys.readouterr().out
     assert storage.read_text(storage.join(folder, "report.html")).count('class="probe"') == 2
+
+
+def test_no_lead_picture_when_the_control_is_best(search):
+    """Nothing to set beside the control when it won: the report has no lead picture (and says nothing false)."""
+    summary = json.loads((search / "summary.json").read_text())
+    summary["best"] = {"trial_id": "t0", "replay": "python -m raysal.train '~criterion@criteria.align'"}
+    (search / "summary.json").write_text(json.dumps(summary))
+    report = build_report(str(search))
+    assert "lead" not in report.figures and "probes" in report.figures
+    assert not (search / "report" / "lead.png").exists()

@@ -53,9 +53,12 @@ def _png(path: str) -> bytes | None:
     return storage.read_bytes(path) if storage.is_file(path) else None
 
 
-def _probe_section(trials_dir: str, best: str | None, control: str | None, top: str | None) -> tuple[str, bytes | None]:
+def _probe_section(
+    trials_dir: str, best: str | None, control: str | None, top: str | None
+) -> tuple[str, bytes | None, tuple[bytes, bytes] | None]:
     """Best trial's heatmaps beside the control's (and the top trial by the objective, when the LM limit made
-    another one best), phrase by phrase, at each one's last evaluation."""
+    another one best), phrase by phrase, at each one's last evaluation → (the HTML table, the grid as one picture,
+    the first phrase's (best, control) pair when both exist and differ)."""
     labels: dict[str, list[str]] = {}
     for name, tid in (("best", best), ("LM-only control", control), ("top by the objective", top)):
         if tid:
@@ -65,7 +68,7 @@ def _probe_section(trials_dir: str, best: str | None, control: str | None, top: 
     cols = [(name, tid) for name, tid in cols if steps[tid] is not None]
     if not cols:
         missing = f"No probe heatmaps in {trials_dir} (trainer.probes.images=0, or no trial reached an evaluation)."
-        return f"<p>{html.escape(missing)}</p>", None
+        return f"<p>{html.escape(missing)}</p>", None, None
     keys = [r["key"] for r in storage.read_json(storage.join(steps[cols[0][1]], "scores.json"))]
     head = "".join(f"<th>{html.escape(n)}: {html.escape(t)} ({storage.name(steps[t])})</th>" for n, t in cols)
     pngs = [[_png(storage.join(steps[tid], f"{key}.png")) for _, tid in cols] for key in keys]
@@ -75,7 +78,46 @@ def _probe_section(trials_dir: str, best: str | None, control: str | None, top: 
                  else "<td>missing</td>" for png in row]  # fmt: skip
         body.append("<tr>" + "".join(cells) + "</tr>")
     table = f'<table class="probes"><tr>{head}</tr>{"".join(body)}</table>'
-    return table, _probe_grid(pngs)
+    tids = [tid for _, tid in cols]
+    pair = None
+    if best and control and best != control and best in tids and control in tids and pngs:
+        b, c = pngs[0][tids.index(best)], pngs[0][tids.index(control)]
+        pair = (b, c) if b is not None and c is not None else None
+    return table, _probe_grid(pngs), pair
+
+
+def _lead_picture(plane: bytes, pair: tuple[bytes, bytes], best: str, control: str, verdict: str | None) -> bytes:
+    """The search at a glance (README-sized): the grounding-vs-language plane, and beside it the first probe
+    phrase's heatmap of the best trial over the control's, with the verdict under them."""
+    import io
+
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default(size=15)
+    left = Image.open(io.BytesIO(plane)).convert("RGB")
+    pics = [Image.open(io.BytesIO(p)).convert("RGB") for p in pair]
+    pad, line = 16, 22
+    right_w = max(max(p.width for p in pics), 420)
+    right_h = sum(line + p.height + pad for p in pics) + 3 * line
+    canvas = Image.new("RGB", (left.width + pad + right_w, max(left.height, right_h)), (255, 255, 255))
+    canvas.paste(left, (0, 0))
+    draw, x, y = ImageDraw.Draw(canvas), left.width + pad, 0
+    for label, pic in ((f"best trial {best}", pics[0]), (f"LM-only control {control}", pics[1])):
+        draw.text((x, y), label, fill=(0, 0, 0), font=font)
+        canvas.paste(pic, (x, y + line))
+        y += line + pic.height + pad
+    words, row = (verdict or "").replace("×", "x").split(), ""  # the embedded font has no "×"
+    for w in words:  # the verdict, wrapped to the right column
+        if draw.textlength(f"{row} {w}", font=font) > right_w and row:
+            draw.text((x, y), row, fill=(0, 0, 0), font=font)
+            y, row = y + line, w
+        else:
+            row = f"{row} {w}".strip()
+    if row:
+        draw.text((x, y), row, fill=(0, 0, 0), font=font)
+    buf = io.BytesIO()
+    canvas.save(buf, format="PNG", optimize=True)
+    return buf.getvalue()
 
 
 def _probe_grid(pngs: list[list[bytes | None]]) -> bytes | None:
@@ -205,12 +247,14 @@ def build_report(search_dir: str) -> Report:
                "Fewer than 2 completed sampled trials.")  # fmt: skip
     ranked = [r for r in summary.get("rows", []) if metric in r["metrics"]]
     top = max(ranked, key=lambda r: r["metrics"][metric] * (1 if mode == "max" else -1))["trial_id"] if ranked else None
-    probes, grid = _probe_section(trials_dir, best, control, top)
+    probes, grid, pair = _probe_section(trials_dir, best, control, top)
     sections.append("<h2>Where the attention goes: best trial, LM-only control, top trial</h2>"
                     "<p>The evaluation protocol's attention for each probe phrase, on the original image; the phrase's "
                     "region is outlined; greyed parts were cropped away by the processor.</p>" + probes)  # fmt: skip
     if grid is not None:
         figs["probes"] = grid
+    if pair is not None and "plane" in figs:  # report/lead.png: the picture to show (the README's is the demo's)
+        figs["lead"] = _lead_picture(figs["plane"], pair, str(best), str(control), summary.get("verdict"))
 
     n_failed = len(summary.get("failed", []))
     lead = (f"{summary['trials']} trials, {summary['reported']} ranked, {n_failed} failed. Objective: {metric} "
