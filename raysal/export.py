@@ -19,7 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("source", help="a run folder or a search folder (local path or URI)")
     parser.add_argument("--out", required=True, help="where the merged folder(s) go (local path or URI)")
     args = parser.parse_args(argv)
-    from raysal.orchestration.merged_export import ExportError, export
+    from raysal.orchestration.train.merged_export import ExportError, export
 
     try:
         done = export(args.source, args.out)

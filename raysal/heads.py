@@ -73,14 +73,14 @@ def find(cfg: Any) -> str:
     """Score the heads for the composed config ``cfg``; returns the heads.json written."""
     import torch
 
+    from raysal import storage
     from raysal.attention.capture import enable_capture
     from raysal.attention.head_scores import HEADS_FIGURE, heads_file, heads_folder, score_heads
     from raysal.batch import PixelNorm
     from raysal.model.build import load_model, load_processor, model_info
-    from raysal.orchestration import storage
-    from raysal.orchestration.errors import ConfigError
-    from raysal.orchestration.preflight import preflight
-    from raysal.orchestration.spec import spec_from_cfg
+    from raysal.orchestration.train.errors import ConfigError
+    from raysal.orchestration.train.preflight import preflight
+    from raysal.orchestration.train.spec import spec_from_cfg
     from raysal.preprocess.batches import batch_factory
 
     spec = spec_from_cfg(cfg)
@@ -132,8 +132,8 @@ def find(cfg: Any) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from raysal.orchestration.compose import compose_cfg
-    from raysal.orchestration.errors import print_user_error
+    from raysal.orchestration.train.compose import compose_cfg
+    from raysal.orchestration.train.errors import print_user_error
 
     args = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

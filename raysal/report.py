@@ -19,7 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args or args[0] in ("-h", "--help") or len(args) > 2 or (len(args) == 2 and args[1] != "--wandb"):
         print(__doc__)
         return 0 if args and args[0] in ("-h", "--help") else 2
-    from raysal.orchestration import storage
+    from raysal import storage
     from raysal.search.report_html import ReportError, build_report
 
     try:
@@ -32,8 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     if "--wandb" in args:
         import tempfile
 
-        from raysal.orchestration.compose import compose_cfg
-        from raysal.orchestration.wandb_run import log_search_summary, resolve_mode
+        from raysal.orchestration.train.compose import compose_cfg
+        from raysal.orchestration.train.wandb_run import log_search_summary, resolve_mode
 
         search = storage.read_json(storage.join(folder, "summary.json"))["search"]
         w = compose_cfg([]).wandb

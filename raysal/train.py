@@ -16,19 +16,19 @@ from typing import TYPE_CHECKING
 
 from omegaconf import DictConfig
 
-from raysal.orchestration.compose import CONFIG_DIR, compose_cfg
+from raysal.orchestration.train.compose import CONFIG_DIR, compose_cfg
 
 if TYPE_CHECKING:
-    from raysal.orchestration.preflight import DataSizes
-    from raysal.orchestration.spec import RunSpec
+    from raysal.orchestration.train.preflight import DataSizes
+    from raysal.orchestration.train.spec import RunSpec
 
 log = logging.getLogger("raysal.train")
 
 
 def prepare(cfg: DictConfig) -> tuple[RunSpec, DataSizes]:
     """Every check, before Ray starts: config values, storage, model, shards, validation size → (spec, sizes)."""
-    from raysal.orchestration.preflight import preflight
-    from raysal.orchestration.spec import spec_from_cfg
+    from raysal.orchestration.train.preflight import preflight
+    from raysal.orchestration.train.spec import spec_from_cfg
 
     spec = spec_from_cfg(cfg)
     return spec, preflight(spec)
@@ -37,12 +37,12 @@ def prepare(cfg: DictConfig) -> tuple[RunSpec, DataSizes]:
 def run(spec: RunSpec, sizes: DataSizes) -> dict:
     import ray
 
-    from raysal.orchestration import storage
-    from raysal.orchestration.fail_reason import clear_reason, read_reason
-    from raysal.orchestration.placement_groups import JOB_RUNTIME_ENV
-    from raysal.orchestration.stale_checkpoints import remove_stale_checkpoints
-    from raysal.orchestration.trainer import build_trainer, export_best
-    from raysal.orchestration.wandb_run import resolve_mode, sync_hint
+    from raysal import storage
+    from raysal.orchestration.train.fail_reason import clear_reason, read_reason
+    from raysal.orchestration.train.placement_groups import JOB_RUNTIME_ENV
+    from raysal.orchestration.train.stale_checkpoints import remove_stale_checkpoints
+    from raysal.orchestration.train.trainer import build_trainer, export_best
+    from raysal.orchestration.train.wandb_run import resolve_mode, sync_hint
 
     print(f"raysal: {sizes.describe()}", flush=True)
     t0 = time.perf_counter()
@@ -84,7 +84,7 @@ def run(spec: RunSpec, sizes: DataSizes) -> dict:
 
 def _run_checked(compose: Callable[[], DictConfig]) -> int:
     """Compose and check (bad input → one ``error:`` line, exit 2), then run; later failures keep their traceback."""
-    from raysal.orchestration.errors import print_user_error
+    from raysal.orchestration.train.errors import print_user_error
 
     try:
         spec, sizes = prepare(compose())

@@ -5,7 +5,7 @@ the sampled parameters, and runs a Ray Train `TorchTrainer` (Train V2: ``Tuner(T
 with ``TuneReportCallback``. Optuna (TPE, define-by-run for conditional spaces) samples into a persistent SQLite
 study; ASHA stops weak trials on the worker-reported step. At the end: a table of the top trials with replay
 commands, the best trial's best checkpoint exported as a peft adapter + ``best.json``, and ``report.html``.
-The driver is `raysal.orchestration.search`; this is its command line.
+The driver is `raysal.orchestration.tune.driver`; this is its command line.
 
 The console shows one line per trial event (started, evaluated, stopped early, failed, finished); ``-v`` adds Ray's
 own output (worker logs, status tables).
@@ -25,8 +25,8 @@ import os
 import sys
 from pathlib import Path
 
-from raysal.orchestration.search import prepare_search
-from raysal.orchestration.search import run_search as _search  # a name tests can replace
+from raysal.orchestration.tune.driver import prepare_search
+from raysal.orchestration.tune.driver import run_search as _search  # a name tests can replace
 from raysal.search.space import SearchSpaceError
 
 
@@ -54,7 +54,7 @@ def _parse_cli(argv: list[str]) -> tuple[Path, list[str], str, str | None, bool]
 
 
 def main(argv: list[str] | None = None) -> int:
-    from raysal.orchestration.errors import print_user_error
+    from raysal.orchestration.train.errors import print_user_error
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if not {"-v", "--verbose"} & set(sys.argv[1:] if argv is None else argv):

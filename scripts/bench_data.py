@@ -69,7 +69,7 @@ def with_ray(shards: Path, model: Path, cpus: int) -> dict:
     import ray
 
     from raysal.data.ray_dataset import coconut_dataset
-    from raysal.orchestration.data import EncodeBatch
+    from raysal.orchestration.train.data import EncodeBatch
 
     ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
     ctx = ray.data.DataContext.get_current()

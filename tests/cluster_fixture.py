@@ -104,7 +104,10 @@ class S3Server:
     """moto's S3 server on loopback with one bucket; `uri(prefix)` is a storage location raysal and Ray read."""
 
     def __init__(self, bucket: str = "raysal-test") -> None:
-        exe = shutil.which("moto_server") or str(Path(sys.executable).with_name("moto_server"))
+        # this interpreter's own server first: a moto_server elsewhere on PATH (another Python's) may not speak to
+        # this pyarrow (seen: a system moto 5.2.1 failed every CompleteMultipartUpload)
+        here = Path(sys.executable).with_name("moto_server")
+        exe = str(here) if here.exists() else shutil.which("moto_server") or "moto_server"
         self.port = free_port()
         self.bucket = bucket
         self._proc = subprocess.Popen([exe, "-H", HOST, "-p", str(self.port)], stdout=subprocess.DEVNULL,

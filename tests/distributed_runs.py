@@ -173,7 +173,7 @@ def finetune(rank: int, world: int, tiny: str, shards: str, out: str) -> None:
     run("fsdp", fsdp=True)
     dist.barrier()
     # each rank resumes from what it fetched alone (state.pt, its shard; history on rank 0), as `worker.py` does
-    from raysal.orchestration.checkpoint_fetch import fetch_for_resume
+    from raysal.orchestration.train.checkpoint_fetch import fetch_for_resume
 
     got = fetch_for_resume(str(root / "fsdp" / "step_0000003"), root / f"fetched{rank}", rank=rank, world_size=world)
     (root / f"fetched{rank}.json").write_text(json.dumps(got.files))

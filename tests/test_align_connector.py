@@ -11,8 +11,8 @@ from raysal.batch import PixelNorm, model_inputs
 from raysal.criteria.lm import next_token_ce
 from raysal.model.align_connector import AlignConnector
 from raysal.model.build import apply_lora, load_model, load_processor, param_groups
-from raysal.orchestration.compose import compose_cfg
-from raysal.orchestration.spec import spec_from_cfg
+from raysal.orchestration.train.compose import compose_cfg
+from raysal.orchestration.train.spec import spec_from_cfg
 from raysal.preprocess.batches import batch_factory, load_encoded
 
 
@@ -133,8 +133,8 @@ def test_connector_stage_config():
 def test_connector_init_may_be_a_storage_location(tiny_llava, tmp_path, storage_root):
     """A search exports ``best_connector/`` to its storage (a bucket on a cluster): a later run starts from it there,
     checked at the config and loaded by the workers without a local copy of the folder."""
+    from raysal import storage
     from raysal.model.build import save_connector
-    from raysal.orchestration import storage
     from raysal.search.override_text import format_override
 
     torch.manual_seed(0)

@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from raysal.orchestration.errors import ConfigError, user_message
+from raysal.orchestration.train.errors import ConfigError, user_message
 from raysal.search.space import TrialResources
 from raysal.search.space_file import load_search_space
 
@@ -54,7 +54,7 @@ HEAD = {"head": ({"CPU": 0, "TRAIN_DRIVER": 16}, 1)}
 
 
 def test_an_autoscaling_cluster_is_bounded_by_what_it_can_grow_to(node_types, capsys):
-    from raysal.orchestration import search
+    from raysal.orchestration.tune import driver as search
 
     node_types({**HEAD, "a100": ({"CPU": 96, "GPU": 8}, 4)})  # scaled to zero: none of them is up
     assert search._max_concurrent(space(**GPU8), 1.0) == 4  # 32 GPUs // 8 (384 CPUs // 49 = 7)
@@ -66,7 +66,7 @@ def test_an_autoscaling_cluster_is_bounded_by_what_it_can_grow_to(node_types, ca
 
 
 def test_a_trial_bigger_than_the_cluster_can_grow_is_refused(node_types):
-    from raysal.orchestration import search
+    from raysal.orchestration.tune import driver as search
 
     node_types({**HEAD, "a10g": ({"CPU": 48, "GPU": 4}, 1)})
     with pytest.raises(ConfigError) as e:
@@ -77,7 +77,7 @@ def test_a_trial_bigger_than_the_cluster_can_grow_is_refused(node_types):
 
 def test_a_cluster_that_cannot_say_what_it_holds_refuses_to_start_naming_the_key(ray_local):
     """No autoscaler node types and no GPUs (local Ray: 2 CPUs): unbounded, every trial would wait for nodes."""
-    from raysal.orchestration import search
+    from raysal.orchestration.tune import driver as search
 
     for resources in (GPU8, {**CPU1, "num_workers": 4}):  # no GPU at all; 4.5 CPUs of 2
         with pytest.raises(ConfigError) as e:
@@ -91,7 +91,7 @@ def test_a_cluster_that_cannot_say_what_it_holds_refuses_to_start_naming_the_key
 
 
 def test_a_fixed_cluster_is_bounded_by_what_it_has(ray_local, capsys):
-    from raysal.orchestration import search
+    from raysal.orchestration.tune import driver as search
 
     assert search._max_concurrent(space(**CPU1), 0.5) == 1  # 2 CPUs // 1.5
     assert "raysal: at most 1 trial at once: the cluster has 2 CPUs, 1.5 per trial" in capsys.readouterr().out
@@ -102,7 +102,7 @@ def test_a_fixed_cluster_is_bounded_by_what_it_has(ray_local, capsys):
 def test_rank_zeros_heartbeat_reaches_the_driver_and_stops_with_its_thread(ray_local, tmp_path):
     import ray
 
-    from raysal.orchestration.heartbeat import read_heartbeat, start_heartbeat
+    from raysal.orchestration.train.heartbeat import read_heartbeat, start_heartbeat
 
     run_dir = f"file://{tmp_path}/trials/abc"
 
@@ -139,7 +139,7 @@ def test_a_ray_up_head_reads_the_node_types_from_its_autoscaler_config(ray_local
     ~/ray_bootstrap_config.yaml (cluster.yaml, prepared): the bound comes from there."""
     import shutil
 
-    from raysal.orchestration import search
+    from raysal.orchestration.tune import driver as search
 
     assert search.bootstrap_max_resources(str(tmp_path / "none.yaml")) is None
     grow = search.bootstrap_max_resources(str(ROOT / "cluster.yaml"))

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from raysal.attention.capture import AttentionCapture, enable_capture
+from raysal.attention.targets import grounding_targets
 from raysal.batch import PixelNorm, model_inputs
-from raysal.criteria.targets import grounding_targets
 from raysal.model.build import load_model, load_processor, model_info
 from raysal.preprocess.batches import batch_factory, load_encoded
 

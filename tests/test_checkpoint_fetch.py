@@ -15,9 +15,9 @@ import pyarrow.fs
 import pytest
 import torch
 
+from raysal import storage
 from raysal.loop.checkpoint import HISTORY, MODEL, SHARDED, STATE
-from raysal.orchestration import storage
-from raysal.orchestration.checkpoint_fetch import REPLICATED, fetch_folder, fetch_for_resume, folders
+from raysal.orchestration.train.checkpoint_fetch import REPLICATED, fetch_folder, fetch_for_resume, folders
 
 WORLD = 2
 OWN = {0: f"{SHARDED}/__0_0.distcp", 1: f"{SHARDED}/__1_0.distcp"}  # FileSystemWriter's file of each rank
@@ -215,7 +215,7 @@ def test_each_rank_fetches_its_own_shard_and_not_the_others(written, storage_roo
     for rank in range(WORLD):
         other = OWN[1 - rank]
         checkpoint, counter, inner = _counted(location)
-        with caplog.at_level("INFO", logger="raysal.orchestration.checkpoint_fetch"):
+        with caplog.at_level("INFO", logger="raysal.orchestration.train.checkpoint_fetch"):
             got = fetch_for_resume(checkpoint, tmp_path / f"rank{rank}", rank=rank, world_size=WORLD)
         assert {k.removeprefix(inner + "/"): v for k, v in counter.read.items()} == got.files  # what it says it read
         assert f"rank {rank}: fetched {len(got.files)} files" in caplog.text
@@ -252,7 +252,7 @@ def test_two_ranks_resume_exactly_from_what_each_fetched(written):
 @pytest.mark.parametrize("world_size", [1, 3])
 def test_another_world_size_fetches_every_shard(written, tmp_path, world_size, caplog):
     sizes = _sizes(written / "ckpt")
-    with caplog.at_level("INFO", logger="raysal.orchestration.checkpoint_fetch"):
+    with caplog.at_level("INFO", logger="raysal.orchestration.train.checkpoint_fetch"):
         got = fetch_for_resume(str(written / "ckpt"), tmp_path, rank=world_size - 1, world_size=world_size)
     assert got.files[OWN[0]] == sizes[OWN[0]] and got.files[OWN[1]] == sizes[OWN[1]]
     assert f"written by 2 ranks, this run has {world_size}" in caplog.text
@@ -266,7 +266,7 @@ def test_a_checkpoint_that_does_not_record_its_world_size_fetches_every_shard(wr
     state = torch.load(old / STATE, weights_only=False)
     del state["world_size"]  # saved before raysal recorded it
     torch.save(state, old / STATE)
-    with caplog.at_level("INFO", logger="raysal.orchestration.checkpoint_fetch"):
+    with caplog.at_level("INFO", logger="raysal.orchestration.train.checkpoint_fetch"):
         got = fetch_for_resume(str(old), tmp_path / "fetched", rank=0, world_size=WORLD)
     assert OWN[0] in got.files and got.files[OWN[1]] == (old / OWN[1]).stat().st_size
     assert "does not record how many ranks wrote it" in caplog.text
@@ -299,7 +299,7 @@ def test_bad_checkpoints_are_named_with_the_reason(written, tmp_path):
 
 def test_export_best_reads_only_the_adapter(written, storage_root, tmp_path):
     """A LoRA checkpoint with FSDP's sharded/ beside its adapter/: the export lists it, reads adapter/ alone."""
-    from raysal.orchestration.trainer import export_best
+    from raysal.orchestration.train.trainer import export_best
 
     local = tmp_path / "ckpt"
     storage.upload(written / "ckpt" / SHARDED, str(local / SHARDED))

@@ -21,7 +21,7 @@ from cluster_fixture import KEYS, RayCluster
 from entrypoint_runs import ENV, SMALL, descendants, space_file
 from wandb_records import read_run
 
-from raysal.orchestration import storage
+from raysal import storage
 from raysal.search.override_text import format_override
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

@@ -2,8 +2,8 @@
 
 import pytest
 
-from raysal.orchestration.compose import CONFIG_DIR, compose_cfg
-from raysal.orchestration.spec import spec_from_cfg
+from raysal.orchestration.train.compose import CONFIG_DIR, compose_cfg
+from raysal.orchestration.train.spec import spec_from_cfg
 
 GROUP_OPTIONS = {
     "model": ["llava-1.5-7b", "llava-v1.6-mistral-7b", "tiny", "tiny-next", "tiny-captioned", "tiny-next-captioned"],
@@ -118,7 +118,7 @@ def test_shipped_search_spaces_validate_against_the_configs():
 def test_the_lm_only_control_composes_with_the_demo():
     """`~criterion@criteria.align` under experiment=demo (which sets criteria.align.layers) is the LM-only control:
     the leftover knob settings of the removed slot are unused, not an error."""
-    from raysal.orchestration.spec import spec_from_cfg
+    from raysal.orchestration.train.spec import spec_from_cfg
 
     spec = spec_from_cfg(compose_cfg(["experiment=demo", "~criterion@criteria.align"]))
     assert [c.name for c in spec.criteria] == ["lm"]

@@ -9,7 +9,7 @@ CORE = [
     "raysal.model.build", "raysal.model.shard", "raysal.model.align_connector", "raysal.attention.capture",
     "raysal.attention.head_scores", "raysal.criteria.kl", "raysal.criteria.cal", "raysal.metrics.grounding",
     "raysal.loop.step", "raysal.loop.evaluate", "raysal.loop.fit", "raysal.loop.checkpoint",
-    "raysal.loop.distributed", "raysal.probes.phrase_maps", "raysal.metrics.pope", "raysal.metrics.localization",
+    "raysal.distributed", "raysal.probes.phrase_maps", "raysal.metrics.pope", "raysal.metrics.localization",
     "raysal.loop.pope_eval", "raysal.loop.readout_eval", "raysal.data.pope_set",
 ]  # fmt: skip
 

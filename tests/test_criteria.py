@@ -5,12 +5,12 @@ import math
 import pytest
 import torch
 
+from raysal.attention.targets import GroundingTargets
 from raysal.criteria.bce_dice import BCEDiceCriterion
 from raysal.criteria.inputs import CriterionInputs
 from raysal.criteria.kl import KLCriterion
 from raysal.criteria.mass import MassCriterion
 from raysal.criteria.mse import MSECriterion
-from raysal.criteria.targets import GroundingTargets
 
 B, T, I, N_LAYERS, N_HEADS = 2, 3, 6, 4, 4
 CAPTURED_LAYERS, CAPTURED_HEADS = (2, 3), (0, 1, 2, 3)

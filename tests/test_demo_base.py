@@ -1,4 +1,4 @@
-"""The demo's trained base (`raysal.model.demo_base`), made on first use by `ensure_model` for a
+"""The demo's trained base (`raysal.demo.base`), made on first use by `ensure_model` for a
 ``model.captioned`` config: seeded and deterministic, stamped, made again only when its arguments change, and its
 first answer token after the chat template's assistant turn is a yes/no token (POPE reads those logits)."""
 
@@ -9,8 +9,8 @@ import json
 import torch
 from safetensors.torch import load_file
 
-from raysal.model.demo_base import STAMP, question_samples
-from raysal.orchestration.assets import ensure_model
+from raysal.demo.base import STAMP, question_samples
+from raysal.orchestration.train.assets import ensure_model
 
 
 def _weights(folder):

@@ -169,7 +169,7 @@ def test_a_loss_that_is_not_finite_on_one_rank_stops_every_rank(tiny_llava, smal
 def test_each_rank_takes_its_part_and_lockstep_ranks_run_as_many_rounds(monkeypatch):
     """POPE's and the readout's split of their images: every image counted once over the ranks; in lockstep (FSDP)
     a rank with fewer images repeats one, uncounted."""
-    import raysal.loop.distributed as d
+    import raysal.distributed as d
 
     items = list(range(5))
     monkeypatch.setattr(d, "world_size", lambda: 2)

@@ -144,8 +144,8 @@ def _stop(*_a, **_k):
 
 
 def _check_entry(name: str, args: list[str], monkeypatch: pytest.MonkeyPatch) -> str:
-    import raysal.orchestration.preflight as preflight_module
-    from raysal.orchestration.compose import compose_cfg
+    import raysal.orchestration.train.preflight as preflight_module
+    from raysal.orchestration.train.compose import compose_cfg
 
     monkeypatch.setattr(preflight_module, "preflight", _stop)
     if name == "raysal.report":
@@ -171,7 +171,7 @@ def _check_entry(name: str, args: list[str], monkeypatch: pytest.MonkeyPatch) ->
             raysal.heads.find(compose_cfg(args))
         else:
             import raysal.tune
-            from raysal.orchestration.search import prepare_search
+            from raysal.orchestration.tune.driver import prepare_search
 
             path, cli, _resume, database, _verbose = raysal.tune._parse_cli(args)
             prepare_search(path, cli, database)
@@ -268,7 +268,7 @@ def test_the_command_parser_reads_continuations_options_and_chains():
 def test_a_broken_command_fails_its_check(no_ray, monkeypatch, argv):
     from hydra.errors import HydraException
 
-    from raysal.orchestration.errors import ConfigError
+    from raysal.orchestration.train.errors import ConfigError
     from raysal.search.space import SearchSpaceError
 
     refused = (AssertionError, HydraException, ConfigError, SearchSpaceError)  # the check's, or the entry point's own

@@ -105,7 +105,7 @@ def test_search_on_the_coconut_defaults_adapter_wandb_and_no_key_on_disk(tmp_pat
         media = [h for h in r["history"] if h.get("probes/scores/_type") == "table-file"]
         assert media and all(h.get("probes/probe0_0/_type") == "image-file" for h in media), r["history"][-1].keys()
     # the replay command of the best trial is a valid run config
-    from raysal.orchestration.compose import compose_cfg
+    from raysal.orchestration.train.compose import compose_cfg
 
     replay = summary["best"]["replay"].split()[3:]
     assert compose_cfg(replay).optim.lr > 0
@@ -134,7 +134,7 @@ def test_train_on_the_coconut_defaults_evaluates_the_holdout_it_printed(tmp_path
     """data=coconut as shipped: one split, validation = the 1 % hash hold-out, the shards in a bucket (as on a
     cluster: the preflight reads the manifest and footers, Ray Data the files, the probes theirs, from S3). It used
     to hang on 2 CPUs (a hold-out filter asking for a whole CPU)."""
-    from raysal.orchestration import storage
+    from raysal import storage
     from raysal.search.override_text import format_override
 
     shards = storage.join(s3_server.new_prefix(), "shards")

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
+from raysal import storage
 from raysal.model.build import apply_lora, load_model, load_processor
-from raysal.orchestration import storage
-from raysal.orchestration.merged_export import RUN_CONFIG, TRAIN_IDS, ExportError, export_one, train_image_ids
+from raysal.orchestration.train.merged_export import RUN_CONFIG, TRAIN_IDS, ExportError, export_one, train_image_ids
 
 
 def _run_folder(tmp_path, model_dir, shards, *, connector: str = "mlp", seed: int = 0):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from raysal.orchestration.fail_reason import clear_reason, read_reason, write_reason
+from raysal.orchestration.train.fail_reason import clear_reason, read_reason, write_reason
 
 
 @pytest.mark.parametrize("uri", [False, True])

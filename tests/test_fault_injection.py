@@ -133,7 +133,7 @@ def screenshot(html: Path, out: Path) -> np.ndarray:
 @pytest.fixture
 def another_ray():
     """A second Ray instance on this host: the condition under which Ray Train's placement-group cleaner died and a
-    stopped trial's placement group starved the next trial (see raysal/orchestration/placement_groups.py)."""
+    stopped trial's placement group starved the next trial (see raysal/orchestration/train/placement_groups.py)."""
     code = "import ray, time; ray.init(num_cpus=1, include_dashboard=False); print('up', flush=True); time.sleep(3600)"
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
@@ -200,7 +200,7 @@ def test_a_search_whose_driver_is_sigkilled_finishes_when_run_again(tmp_path, ca
     assert resumed and all(set(after[n]) - set(before[n]) for n in resumed), (before, after)
     # W&B: every row each trial reported is in its W&B run (offline: one file per process; `wandb sync` merges
     # them), the rows the kill took before W&B wrote them included
-    from raysal.orchestration.wandb_callback import checkpoint_history
+    from raysal.orchestration.tune.wandb_callback import checkpoint_history
 
     for trial in after:
         logged = set()

@@ -9,7 +9,7 @@ import re
 import pytest
 from search_space_files import minimal, write
 
-from raysal.orchestration.search import guard_lines
+from raysal.orchestration.tune.driver import guard_lines
 from raysal.search.control import choose_best
 from raysal.search.guards import Guard, direction
 from raysal.search.optuna_params import CONTROL_KEY
@@ -93,7 +93,7 @@ def test_a_guard_excludes_a_trial_from_a_searchs_summary(tmp_path, monkeypatch):
 
     import ray.train
 
-    from raysal.orchestration.search_summary import summarise
+    from raysal.orchestration.tune.summary import summarise
 
     control = {"guards": {"val/pope/adversarial/f1": 0.01, "val/pope/adversarial/fpr": 0.01}}
     spec = load_search_space(write(tmp_path, minimal(control=control)))

@@ -80,10 +80,9 @@ def test_the_finder_ranks_the_planted_head_first(arch, tiny_llava, tiny_next, sm
 def test_heads_entry_point_writes_the_ranked_table_and_figure(storage_root, cache, monkeypatch, capsys):
     """On a local folder, a file:// URI and a bucket (a search's storage on a cluster): the table and its picture
     go to ``<storage_path>/heads/<model>/``, and the localization preset reads them back from there."""
-    from raysal import heads
-    from raysal.orchestration import storage
-    from raysal.orchestration.compose import compose_cfg
-    from raysal.orchestration.spec import spec_from_cfg
+    from raysal import heads, storage
+    from raysal.orchestration.train.compose import compose_cfg
+    from raysal.orchestration.train.spec import spec_from_cfg
     from raysal.search.override_text import format_override
 
     monkeypatch.setenv("RAYSAL_CACHE", str(cache))
@@ -108,10 +107,10 @@ def test_head_pairs_read_just_those_heads(tiny_llava, small_shards):
     """A criterion on (layer, head) pairs: the capture holds their layers × heads grid, the criterion reads the
     mean of exactly its pairs, and training through them gives gradients."""
     from raysal.attention.capture import AttentionCapture
+    from raysal.attention.targets import grounding_targets
     from raysal.criteria.inputs import CriterionInputs, renormalise
     from raysal.criteria.kl import KLCriterion
     from raysal.criteria.lm import LMCriterion
-    from raysal.criteria.targets import grounding_targets
     from raysal.loop.step import capture_plan, plan_step, train_step
     from raysal.model.build import apply_lora
 
@@ -139,8 +138,8 @@ def test_head_pairs_read_just_those_heads(tiny_llava, small_shards):
 
 def test_localization_preset_resolves_from_the_finders_table(tmp_path, cache, monkeypatch):
     from raysal import heads
-    from raysal.orchestration.compose import compose_cfg
-    from raysal.orchestration.spec import spec_from_cfg
+    from raysal.orchestration.train.compose import compose_cfg
+    from raysal.orchestration.train.spec import spec_from_cfg
 
     monkeypatch.setenv("RAYSAL_CACHE", str(cache))
     base = ["experiment=demo", "data.synthetic.images=24", f"storage_path={tmp_path}"]
@@ -166,7 +165,7 @@ def test_a_search_that_may_pick_localization_finds_out_whether_its_table_is_miss
     from pathlib import Path
     from types import SimpleNamespace
 
-    from raysal.orchestration.search import missing_heads_table
+    from raysal.orchestration.tune.driver import missing_heads_table
     from raysal.search.space_file import load_search_space
 
     root = Path(__file__).resolve().parents[1] / "search_spaces"

@@ -49,7 +49,7 @@ def demo_base(tmp_path_factory):
     """The demo's trained base, made as the search makes it on first use (`configs/model/tiny-captioned.yaml`)."""
     from omegaconf import OmegaConf
 
-    from raysal.model.demo_base import write_demo_base
+    from raysal.demo.base import write_demo_base
 
     made = OmegaConf.load(Path(__file__).parents[1] / "configs" / "model" / "tiny-captioned.yaml").captioned
     return write_demo_base(tmp_path_factory.mktemp("demo_base") / "llava", "llava", steps=made.steps, lr=made.lr,

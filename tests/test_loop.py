@@ -133,7 +133,7 @@ class _FakeRun:
 
 
 def test_relog_fills_only_the_steps_the_wandb_run_lacks():
-    from raysal.orchestration.wandb_run import relog
+    from raysal.orchestration.train.wandb_run import relog
 
     rows = [{"train/step": float(s), "train/loss": 1.0} for s in (2, 4, 6, 8)] + [{"fail_reason": "x"}]
     online = _FakeRun(step=5)  # W&B has steps up to 4; rows 6 and 8 were lost with the killed process

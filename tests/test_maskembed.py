@@ -11,8 +11,8 @@ from raysal.criteria.maskembed import HEAD, MaskEmbedCriterion
 from raysal.loop.fit import FitConfig, fit
 from raysal.loop.step import plan_step, train_step
 from raysal.model.build import apply_lora, load_model, load_processor, model_info
-from raysal.orchestration.compose import compose_cfg
-from raysal.orchestration.spec import spec_from_cfg
+from raysal.orchestration.train.compose import compose_cfg
+from raysal.orchestration.train.spec import spec_from_cfg
 from raysal.preprocess.batches import batch_factory, load_encoded
 
 

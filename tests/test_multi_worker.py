@@ -48,7 +48,7 @@ def _worker(config: dict) -> None:
     """Each rank: the image ids of two training epochs and of its validation part, and the sharded evaluation."""
     import ray.train
 
-    from raysal.orchestration.data import iter_collated
+    from raysal.orchestration.train.data import iter_collated
 
     rank = ray.train.get_context().get_world_rank()
     proc = load_processor(config["tiny"])
@@ -82,8 +82,8 @@ def test_two_workers_split_training_and_evaluation(tiny_llava, small_shards, tmp
     from ray.train.torch import TorchTrainer
 
     from raysal.data.shards import shard_files
-    from raysal.orchestration.data import run_datasets
-    from raysal.orchestration.trainer import ShardedValidation
+    from raysal.orchestration.train.data import run_datasets
+    from raysal.orchestration.train.trainer import ShardedValidation
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import this test module
     # the data=coconut shape: one split, validation = a hold-out of it (half, so that it spans several blocks)

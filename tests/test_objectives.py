@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from raysal.orchestration.compose import compose_cfg
-from raysal.orchestration.errors import ConfigError
-from raysal.orchestration.spec import objective_metrics, spec_from_cfg
+from raysal.orchestration.train.compose import compose_cfg
+from raysal.orchestration.train.errors import ConfigError
+from raysal.orchestration.train.spec import objective_metrics, spec_from_cfg
 
 DEMO = ["experiment=demo"]
 
@@ -45,8 +45,8 @@ def test_the_reported_set_follows_the_switches():
 def test_a_search_may_trade_grounding_against_hallucination(tmp_path, monkeypatch):
     """Two objectives, val/amr up and POPE's false-positive rate down: every check of the search passes (up to the
     storage/model/data checks, stopped here)."""
-    import raysal.orchestration.preflight as preflight
-    from raysal.orchestration.search import prepare_search
+    import raysal.orchestration.train.preflight as preflight
+    from raysal.orchestration.tune.driver import prepare_search
 
     class Checked(Exception):
         pass

@@ -93,7 +93,7 @@ def test_a_yes_bias_and_an_oracle(tiny, small_shards, monkeypatch):
 
 
 def test_a_tokenizer_without_one_token_answers_is_refused_with_the_key(small_shards):
-    from raysal.orchestration.val_extras import val_extras
+    from raysal.orchestration.train.val_extras import val_extras
 
     class Spec:  # what val_extras reads of a RunSpec
         def __init__(self) -> None:
@@ -166,7 +166,7 @@ def test_a_pope_objective_without_pope_questions_fails_with_the_reason(monkeypat
     metric could never report it, so it stops saying why; any other run goes on without val/pope."""
     from types import SimpleNamespace
 
-    import raysal.orchestration.val_extras as extras
+    import raysal.orchestration.train.val_extras as extras
 
     monkeypatch.setattr(extras, "yes_no_token_ids", lambda tok: None)
     no_questions = SimpleNamespace(images=[], build=SimpleNamespace(n_kept=5))

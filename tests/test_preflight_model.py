@@ -9,10 +9,10 @@ import pytest
 from transformers import AutoConfig
 
 from raysal.model.tiny import write_tiny
-from raysal.orchestration.compose import compose_cfg
-from raysal.orchestration.errors import ConfigError
-from raysal.orchestration.preflight import check_model
-from raysal.orchestration.spec import spec_from_cfg
+from raysal.orchestration.train.compose import compose_cfg
+from raysal.orchestration.train.errors import ConfigError
+from raysal.orchestration.train.preflight import check_model
+from raysal.orchestration.train.spec import spec_from_cfg
 
 HUB = "llava-hf/llava-1.5-7b-hf"
 

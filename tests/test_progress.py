@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from raysal.orchestration.fail_reason import write_reason
-from raysal.search.progress import ProgressLines
+from raysal.orchestration.train.fail_reason import write_reason
+from raysal.orchestration.tune.progress import ProgressLines
 
 
 def _trial(tid: str, config: dict, last: dict | None = None):

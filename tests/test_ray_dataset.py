@@ -69,7 +69,7 @@ def test_ray_batches_equal_the_in_process_batches(side, tiny_next, small_shards,
     from raysal.batch import PixelNorm
     from raysal.data.ray_dataset import coconut_dataset
     from raysal.model.build import load_processor
-    from raysal.orchestration.data import EncodeBatch, iter_collated
+    from raysal.orchestration.train.data import EncodeBatch, iter_collated
     from raysal.preprocess.batches import batch_factory, load_encoded
     from raysal.preprocess.encode import DEFAULT_PROMPT
 

@@ -11,7 +11,7 @@ import optuna
 import pytest
 from PIL import Image
 
-from raysal.orchestration import storage
+from raysal import storage
 from raysal.report import main
 from raysal.search.report_figures import pareto_front
 from raysal.search.report_html import build_report

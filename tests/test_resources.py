@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from raysal.orchestration.data import DataCPUs
-from raysal.orchestration.errors import ConfigError
+from raysal.orchestration.train.data import DataCPUs
+from raysal.orchestration.train.errors import ConfigError
 from raysal.search.space_file import load_search_space
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,7 +25,7 @@ def test_data_pipelines_fit_in_the_budget_with_room_for_a_read(budget):
 def test_default_concurrency_counts_workers_and_data(monkeypatch):
     import ray
 
-    from raysal.orchestration import search
+    from raysal.orchestration.tune import driver as search
 
     demo = load_search_space(ROOT / "search_spaces" / "criteria.yaml", "demo")
     demo = type(demo)(**{**demo.__dict__, "max_concurrent_trials": None})
@@ -44,8 +44,8 @@ def test_default_concurrency_counts_workers_and_data(monkeypatch):
 
 def test_a_trial_run_is_named_by_its_trial_id_even_when_it_reads_as_a_number():
     """Tune trial ids are hex: 71e76940 is a float to Hydra (inf); the run name must stay the id."""
-    from raysal.orchestration import search
-    from raysal.orchestration.compose import compose_cfg
+    from raysal.orchestration.train.compose import compose_cfg
+    from raysal.orchestration.tune import driver as search
 
     overrides = search.trial_run_overrides(["experiment=demo"], {"optim.lr": 0.003}, (), "71e76940", "/tmp/t 1")
     cfg = compose_cfg(overrides)

@@ -276,7 +276,7 @@ def test_regime_file_per_option_resources_and_profile_control() -> None:
 
 
 def test_a_config_group_set_to_none_is_removed() -> None:
-    from raysal.orchestration.compose import compose_cfg
+    from raysal.orchestration.train.compose import compose_cfg
 
     assert format_override("criterion@criteria.vision", None) == "~criterion@criteria.vision"
     assert format_override("+criterion@criteria.extra", None) == "~criterion@criteria.extra"

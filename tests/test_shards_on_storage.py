@@ -11,10 +11,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from raysal import storage
 from raysal.data.shards import MANIFEST, main, read_manifest, shard_files, shard_paths, write_shards
-from raysal.orchestration import storage
-from raysal.orchestration.errors import ConfigError
-from raysal.orchestration.preflight import check_data
+from raysal.orchestration.train.errors import ConfigError
+from raysal.orchestration.train.preflight import check_data
 
 SPLITS = {"train_split": "train2017", "val_split": "val2017"}
 
@@ -117,7 +117,7 @@ def _synthetic(shards: str, root) -> dict:
 
 def test_first_use_synthetic_shards_are_written_to_a_uri(s3_server, tmp_path, monkeypatch):
     from raysal.data import synthetic
-    from raysal.orchestration.assets import ensure_data
+    from raysal.orchestration.train.assets import ensure_data
 
     data = _synthetic(s3_server.new_prefix(), tmp_path / "root")
     ensure_data(data)
@@ -140,7 +140,7 @@ def test_first_use_synthetic_shards_are_written_to_a_uri(s3_server, tmp_path, mo
 
 
 def test_first_use_tiny_model_is_written_whole(tmp_path, s3_server):
-    from raysal.orchestration.assets import ensure_model
+    from raysal.orchestration.train.assets import ensure_model
 
     out = tmp_path / "tiny" / "llava"
     (out).mkdir(parents=True)
@@ -162,7 +162,7 @@ def test_first_use_tiny_model_is_written_whole(tmp_path, s3_server):
 @pytest.mark.integration
 def test_ray_data_reads_a_uri_and_makes_first_use_data_in_its_read_tasks(s3_server, ray_local, tmp_path, clean_root):
     from raysal.data.ray_dataset import coconut_dataset
-    from raysal.orchestration.assets import ensure_data
+    from raysal.orchestration.train.assets import ensure_data
 
     loc = s3_server.new_prefix()
     write_shards(clean_root, loc, rows_per_file=7)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from raysal.orchestration.stale_checkpoints import SNAPSHOT, remove_stale_checkpoints
+from raysal.orchestration.train.stale_checkpoints import SNAPSHOT, remove_stale_checkpoints
 
 
 def _snapshot(names: list[str], latest: str | None) -> dict:

@@ -8,9 +8,9 @@ import time
 
 import pytest
 
-from raysal.orchestration.heartbeat import Heartbeat
-from raysal.orchestration.stale_checkpoints import SNAPSHOT
-from raysal.search.stall import StallWatchdog, last_progress
+from raysal.orchestration.train.heartbeat import Heartbeat
+from raysal.orchestration.train.stale_checkpoints import SNAPSHOT
+from raysal.orchestration.tune.stall import StallWatchdog, last_progress
 
 STARTED = time.time()
 
@@ -119,9 +119,9 @@ def test_limits_can_be_off_and_an_earlier_attempts_beat_does_not_count():
 
 
 def test_the_wait_timeout_is_a_checked_config_key():
-    from raysal.orchestration.compose import compose_cfg
-    from raysal.orchestration.errors import ConfigError
-    from raysal.orchestration.spec import spec_from_cfg
+    from raysal.orchestration.train.compose import compose_cfg
+    from raysal.orchestration.train.errors import ConfigError
+    from raysal.orchestration.train.spec import spec_from_cfg
 
     def wait(*overrides: str) -> float | None:
         return spec_from_cfg(compose_cfg(["experiment=demo", *overrides])).config["trainer"]["wait_timeout_s"]

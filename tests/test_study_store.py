@@ -9,8 +9,8 @@ from pathlib import Path
 import optuna
 import pytest
 
-from raysal.orchestration import storage
-from raysal.orchestration.study_store import redact, study_store
+from raysal import storage
+from raysal.orchestration.tune.study_store import redact, study_store
 from raysal.search.control import choose_best, open_study, settle_study
 from raysal.search.optuna_params import CONTROL_KEY
 from raysal.search.space_file import load_search_space
@@ -100,8 +100,8 @@ def test_no_winner_without_the_control():
 def test_a_restored_searcher_reopens_the_study_where_this_driver_keeps_it(spec, tmp_path):
     """Tune pickles the searcher; the pickle must not tie it to the saving head's disk."""
     pytest.importorskip("ray")
-    from raysal.orchestration import study_store as module
-    from raysal.search.optuna_search import ReasonedOptunaSearch
+    from raysal.orchestration.tune import study_store as module
+    from raysal.orchestration.tune.optuna_search import ReasonedOptunaSearch
     from raysal.search.sampling import define_by_run
 
     first = study_store(str(tmp_path / "first"), "st", None, str(tmp_path))
@@ -157,7 +157,7 @@ def test_a_database_study_is_snapshotted_into_the_search_folder(spec, tmp_path, 
 def test_a_search_folder_without_its_study_is_not_resumed_blindly(tmp_path, s3_server):
     """Tune's state in the bucket but no optuna.db (and none on this disk): one clear error, not Optuna's KeyError."""
     pytest.importorskip("ray")
-    from raysal.orchestration.search import SearchPlaces, SearchStateError, restore_tuner
+    from raysal.orchestration.tune.driver import SearchPlaces, SearchStateError, restore_tuner
 
     search = storage.join(s3_server.new_prefix(), "st")
     storage.write_json(storage.join(search, "experiment_state-2026-12-01_00-00-00.json"), {})

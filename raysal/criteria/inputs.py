@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from raysal.attention.selection import is_pairs, resolve_heads, resolve_layers, resolve_pairs
-from raysal.criteria.targets import GroundingTargets
+from raysal.attention.targets import GroundingTargets
 
 NEEDS = frozenset({"logits", "image_attention", "attentions", "model"})
 EPS = 1e-8

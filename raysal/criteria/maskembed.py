@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from raysal.criteria.inputs import CriterionInputs
-from raysal.loop.distributed import rank
+from raysal.distributed import rank
 
 HEAD = "raysal_maskembed"  # the decoder's attribute on the HF model
 

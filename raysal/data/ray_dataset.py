@@ -12,10 +12,10 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import ray.data
 
+from raysal import storage
 from raysal.data.decode import decode_row
 from raysal.data.holdout import in_holdout
 from raysal.data.shards import shard_files
-from raysal.orchestration import storage
 
 
 def _read_rows(
@@ -55,7 +55,7 @@ def coconut_dataset(
     ``limit`` caps the rows (evaluation sets). Every operator states its CPU fraction: Ray Data's default, a whole
     CPU, never gets scheduled on a machine whose CPUs the Train workers and encode actors hold.
     ``prepare``: a picklable zero-argument callable that makes the shards where they are missing (first-use
-    synthetic data, `raysal.orchestration.assets.ensure_data`); called here, before the manifest is read, and at
+    synthetic data, `raysal.orchestration.train.assets.ensure_data`); called here, before the manifest is read, and at
     the start of every read task, on whichever node runs it. It must be idempotent and cheap when the shards exist.
     """
     if part not in ("all", "train", "val"):

@@ -3,7 +3,7 @@
 Reads ROOT (a local folder) through the validator (`raysal.data.check.scan`), writes the valid samples as zstd
 parquet files ``OUT/<split>/part-00000.parquet`` (DESIGN §2.4) and ``OUT/manifest.json`` (counts, skipped by reason,
 tag offsets, categories). OUT is a storage location (a local folder or a URI such as ``s3://bucket/shards``: every
-read and write goes through `raysal.orchestration.storage`). Image and mask bytes are stored exactly as read — masks
+read and write goes through `raysal.storage`). Image and mask bytes are stored exactly as read — masks
 stay lossless PNG. Rows are in image-id order and the manifest holds no timestamps, so re-running over the same ROOT
 gives identical shards.
 """
@@ -22,11 +22,11 @@ import pyarrow as pa
 import pyarrow.fs
 import pyarrow.parquet as pq
 
+from raysal import storage
 from raysal.data.check import InvalidDataError, SplitReport, enforce, scan
 from raysal.data.reader import LayoutError, TagConfig
 from raysal.data.sample import Sample
 from raysal.data.tags import Span
-from raysal.orchestration import storage
 
 MANIFEST = "manifest.json"
 

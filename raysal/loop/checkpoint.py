@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from raysal.loop.distributed import is_sharded, rank, world_size
+from raysal.distributed import is_sharded, rank, world_size
 from raysal.model.build import save_connector
 
 STATE = "state.pt"

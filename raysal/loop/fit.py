@@ -21,8 +21,8 @@ import torch
 
 from raysal.attention.capture import CAPTURE_IMPL, enable_capture
 from raysal.attention.selection import resolve_heads, resolve_layers
+from raysal.distributed import all_reduce_sum, is_sharded, world_size
 from raysal.loop.checkpoint import Progress, load_checkpoint, load_history, save_checkpoint
-from raysal.loop.distributed import all_reduce_sum, is_sharded, world_size
 from raysal.loop.divergence import DivergenceConfig, DivergenceGuard
 from raysal.loop.evaluate import evaluate
 from raysal.loop.schedule import make_scheduler

@@ -18,7 +18,7 @@ import torch
 
 from raysal.data.decode import decode_image
 from raysal.data.pope_set import PopeImage, PopeSet
-from raysal.loop.distributed import all_reduce_sum, my_part, world_size
+from raysal.distributed import all_reduce_sum, my_part, world_size
 from raysal.metrics.pope import PopeSums, p_yes, pope_metrics, yes_no_token_ids
 
 

@@ -15,10 +15,10 @@ import torch
 
 from raysal.attention.capture import AttentionCapture, image_attention_from_maps
 from raysal.attention.selection import resolve_selection
+from raysal.attention.targets import grounding_targets
 from raysal.batch import model_inputs
 from raysal.criteria.inputs import NEEDS, CriterionInputs
-from raysal.criteria.targets import grounding_targets
-from raysal.loop.distributed import all_reduce_sum, world_size
+from raysal.distributed import all_reduce_sum, world_size
 from raysal.loop.divergence import DivergedError
 from raysal.model.build import ModelInfo
 

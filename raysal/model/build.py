@@ -178,7 +178,7 @@ def load_connector(model: torch.nn.Module, folder: str | Path, kind: str) -> Non
     ``folder`` is a local folder or a storage URI (a search's ``best_connector/`` lives on its storage)."""
     from safetensors.torch import load as load_safetensors
 
-    from raysal.orchestration import storage
+    from raysal import storage
 
     folder = str(folder)
     meta_file, weights = storage.join(folder, CONNECTOR_META), storage.join(folder, CONNECTOR_FILE)

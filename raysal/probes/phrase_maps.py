@@ -16,9 +16,9 @@ import numpy as np
 import torch
 
 from raysal.attention.capture import AttentionCapture
+from raysal.attention.targets import grounding_targets
 from raysal.batch import PixelNorm, model_inputs, to_device
 from raysal.criteria.inputs import renormalise
-from raysal.criteria.targets import grounding_targets
 from raysal.data.decode import decode_image
 from raysal.data.mask import decode_mask_png
 from raysal.loop.step import CapturePlan

@@ -15,7 +15,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from raysal.orchestration import storage
+from raysal import storage
 from raysal.search import report_figures as figures
 
 LM = "val/lm_loss"

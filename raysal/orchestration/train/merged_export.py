@@ -25,11 +25,11 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
+from raysal import storage
 from raysal.data.holdout import in_holdout, validation_holdout
 from raysal.data.shards import shard_paths
 from raysal.loop.checkpoint import ADAPTER, MODEL
-from raysal.orchestration import storage
-from raysal.orchestration.checkpoint_fetch import fetch_folder, folders
+from raysal.orchestration.train.checkpoint_fetch import fetch_folder, folders
 
 log = logging.getLogger(__name__)
 

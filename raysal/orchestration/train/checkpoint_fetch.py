@@ -33,8 +33,8 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 import pyarrow.fs
 import torch
 
+from raysal import storage
 from raysal.loop.checkpoint import HISTORY, SHARDED, STATE
-from raysal.orchestration import storage
 
 if TYPE_CHECKING:  # Ray Train hands a worker its checkpoint; this module never needs Ray itself
     import ray.train

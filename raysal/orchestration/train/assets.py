@@ -18,8 +18,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from raysal.orchestration import storage
-from raysal.orchestration.errors import ConfigError
+from raysal import storage
+from raysal.orchestration.train.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ def _local(location: str, key: str, what: str) -> Path:
 
 def ensure_model(model: dict[str, Any]) -> None:
     """For ``model.tiny`` configs, write the tiny checkpoint at ``model.name_or_path`` if it is not there; with
-    ``model.captioned`` ({steps, lr, seed}), the demo's base trained from it (`raysal.model.demo_base`)."""
+    ``model.captioned`` ({steps, lr, seed}), the demo's base trained from it (`raysal.demo.base`)."""
     arch = model.get("tiny")
     if not arch:
         return
@@ -53,7 +53,7 @@ def ensure_model(model: dict[str, Any]) -> None:
     out = _local(str(model["name_or_path"]), "model.name_or_path", f"a tiny model (model.tiny={arch})")
     captioned = model.get("captioned")
     if captioned:
-        from raysal.model import demo_base
+        from raysal.demo import base as demo_base  # trains a model: torch + transformers, only when needed
 
         args = {"steps": int(captioned["steps"]), "lr": float(captioned["lr"]), "seed": int(captioned["seed"])}
 
@@ -94,7 +94,7 @@ def ensure_data(data: dict[str, Any]) -> None:
     """
     syn = data.get("synthetic")
     if not syn:
-        return  # real shards: `raysal.orchestration.preflight.check_data` says what is wrong with them
+        return  # real shards: `raysal.orchestration.train.preflight.check_data` says what is wrong with them
     from raysal.data.shards import MANIFEST
 
     shards = str(data["shards"])

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pyarrow.fs
 
-from raysal.orchestration.storage import filesystem
+from raysal.storage import filesystem
 
 FILE = "fail_reason.txt"
 

@@ -18,6 +18,7 @@ import ray.train
 import ray.train.torch
 import torch
 
+from raysal import storage
 from raysal.batch import PixelNorm
 from raysal.data.holdout import validation_holdout
 from raysal.loop.checkpoint import load_history
@@ -33,14 +34,13 @@ from raysal.model.build import (
     prepare_full_finetune,
 )
 from raysal.model.shard import shard_model
-from raysal.orchestration import storage
-from raysal.orchestration.data import iter_collated
-from raysal.orchestration.fail_reason import write_reason
-from raysal.orchestration.merged_export import RUN_CONFIG
-from raysal.orchestration.placement_groups import record_placement_group
-from raysal.orchestration.probe_files import wandb_media, write_probe_set, write_step
-from raysal.orchestration.spec import RunSpec
-from raysal.orchestration.wandb_run import STEP, mirror_wandb, relog, run_id
+from raysal.orchestration.train.data import iter_collated
+from raysal.orchestration.train.fail_reason import write_reason
+from raysal.orchestration.train.merged_export import RUN_CONFIG
+from raysal.orchestration.train.placement_groups import record_placement_group
+from raysal.orchestration.train.probe_files import wandb_media, write_probe_set, write_step
+from raysal.orchestration.train.spec import RunSpec
+from raysal.orchestration.train.wandb_run import STEP, mirror_wandb, relog, run_id
 from raysal.probes.phrase_maps import phrase_maps
 from raysal.probes.probe_set import select_probes
 
@@ -99,13 +99,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     rank = ctx.get_world_rank()
     beating = None
     if rank == 0:  # first: the search's watchdog sees a worker group set up, not one waiting for resources
-        from raysal.orchestration.heartbeat import start_heartbeat
+        from raysal.orchestration.train.heartbeat import start_heartbeat
 
         beating = start_heartbeat(storage.join(spec.storage_path, spec.name))
     device = ray.train.torch.get_device()
     torch.manual_seed(spec.seed)
 
-    from raysal.orchestration.assets import ensure_data, ensure_model
+    from raysal.orchestration.train.assets import ensure_data, ensure_model
 
     # first-use assets on this worker's node (the driver's preflight made them on its own): the tiny model before
     # it loads, the synthetic shards before the probe set reads them
@@ -156,7 +156,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     run = None
     if rank == 0:
-        from raysal.orchestration.wandb_run import init_wandb
+        from raysal.orchestration.train.wandb_run import init_wandb
 
         record_placement_group(storage.join(spec.storage_path, spec.name))  # for the search's janitor
         # what `python -m raysal.export` rebuilds the base model and the training image list from
@@ -164,7 +164,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
         run = init_wandb(spec.wandb, spec.name, wandb_dir(spec), spec.config)
     after_eval = probe_hook(spec, processor, padding, device, run, write=rank == 0) if rank == 0 or fsdp else None
-    from raysal.orchestration.val_extras import val_extras
+    from raysal.orchestration.train.val_extras import val_extras
 
     extra_eval = val_extras(spec, processor, device, sharded=ctx.get_world_size() > 1, lockstep=fsdp,
                             write=rank == 0)  # fmt: skip
@@ -193,7 +193,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     with tempfile.TemporaryDirectory() as local:
         resume_dir = None
         if restored is not None:
-            from raysal.orchestration.checkpoint_fetch import fetch_for_resume
+            from raysal.orchestration.train.checkpoint_fetch import fetch_for_resume
 
             # this rank's part only (state.pt, its shards; history on rank 0), not the whole checkpoint
             fetched = fetch_for_resume(restored, Path(local) / "resume", rank=rank, world_size=ctx.get_world_size())

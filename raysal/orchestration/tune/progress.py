@@ -14,9 +14,9 @@ from typing import Any
 
 from ray.tune import Callback
 
-from raysal.orchestration import storage
-from raysal.orchestration.errors import first_line
-from raysal.orchestration.fail_reason import read_reason
+from raysal import storage
+from raysal.orchestration.train.errors import first_line
+from raysal.orchestration.train.fail_reason import read_reason
 from raysal.search.optuna_params import CONTROL_KEY, params_to_overrides
 from raysal.search.override_text import format_override
 

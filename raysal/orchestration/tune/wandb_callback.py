@@ -31,8 +31,8 @@ from typing import Any
 
 from ray.air.integrations.wandb import WANDB_ENV_VAR, WandbLoggerCallback, _QueueItem, _WandbLoggingActor
 
-from raysal.orchestration import storage
-from raysal.orchestration.wandb_run import STEP, mirror_wandb, relog
+from raysal import storage
+from raysal.orchestration.train.wandb_run import STEP, mirror_wandb, relog
 
 logger = logging.getLogger(__name__)
 _KEY_ARG = "raysal_wandb_api_key"
@@ -52,7 +52,7 @@ class _SearchWandbLoggingActor(_WandbLoggingActor):
         super().__init__(*args, **kwargs)
 
     def _probe_media(self, step: int) -> dict[str, Any]:
-        from raysal.orchestration.probe_files import read_step, wandb_media
+        from raysal.orchestration.train.probe_files import read_step, wandb_media
 
         try:
             rows, pictures = read_step(self._run_dir, step)

@@ -19,13 +19,13 @@ import pyarrow as pa
 import pyarrow.fs
 import pyarrow.parquet as pq
 
+from raysal import storage
 from raysal.attention.selection import resolve_heads, resolve_layers, resolve_selection
 from raysal.data.holdout import in_holdout
 from raysal.data.shards import MANIFEST, SCHEMA
-from raysal.orchestration import storage
-from raysal.orchestration.errors import ConfigError
-from raysal.orchestration.spec import RunSpec
-from raysal.orchestration.storage import filesystem
+from raysal.orchestration.train.errors import ConfigError
+from raysal.orchestration.train.spec import RunSpec
+from raysal.storage import filesystem
 
 log = logging.getLogger(__name__)
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # org/name
@@ -237,7 +237,7 @@ def check_data(data: dict[str, Any], num_workers: int) -> DataSizes:
 
 def preflight(spec: RunSpec) -> DataSizes:
     """Check what the run points at, creating the demo's assets (tiny model, synthetic data) on first use."""
-    from raysal.orchestration.assets import ensure_data, ensure_model
+    from raysal.orchestration.train.assets import ensure_data, ensure_model
 
     check_writable(spec.storage_path, "storage_path")
     if spec.wandb.get("dir"):

@@ -1,5 +1,5 @@
 """The demo's base model: the tiny LLaVA / LLaVA-NeXT trained to caption the synthetic images and to answer yes/no
-questions about them, once, on first use: ``python -m raysal.model.demo_base --out DIR --arch llava``.
+questions about them, once, on first use: ``python -m raysal.demo.base --out DIR --arch llava``.
 
 A random-init model has no language for the LM-only control to keep and no attention worth redirecting, so the
 demo search would compare noise with noise. This base is made from the tiny checkpoint (`raysal.model.tiny`, the
@@ -113,7 +113,7 @@ def is_current(out: Path | str, arch: str, *, steps: int, lr: float, seed: int) 
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m raysal.model.demo_base", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m raysal.demo.base", description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--arch", choices=["llava", "llava_next"], default="llava")
     ap.add_argument("--steps", type=int, default=400)

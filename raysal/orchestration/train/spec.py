@@ -10,13 +10,13 @@ from typing import Any
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from raysal import storage
 from raysal.loop.divergence import DivergenceConfig
 from raysal.loop.fit import FitConfig
 from raysal.loop.step import validate_criteria
 from raysal.model.build import lora_target_regex, resolve_dtype
-from raysal.orchestration import storage
-from raysal.orchestration.errors import ConfigError
-from raysal.orchestration.storage import is_uri
+from raysal.orchestration.train.errors import ConfigError
+from raysal.storage import is_uri
 
 log = logging.getLogger(__name__)
 _LORA_ONLY = frozenset({"rank", "alpha", "dropout", "targets", "vision"})

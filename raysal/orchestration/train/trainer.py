@@ -13,12 +13,12 @@ from ray.data import ExecutionOptions, ExecutionResources
 from ray.train import DataConfig
 from ray.train.torch import TorchTrainer
 
+from raysal import storage
 from raysal.loop.checkpoint import ADAPTER, CONNECTOR, MODEL
-from raysal.orchestration import storage
-from raysal.orchestration.checkpoint_fetch import fetch_folder, folders
-from raysal.orchestration.data import run_datasets
-from raysal.orchestration.spec import RunSpec
-from raysal.orchestration.worker import train_loop_per_worker
+from raysal.orchestration.train.checkpoint_fetch import fetch_folder, folders
+from raysal.orchestration.train.data import run_datasets
+from raysal.orchestration.train.spec import RunSpec
+from raysal.orchestration.train.worker import train_loop_per_worker
 
 
 class ShardedValidation(DataConfig):
@@ -72,7 +72,7 @@ def build_trainer(spec: RunSpec, *, callbacks: Sequence[Any] = ()) -> TorchTrain
             # RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S (nodes still autoscaling, a preempted node coming back), or
             # a worker dying as it starts — against controller_failure_limit, the only controller errors it
             # retries. Retried without limit: waiting for resources is no failure, and a search bounds the wait
-            # itself (trainer.wait_timeout_s, `raysal.search.stall`).
+            # itself (trainer.wait_timeout_s, `raysal.orchestration.tune.stall`).
             failure_config=ray.train.FailureConfig(
                 max_failures=spec.config["trainer"]["max_failures"],
                 controller_failure_limit=-1,

@@ -1,9 +1,9 @@
 """Rank 0 of a Train run says that its workers run: a beat every `INTERVAL_S` in Ray's internal key-value store.
 
-The search's stall watchdog (`raysal.search.stall`) reads it to tell a run whose workers run but report nothing
-(stalled) from a run whose worker group waits for resources — nodes the autoscaler is still starting, or a
-preempted node coming back — which is not a stall. Nor is a worker's setup: making first-use assets, downloading
-the model (14 GB for a 7B one, on a node that just booted), fetching its checkpoint; so the beat also says when the
+The search's stall watchdog (`raysal.orchestration.tune.stall`) reads it to tell a run whose workers run but report
+nothing (stalled) from a run whose worker group waits for resources — nodes the autoscaler is still starting, or a
+preempted node coming back — which is not a stall. Nor is a worker's setup: making first-use assets, downloading the
+model (14 GB for a 7B one, on a node that just booted), fetching its checkpoint; so the beat also says when the
 training loop began. The value is ``{"started": <when this worker group's training function started>, "training":
 <when its loop began, null during setup>, "beat": <now>}``, under namespace `NAMESPACE`, keyed by the run folder: a
 worker group that Ray Train restarts writes a new ``started`` and sets up again.

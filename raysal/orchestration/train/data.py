@@ -15,7 +15,7 @@ from raysal.batch import PixelNorm, to_device
 from raysal.data.decode import decode_row
 from raysal.data.ray_dataset import coconut_dataset
 from raysal.model.build import load_processor
-from raysal.orchestration.assets import ensure_data, ensure_model
+from raysal.orchestration.train.assets import ensure_data, ensure_model
 from raysal.preprocess.batches import encode_row
 from raysal.preprocess.collate import Collate
 

@@ -6,11 +6,11 @@ A search runs unattended: a trial whose data pipeline never gets a CPU would oth
 placement group) until a person looks. Waiting is not a stall: on an autoscaling cluster a trial's worker group
 waits for nodes to start, and after a preemption for its node to come back (boot, setup, the model's download),
 for longer than a stall may last; Ray Train retries the worker group's start without limit
-(`raysal.orchestration.trainer`), so the wait has its own, generous limit here.
+(`raysal.orchestration.train.trainer`), so the wait has its own, generous limit here.
 
 What the watchdog reads: progress, what Ray Train writes at every report (the run folder's
 ``checkpoint_manager_snapshot.json``, rewritten at each report), and the heartbeat of the workers' rank 0
-(`raysal.orchestration.heartbeat`). Workers training (a recent beat, their setup done): the stall clock runs from
+(`raysal.orchestration.train.heartbeat`). Workers training (a recent beat, their setup done): the stall clock runs from
 the start of their loop or the last report, whichever is later — a worker group that restarts after a lost node
 starts it again. Workers setting up (first-use assets, the model's download, the checkpoint's fetch) or none
 running: the waiting clock runs from the watchdog's start, the last beat of a training worker group or the last
@@ -30,9 +30,9 @@ from functools import partial
 
 import pyarrow.fs
 
-from raysal.orchestration.heartbeat import INTERVAL_S, Heartbeat, read_heartbeat
-from raysal.orchestration.stale_checkpoints import SNAPSHOT
-from raysal.orchestration.storage import filesystem
+from raysal.orchestration.train.heartbeat import INTERVAL_S, Heartbeat, read_heartbeat
+from raysal.orchestration.train.stale_checkpoints import SNAPSHOT
+from raysal.storage import filesystem
 
 log = logging.getLogger(__name__)
 

@@ -30,15 +30,15 @@ from typing import Any
 import pyarrow.fs
 from ray.tune import Callback
 
-from raysal.orchestration import storage
-from raysal.orchestration.storage import filesystem
+from raysal import storage
+from raysal.storage import filesystem
 
 log = logging.getLogger(__name__)
 FILE = "placement_group.txt"
 GRACE_S = 5.0  # Ray Train's own shutdown (or its cleaner) goes first; the janitor only removes what they left
 REMOVED_LOG = "placement_groups_removed.jsonl"
 # the job-level runtime env of both entry points' `ray.init`
-JOB_RUNTIME_ENV = {"worker_process_setup_hook": "raysal.orchestration.placement_groups.pin_ray_address"}
+JOB_RUNTIME_ENV = {"worker_process_setup_hook": "raysal.orchestration.train.placement_groups.pin_ray_address"}
 
 
 def pin_ray_address() -> None:

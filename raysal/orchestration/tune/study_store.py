@@ -18,7 +18,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from raysal.orchestration import storage
+from raysal import storage
 
 log = logging.getLogger(__name__)
 STUDY_FILE = "optuna.db"

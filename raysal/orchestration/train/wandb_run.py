@@ -57,7 +57,7 @@ def relog(run: Any, rows: list[dict[str, Any]]) -> int:
 
 def sync_hint(location: str) -> str:
     """How to upload the offline runs kept in ``<location>/wandb/`` (a local folder or a URI)."""
-    from raysal.orchestration import storage
+    from raysal import storage
 
     local = storage.local_path(location)
     if local is not None:
@@ -72,7 +72,7 @@ def mirror_wandb(local_dir: str | Path, run_id: str, location: str) -> int:
     ones) to ``<location>/wandb/`` on storage: W&B writes to a local disk, which a spot node or a lost head takes
     with it. Nothing to do when ``local_dir`` is ``location``. → folders copied. Called at every evaluation (the
     checkpoint boundary) and when the run ends."""
-    from raysal.orchestration import storage
+    from raysal import storage
 
     if storage.same_place(local_dir, location):
         return 0

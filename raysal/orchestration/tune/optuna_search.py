@@ -11,8 +11,9 @@ from typing import Any
 
 from ray.tune.search.optuna import OptunaSearch
 
-from raysal.orchestration import storage, study_store
-from raysal.orchestration.fail_reason import read_reason
+from raysal import storage
+from raysal.orchestration.train.fail_reason import read_reason
+from raysal.orchestration.tune import study_store
 from raysal.search.control import settle_study
 
 log = logging.getLogger(__name__)
@@ -93,7 +94,7 @@ class ReasonedOptunaSearch(OptunaSearch):
         self.__dict__.update(state)
         self.store = study_store.active or self.store
         if self.store is None:
-            raise RuntimeError("restoring a search needs its study store (raysal.orchestration.study_store.active)")
+            raise RuntimeError("restoring a search needs its study store (study_store.active)")
         self._storage = optuna.storages.RDBStorage(self.store.url)
         self._ot_study = optuna.load_study(study_name=self.store.name, storage=self._storage, sampler=self._sampler)
         self._ot_trials = {tid: optuna.Trial(self._ot_study, ot_id) for tid, ot_id in self._ot_trials.items()}

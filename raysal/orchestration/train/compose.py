@@ -9,7 +9,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf
 
-from raysal.orchestration import storage
+from raysal import storage
 
 # `${storage_join:${storage_path},heads}`: a location under the storage path that keeps a URI's ?options last
 # (`${storage_path}/heads` would put `/heads` after `&scheme=http`)

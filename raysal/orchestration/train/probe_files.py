@@ -19,10 +19,10 @@ from typing import Any
 import numpy as np
 import pyarrow.fs
 
-from raysal.orchestration.storage import filesystem
 from raysal.probes.phrase_maps import PhraseMap
 from raysal.probes.probe_set import Probe
 from raysal.probes.render import png_bytes, render
+from raysal.storage import filesystem
 
 FOLDER = "probes"
 SCORES = "scores.json"

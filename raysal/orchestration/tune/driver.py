@@ -23,10 +23,10 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from raysal.orchestration import storage
-from raysal.orchestration.compose import compose_cfg
-from raysal.orchestration.search_summary import report, summarise, trial_overrides
-from raysal.orchestration.study_store import StudyStore, redact, study_store
+from raysal import storage
+from raysal.orchestration.train.compose import compose_cfg
+from raysal.orchestration.tune.study_store import StudyStore, redact, study_store
+from raysal.orchestration.tune.summary import report, summarise, trial_overrides
 from raysal.search.override_text import format_override
 from raysal.search.space import SearchSpaceError, SearchSpec
 from raysal.search.space_file import load_search_space
@@ -92,18 +92,18 @@ def run_trial(
 
     Lost workers and nodes are retried inside the run by Ray Train (``trainer.max_failures``; a worker group that
     waits for resources, without limit); what reaches here is a real failure: its reason goes to the run folder
-    (`raysal.orchestration.fail_reason`) and the trial raises, so Tune marks it ERROR and Optuna FAIL. The stall
+    (`raysal.orchestration.train.fail_reason`) and the trial raises, so Tune marks it ERROR and Optuna FAIL. The stall
     watchdog ends a trial whose workers run without reporting (``trainer.stall_timeout_s``) or never run
     (``trainer.wait_timeout_s``) the same way."""
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from raysal.orchestration.fail_reason import clear_reason, read_reason, write_reason
-    from raysal.orchestration.heartbeat import read_heartbeat
-    from raysal.orchestration.spec import spec_from_cfg
-    from raysal.orchestration.stale_checkpoints import remove_stale_checkpoints
-    from raysal.orchestration.trainer import build_trainer
-    from raysal.search.stall import StallWatchdog
+    from raysal.orchestration.train.fail_reason import clear_reason, read_reason, write_reason
+    from raysal.orchestration.train.heartbeat import read_heartbeat
+    from raysal.orchestration.train.spec import spec_from_cfg
+    from raysal.orchestration.train.stale_checkpoints import remove_stale_checkpoints
+    from raysal.orchestration.train.trainer import build_trainer
+    from raysal.orchestration.tune.stall import StallWatchdog
 
     trial_id = ray.tune.get_context().get_trial_id()
     spec = spec_from_cfg(compose_cfg(trial_run_overrides(base, config, control, trial_id, trials_dir, pins)))
@@ -240,7 +240,7 @@ def _max_concurrent(spec: SearchSpec, encode_cpus: float) -> int | None:
     why; raises `ConfigError` (one line) before any trial starts."""
     import ray
 
-    from raysal.orchestration.errors import ConfigError
+    from raysal.orchestration.train.errors import ConfigError
 
     if spec.max_concurrent_trials:
         n = spec.max_concurrent_trials
@@ -304,7 +304,7 @@ def missing_heads_table(spec: SearchSpec, run_spec: Any) -> str | None:
 def find_heads(overrides: list[str]) -> str:
     """A Ray task: the head finder (`raysal.heads.find`) on the search's base config → the table it wrote."""
     from raysal.heads import find
-    from raysal.orchestration.compose import compose_cfg
+    from raysal.orchestration.train.compose import compose_cfg
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     return find(compose_cfg(overrides))
@@ -354,14 +354,14 @@ def search_places(spec: SearchSpec, run_spec: Any) -> SearchPlaces:
 
 def check_study(places: SearchPlaces) -> None:
     """The study's place works: the driver's disk for a working copy, or the database answers."""
-    from raysal.orchestration.preflight import check_writable
+    from raysal.orchestration.train.preflight import check_writable
 
     if places.study.published_separately:
         check_writable(str(Path(places.study.working).parent), "cache_dir")
     if places.study.in_database:
         import optuna
 
-        from raysal.orchestration.errors import ConfigError
+        from raysal.orchestration.train.errors import ConfigError
 
         try:
             optuna.storages.RDBStorage(places.study.url)
@@ -383,8 +383,8 @@ def prepare_search(
         spec = replace(spec, optuna_storage=optuna_storage)
     base = [*spec.base_overrides, *resource_overrides(spec), *cli]
     validate_against(spec, compose_cfg)  # every key and option must exist: fail before any trial starts
-    from raysal.orchestration.preflight import preflight
-    from raysal.orchestration.spec import objective_metrics, spec_from_cfg
+    from raysal.orchestration.train.preflight import preflight
+    from raysal.orchestration.train.spec import objective_metrics, spec_from_cfg
 
     run_spec = spec_from_cfg(compose_cfg(base))
     reported = objective_metrics(run_spec.criteria, run_spec.config.get("trainer"))
@@ -407,7 +407,7 @@ def connect_ray(verbose: bool) -> None:
     import optuna
     import ray
 
-    from raysal.orchestration.placement_groups import JOB_RUNTIME_ENV
+    from raysal.orchestration.train.placement_groups import JOB_RUNTIME_ENV
 
     quiet: dict[str, Any] = {} if verbose else {"log_to_driver": False, "logging_level": logging.WARNING}
     if not verbose:
@@ -458,7 +458,7 @@ def restore_tuner(places: SearchPlaces, trainable: Any) -> Any:
     would only diverge again."""
     from ray import tune
 
-    from raysal.orchestration import study_store as study_module
+    from raysal.orchestration.tune import study_store as study_module
 
     places.study.fetch()  # a new or wiped head: the study published in the search folder
     if places.study.working is not None and not Path(places.study.working).exists():
@@ -486,9 +486,9 @@ def make_scheduler(spec: SearchSpec) -> Any:
 def make_callbacks(spec: SearchSpec, run_spec: Any, places: SearchPlaces, wandb_mode: str) -> list:
     """Raysal's console lines, the placement-group janitor (removes the Train placement group of an ended trial
     if Ray Train did not: see placement_groups.py) and W&B (one run per trial)."""
-    from raysal.orchestration.placement_groups import PlacementGroupJanitor
-    from raysal.orchestration.wandb_callback import SearchWandbCallback
-    from raysal.search.progress import ProgressLines
+    from raysal.orchestration.train.placement_groups import PlacementGroupJanitor
+    from raysal.orchestration.tune.progress import ProgressLines
+    from raysal.orchestration.tune.wandb_callback import SearchWandbCallback
 
     s = spec.scheduler
     callbacks: list = [
@@ -519,9 +519,9 @@ def new_tuner(spec: SearchSpec, run_spec: Any, places: SearchPlaces, trainable: 
     import optuna
     from ray import tune
 
-    from raysal.orchestration import study_store as study_module
+    from raysal.orchestration.tune import study_store as study_module
+    from raysal.orchestration.tune.optuna_search import ReasonedOptunaSearch
     from raysal.search.control import open_study, settle_study
-    from raysal.search.optuna_search import ReasonedOptunaSearch
     from raysal.search.sampling import define_by_run
 
     max_concurrent = _max_concurrent(spec, float(run_spec.data["encode_cpus"]))
@@ -596,8 +596,8 @@ def run_tuner(tuner: Any, spec: SearchSpec, places: SearchPlaces, restored: bool
 def finish(grid: Any, spec: SearchSpec, base: list[str], run_spec: Any, places: SearchPlaces, wandb_mode: str,
            t0: float) -> int:  # fmt: skip
     """summary.json, the study and the report, all in the search folder; the console's last line."""
-    from raysal.orchestration.placement_groups import removed_count
-    from raysal.orchestration.wandb_run import sync_hint
+    from raysal.orchestration.train.placement_groups import removed_count
+    from raysal.orchestration.train.wandb_run import sync_hint
     from raysal.search.verdict import verdict
 
     summary = summarise(grid, spec, base, places.search_dir)
@@ -639,7 +639,7 @@ def guard_lines(summary: dict) -> list[str]:
 
 
 def run_search(spec: SearchSpec, base: list[str], run_spec: Any, resume: str, verbose: bool = False) -> int:
-    from raysal.orchestration.wandb_run import resolve_mode
+    from raysal.orchestration.train.wandb_run import resolve_mode
 
     places = search_places(spec, run_spec)
     places.local_dir.mkdir(parents=True, exist_ok=True)
@@ -669,7 +669,7 @@ def run_search(spec: SearchSpec, base: list[str], run_spec: Any, resume: str, ve
             print(f"error: {e}", file=sys.stderr)
             return 2
     else:
-        from raysal.orchestration.errors import ConfigError, print_user_error
+        from raysal.orchestration.train.errors import ConfigError, print_user_error
 
         try:
             tuner = new_tuner(spec, run_spec, places, trainable, wandb_mode, verbose)

@@ -13,7 +13,7 @@ import logging
 
 import pyarrow.fs
 
-from raysal.orchestration.storage import filesystem
+from raysal.storage import filesystem
 
 log = logging.getLogger(__name__)
 SNAPSHOT = "checkpoint_manager_snapshot.json"

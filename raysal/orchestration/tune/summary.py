@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from raysal.orchestration import storage
+from raysal import storage
 from raysal.search.optuna_params import CONTROL_KEY, params_to_overrides
 from raysal.search.override_text import format_override
 from raysal.search.space import SearchSpec
@@ -43,9 +43,9 @@ def summarise(result_grid: Any, spec: SearchSpec, base: list[str], search_dir: s
     checkpoint. A failed trial (diverged, stalled, errored) is never ranked, whatever it reported before."""
     import ray.train
 
-    from raysal.orchestration.errors import first_line
-    from raysal.orchestration.fail_reason import read_reason
-    from raysal.orchestration.trainer import export_best
+    from raysal.orchestration.train.errors import first_line
+    from raysal.orchestration.train.fail_reason import read_reason
+    from raysal.orchestration.train.trainer import export_best
     from raysal.search.control import choose_best
 
     metric, mode = spec.objectives[0].metric, spec.objectives[0].mode
@@ -118,7 +118,7 @@ def summarise(result_grid: Any, spec: SearchSpec, base: list[str], search_dir: s
 def report(search_dir: str, run_spec: Any, wandb_mode: str, wandb_local: Path, name: str) -> None:
     """report.html + the W&B summary run; a finished search stays finished if its report fails (said, not hidden).
     ``wandb_local``: the driver's local folder for W&B files (mirrored into the search folder)."""
-    from raysal.orchestration.wandb_run import log_search_summary
+    from raysal.orchestration.train.wandb_run import log_search_summary
     from raysal.search.report_html import build_report
 
     try:

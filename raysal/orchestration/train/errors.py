@@ -1,6 +1,6 @@
 """Bad input → one line for the user. The entry points print ``error: <line>`` and exit 2 for these errors.
 
-Validation happens once, before Ray starts (`raysal.orchestration.spec`, `raysal.orchestration.preflight`);
+Validation happens once, before Ray starts (`raysal.orchestration.train.spec`, `raysal.orchestration.train.preflight`);
 what the workers see is trusted.
 """
 

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from raysal import storage
 from raysal.data.holdout import validation_holdout
 from raysal.data.pope_set import select_pope
 from raysal.loop.fit import ExtraEval
@@ -18,8 +19,7 @@ from raysal.loop.pope_eval import pope_scores
 from raysal.loop.readout_eval import readout_scores
 from raysal.loop.step import CapturePlan
 from raysal.metrics.pope import yes_no_token_ids
-from raysal.orchestration import storage
-from raysal.orchestration.spec import RunSpec
+from raysal.orchestration.train.spec import RunSpec
 from raysal.probes.probe_set import select_probes
 
 log = logging.getLogger(__name__)
