@@ -25,8 +25,8 @@ import os
 import sys
 from pathlib import Path
 
-from raysal.orchestration.tune.driver import prepare_search
 from raysal.orchestration.tune.driver import run_search as _search  # a name tests can replace
+from raysal.orchestration.tune.prepare import prepare_search
 from raysal.search.space import SearchSpaceError
 
 

@@ -34,14 +34,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from peak_memory import RSSPeak, tensor_peak  # scripts/ is on sys.path: this file runs as a script
 
-from raysal.attention.capture import AttentionCapture, enable_capture
+from raysal.attention.capture import AttentionCapture, CapturePlan, enable_capture
 from raysal.batch import model_inputs
 from raysal.criteria.kl import KLCriterion
 from raysal.criteria.lm import LMCriterion
 from raysal.criteria.maskembed import MaskEmbedCriterion
 from raysal.criteria.seed_kl import SeedKLCriterion
 from raysal.loop.evaluate import evaluate
-from raysal.loop.step import CapturePlan, plan_step, train_step
+from raysal.loop.step import plan_step, train_step
 from raysal.model.build import apply_lora, model_info
 
 H100_BF16_PEAK = 989e12  # dense bf16 FLOP/s of an H100 SXM (NVIDIA datasheet); A100: 312e12

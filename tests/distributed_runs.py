@@ -14,14 +14,14 @@ from typing import Any, ClassVar
 import torch
 import torch.distributed as dist
 
-from raysal.attention.capture import CAPTURE_IMPL, enable_capture
+from raysal.attention.capture import CAPTURE_IMPL, CapturePlan, enable_capture
 from raysal.attention.selection import resolve_heads, resolve_layers
 from raysal.batch import PixelNorm
 from raysal.criteria.kl import KLCriterion
 from raysal.criteria.lm import LMCriterion
 from raysal.loop.evaluate import evaluate
 from raysal.loop.fit import FitConfig, fit
-from raysal.loop.step import CapturePlan, NonFiniteLossError
+from raysal.loop.step import NonFiniteLossError
 from raysal.model.build import load_model, load_processor, model_info, prepare_full_finetune
 from raysal.model.shard import shard_model
 from raysal.preprocess.batches import batch_factory, load_encoded

@@ -54,48 +54,48 @@ HEAD = {"head": ({"CPU": 0, "TRAIN_DRIVER": 16}, 1)}
 
 
 def test_an_autoscaling_cluster_is_bounded_by_what_it_can_grow_to(node_types, capsys):
-    from raysal.orchestration.tune import driver as search
+    from raysal.orchestration.tune import capacity as search
 
     node_types({**HEAD, "a100": ({"CPU": 96, "GPU": 8}, 4)})  # scaled to zero: none of them is up
-    assert search._max_concurrent(space(**GPU8), 1.0) == 4  # 32 GPUs // 8 (384 CPUs // 49 = 7)
+    assert search.max_concurrent(space(**GPU8), 1.0) == 4  # 32 GPUs // 8 (384 CPUs // 49 = 7)
     assert "raysal: at most 4 trials at once: the cluster can grow to 32 GPUs, 8 per trial" in capsys.readouterr().out
-    assert search._max_concurrent(space(**CPU1), 0.5) == 256  # CPU trials: 384 CPUs // 1.5
+    assert search.max_concurrent(space(**CPU1), 0.5) == 256  # CPU trials: 384 CPUs // 1.5
     node_types({**HEAD, "a100": ({"CPU": 96, "GPU": 8}, -1)})  # no maximum count
-    assert search._max_concurrent(space(**GPU8), 1.0) is None
+    assert search.max_concurrent(space(**GPU8), 1.0) is None
     assert "no bound on trials at once" in capsys.readouterr().out
 
 
 def test_a_trial_bigger_than_the_cluster_can_grow_is_refused(node_types):
-    from raysal.orchestration.tune import driver as search
+    from raysal.orchestration.tune import capacity as search
 
     node_types({**HEAD, "a10g": ({"CPU": 48, "GPU": 4}, 1)})
     with pytest.raises(ConfigError) as e:
-        search._max_concurrent(space(**GPU8), 1.0)
+        search.max_concurrent(space(**GPU8), 1.0)
     assert "resources: one trial needs 49 CPUs and 8 GPUs" in str(e.value)
     assert "the cluster can grow to at most 48 CPUs and 4 GPUs" in str(e.value)
 
 
 def test_a_cluster_that_cannot_say_what_it_holds_refuses_to_start_naming_the_key(ray_local):
     """No autoscaler node types and no GPUs (local Ray: 2 CPUs): unbounded, every trial would wait for nodes."""
-    from raysal.orchestration.tune import driver as search
+    from raysal.orchestration.tune import capacity, tuner
 
     for resources in (GPU8, {**CPU1, "num_workers": 4}):  # no GPU at all; 4.5 CPUs of 2
         with pytest.raises(ConfigError) as e:
-            search._max_concurrent(space(**resources), 0.5)
+            capacity.max_concurrent(space(**resources), 0.5)
         message = user_message(e.value)  # what `error:` prints: one line
         assert "\n" not in message and "max_concurrent_trials: not set" in message
         assert "set max_concurrent_trials: N in the space file" in message
     # before anything of the search is touched (the study, the searcher): `places` would fail on any use
     with pytest.raises(ConfigError, match="max_concurrent_trials"):
-        search.new_tuner(space(**GPU8), SimpleNamespace(data={"encode_cpus": 1.0}), None, None, "disabled", False)
+        tuner.new_tuner(space(**GPU8), SimpleNamespace(data={"encode_cpus": 1.0}), None, None, "disabled", False)
 
 
 def test_a_fixed_cluster_is_bounded_by_what_it_has(ray_local, capsys):
-    from raysal.orchestration.tune import driver as search
+    from raysal.orchestration.tune import capacity as search
 
-    assert search._max_concurrent(space(**CPU1), 0.5) == 1  # 2 CPUs // 1.5
+    assert search.max_concurrent(space(**CPU1), 0.5) == 1  # 2 CPUs // 1.5
     assert "raysal: at most 1 trial at once: the cluster has 2 CPUs, 1.5 per trial" in capsys.readouterr().out
-    assert search._max_concurrent(replace(space(**GPU8), max_concurrent_trials=3), 1.0) == 3  # the file's value
+    assert search.max_concurrent(replace(space(**GPU8), max_concurrent_trials=3), 1.0) == 3  # the file's value
     assert "raysal: at most 3 trials at once: max_concurrent_trials in" in capsys.readouterr().out
 
 
@@ -139,7 +139,7 @@ def test_a_ray_up_head_reads_the_node_types_from_its_autoscaler_config(ray_local
     ~/ray_bootstrap_config.yaml (cluster.yaml, prepared): the bound comes from there."""
     import shutil
 
-    from raysal.orchestration.tune import driver as search
+    from raysal.orchestration.tune import capacity as search
 
     assert search.bootstrap_max_resources(str(tmp_path / "none.yaml")) is None
     grow = search.bootstrap_max_resources(str(ROOT / "cluster.yaml"))
@@ -147,7 +147,7 @@ def test_a_ray_up_head_reads_the_node_types_from_its_autoscaler_config(ray_local
     assert grow["GPU"] == 32 and grow["CPU"] == 384 and grow["TRAIN_DRIVER"] == 16, grow
     monkeypatch.setenv("HOME", str(tmp_path))
     shutil.copy(ROOT / "cluster.yaml", tmp_path / "ray_bootstrap_config.yaml")
-    assert search._max_concurrent(space(**GPU8), 1.0) == 4  # 32 GPUs // 8
+    assert search.max_concurrent(space(**GPU8), 1.0) == 4  # 32 GPUs // 8
     assert "at most 4 trials at once: the cluster can grow to 32 GPUs, 8 per trial" in capsys.readouterr().out
     (tmp_path / "ray_bootstrap_config.yaml").write_text("available_node_types: [not, a, map]\n")
     assert search.bootstrap_max_resources(str(tmp_path / "ray_bootstrap_config.yaml")) is None

@@ -10,11 +10,10 @@ import distributed_runs as runs
 import pytest
 import torch
 
-from raysal.attention.capture import CAPTURE_IMPL, enable_capture
+from raysal.attention.capture import CAPTURE_IMPL, CapturePlan, enable_capture
 from raysal.attention.selection import resolve_heads, resolve_layers
 from raysal.loop.checkpoint import MODEL, SHARDED, STATE
 from raysal.loop.evaluate import evaluate
-from raysal.loop.step import CapturePlan
 from raysal.model.build import load_model, load_processor, model_info, param_groups, prepare_full_finetune
 
 METRICS = ("lm_loss", "amr", "ap", "nss", "pointing", "images", "tokens")

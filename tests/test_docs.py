@@ -166,12 +166,13 @@ def _check_entry(name: str, args: list[str], monkeypatch: pytest.MonkeyPatch) ->
                 args = args[:i] + args[i + 2 :]
             raysal.train.prepare(compose_cfg(args))
         elif name == "raysal.heads":
-            import raysal.heads
+            from raysal.orchestration.train.head_finder import find_heads
+            from raysal.orchestration.train.spec import spec_from_cfg
 
-            raysal.heads.find(compose_cfg(args))
+            find_heads(spec_from_cfg(compose_cfg(args)))
         else:
             import raysal.tune
-            from raysal.orchestration.tune.driver import prepare_search
+            from raysal.orchestration.tune.prepare import prepare_search
 
             path, cli, _resume, database, _verbose = raysal.tune._parse_cli(args)
             prepare_search(path, cli, database)

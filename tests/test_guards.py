@@ -9,11 +9,11 @@ import re
 import pytest
 from search_space_files import minimal, write
 
-from raysal.orchestration.tune.driver import guard_lines
 from raysal.search.control import choose_best
 from raysal.search.guards import Guard, direction
 from raysal.search.optuna_params import CONTROL_KEY
 from raysal.search.space_file import SearchSpaceError, load_search_space
+from raysal.search.verdict import guard_lines
 
 
 def test_each_metric_has_its_better_side():

@@ -165,7 +165,7 @@ def test_a_search_that_may_pick_localization_finds_out_whether_its_table_is_miss
     from pathlib import Path
     from types import SimpleNamespace
 
-    from raysal.orchestration.tune.driver import missing_heads_table
+    from raysal.orchestration.tune.heads_table import missing_heads_table
     from raysal.search.space_file import load_search_space
 
     root = Path(__file__).resolve().parents[1] / "search_spaces"

@@ -103,9 +103,8 @@ def test_bad_config_fails_early():
 
 def test_evaluation_with_nothing_to_measure_is_an_error(data):
     """No validation image, or no grounded token in them: an error, never val/lm_loss 0.0 or a NaN objective."""
-    from raysal.attention.capture import enable_capture
+    from raysal.attention.capture import CapturePlan, enable_capture
     from raysal.loop.evaluate import EvaluationError, evaluate
-    from raysal.loop.step import CapturePlan
     from raysal.model.build import model_info
 
     ckpt, _, val = data

@@ -13,12 +13,11 @@ import pytest
 import torch
 from entrypoint_runs import SMALL, run
 
-from raysal.attention.capture import CAPTURE_IMPL, enable_capture
+from raysal.attention.capture import CAPTURE_IMPL, CapturePlan, enable_capture
 from raysal.attention.selection import resolve_heads, resolve_layers
 from raysal.batch import PixelNorm
 from raysal.data.holdout import in_holdout
 from raysal.loop.evaluate import evaluate
-from raysal.loop.step import CapturePlan
 from raysal.model.build import load_model, load_processor, model_info
 from raysal.preprocess.batches import batch_factory, load_encoded
 from raysal.preprocess.encode import DEFAULT_PROMPT

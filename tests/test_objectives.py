@@ -46,7 +46,7 @@ def test_a_search_may_trade_grounding_against_hallucination(tmp_path, monkeypatc
     """Two objectives, val/amr up and POPE's false-positive rate down: every check of the search passes (up to the
     storage/model/data checks, stopped here)."""
     import raysal.orchestration.train.preflight as preflight
-    from raysal.orchestration.tune.driver import prepare_search
+    from raysal.orchestration.tune.prepare import prepare_search
 
     class Checked(Exception):
         pass

@@ -74,7 +74,8 @@ def test_workers_find_their_own_cluster_among_several(two_rays):
 def test_janitor_removes_the_placement_group_an_ended_trial_left(two_rays, tmp_path):
     import ray
 
-    from raysal.orchestration.train.placement_groups import FILE, PlacementGroupJanitor, removed_count
+    from raysal.orchestration.train.placement_groups import FILE
+    from raysal.orchestration.tune.janitor import PlacementGroupJanitor, removed_count
 
     @ray.remote(num_cpus=0)
     class Controller:  # like Ray Train's: it creates its workers' placement group, then dies without removing it
@@ -117,7 +118,7 @@ def _pg_state(pg_hex: str) -> str | None:
 def test_leaked_placement_groups_waits_for_an_asynchronous_removal(monkeypatch):
     """The last trial's placement group is removed asynchronously: one still alive for a few polls is not a leak,
     one alive past the settle time is (a fixed sleep failed on a loaded CI machine)."""
-    from raysal.orchestration.tune import driver as search
+    from raysal.orchestration.tune import janitor as search
 
     alive = iter([[{"state": "CREATED"}]] * 3 + [[]])
     monkeypatch.setattr(search, "live_placement_groups", lambda: next(alive))

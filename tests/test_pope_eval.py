@@ -14,9 +14,9 @@ import torch
 
 import raysal.loop.pope_eval as pope_eval
 import raysal.loop.readout_eval as readout_eval
+from raysal.attention.capture import CapturePlan
 from raysal.data.pope_set import select_pope
 from raysal.data.shards import read_manifest
-from raysal.loop.step import CapturePlan
 from raysal.metrics.pope import SETTINGS, yes_no_token_ids
 from raysal.model.build import load_model, load_processor
 from raysal.probes.probe_set import select_probes

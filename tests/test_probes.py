@@ -6,9 +6,8 @@ import numpy as np
 import pytest
 from transformers import AutoProcessor
 
-from raysal.attention.capture import CAPTURE_IMPL, enable_capture
+from raysal.attention.capture import CAPTURE_IMPL, CapturePlan, enable_capture
 from raysal.attention.selection import resolve_heads, resolve_layers
-from raysal.loop.step import CapturePlan
 from raysal.model.build import load_model, model_info
 from raysal.probes.phrase_maps import phrase_maps
 from raysal.probes.probe_set import select_probes

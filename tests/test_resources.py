@@ -25,27 +25,27 @@ def test_data_pipelines_fit_in_the_budget_with_room_for_a_read(budget):
 def test_default_concurrency_counts_workers_and_data(monkeypatch):
     import ray
 
-    from raysal.orchestration.tune import driver as search
+    from raysal.orchestration.tune import capacity as search
 
     demo = load_search_space(ROOT / "search_spaces" / "criteria.yaml", "demo")
     demo = type(demo)(**{**demo.__dict__, "max_concurrent_trials": None})
     assert search.trial_cpus(demo, 0.5) == 1.5
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
-    assert search._max_concurrent(demo, 0.5) == 1  # 2 // (1 worker CPU + 0.5 data): not 2 trials on 2 CPUs
+    assert search.max_concurrent(demo, 0.5) == 1  # 2 // (1 worker CPU + 0.5 data): not 2 trials on 2 CPUs
     gpu = load_search_space(ROOT / "search_spaces" / "criteria.yaml", None)  # 1 GPU + 6 CPUs per trial
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 48.0, "GPU": 4.0})
-    assert search._max_concurrent(gpu, 1.0) == 4  # GPU-bound
+    assert search.max_concurrent(gpu, 1.0) == 4  # GPU-bound
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 16.0, "GPU": 4.0})
-    assert search._max_concurrent(gpu, 1.0) == 2  # CPU-bound: 16 // 7
+    assert search.max_concurrent(gpu, 1.0) == 2  # CPU-bound: 16 // 7
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0})
     with pytest.raises(ConfigError, match="max_concurrent_trials"):  # GPU nodes not up, their types unknown
-        search._max_concurrent(gpu, 1.0)  # (autoscaling clusters: tests/test_autoscaling.py)
+        search.max_concurrent(gpu, 1.0)  # (autoscaling clusters: tests/test_autoscaling.py)
 
 
 def test_a_trial_run_is_named_by_its_trial_id_even_when_it_reads_as_a_number():
     """Tune trial ids are hex: 71e76940 is a float to Hydra (inf); the run name must stay the id."""
     from raysal.orchestration.train.compose import compose_cfg
-    from raysal.orchestration.tune import driver as search
+    from raysal.orchestration.tune import trial as search
 
     overrides = search.trial_run_overrides(["experiment=demo"], {"optim.lr": 0.003}, (), "71e76940", "/tmp/t 1")
     cfg = compose_cfg(overrides)

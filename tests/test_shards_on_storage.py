@@ -93,8 +93,8 @@ def test_a_broken_shard_is_the_same_clear_error_on_every_storage(storage_root, c
 
 
 def test_probes_and_head_finder_samples_read_a_uri(s3_server, clean_root, local_shards, tiny_llava):
-    from raysal.heads import validation_samples
     from raysal.model.build import load_processor
+    from raysal.orchestration.train.head_finder import validation_samples
     from raysal.probes.probe_set import select_probes
 
     loc = s3_server.new_prefix()

@@ -157,7 +157,8 @@ def test_a_database_study_is_snapshotted_into_the_search_folder(spec, tmp_path, 
 def test_a_search_folder_without_its_study_is_not_resumed_blindly(tmp_path, s3_server):
     """Tune's state in the bucket but no optuna.db (and none on this disk): one clear error, not Optuna's KeyError."""
     pytest.importorskip("ray")
-    from raysal.orchestration.tune.driver import SearchPlaces, SearchStateError, restore_tuner
+    from raysal.orchestration.tune.places import SearchPlaces, SearchStateError
+    from raysal.orchestration.tune.tuner import restore_tuner
 
     search = storage.join(s3_server.new_prefix(), "st")
     storage.write_json(storage.join(search, "experiment_state-2026-12-01_00-00-00.json"), {})

@@ -33,6 +33,16 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 CAPTURE_IMPL = "raysal_capture"
 
 
+@dataclass(frozen=True)
+class CapturePlan:
+    """Which layers × heads are captured, at which query rows (offset 0: the token; −1: the row predicting it).
+    The training criteria's plan and the evaluation protocol's are both one of these."""
+
+    layers: tuple[int, ...]
+    heads: tuple[int, ...]
+    query_offset: int = 0
+
+
 @dataclass
 class _Request:
     layers: frozenset[int]

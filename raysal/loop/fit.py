@@ -19,14 +19,14 @@ from typing import Any
 
 import torch
 
-from raysal.attention.capture import CAPTURE_IMPL, enable_capture
+from raysal.attention.capture import CAPTURE_IMPL, CapturePlan, enable_capture
 from raysal.attention.selection import resolve_heads, resolve_layers
 from raysal.distributed import all_reduce_sum, is_sharded, world_size
 from raysal.loop.checkpoint import Progress, load_checkpoint, load_history, save_checkpoint
 from raysal.loop.divergence import DivergenceConfig, DivergenceGuard
 from raysal.loop.evaluate import evaluate
 from raysal.loop.schedule import make_scheduler
-from raysal.loop.step import CapturePlan, plan_step, train_step
+from raysal.loop.step import plan_step, train_step
 from raysal.model.build import ModelInfo, model_info, param_groups
 
 Report = Callable[[dict[str, float], Path | None], None]

@@ -18,14 +18,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from raysal.attention.capture import AttentionCapture
+from raysal.attention.capture import AttentionCapture, CapturePlan
 from raysal.attention.targets import grounding_targets
 from raysal.batch import PixelNorm, model_inputs, to_device
 from raysal.criteria.inputs import renormalise
 from raysal.data.decode import decode_image
 from raysal.data.mask import decode_mask_png
 from raysal.distributed import all_reduce_sum, my_part, world_size
-from raysal.loop.step import CapturePlan
 from raysal.metrics.localization import LocalizationSums, cell_side, phrase_iou
 from raysal.preprocess.collate import collate
 from raysal.preprocess.coverage import coverage

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from raysal.attention.capture import AttentionCapture, image_attention_from_maps
+from raysal.attention.capture import AttentionCapture, CapturePlan, image_attention_from_maps
 from raysal.attention.selection import resolve_selection
 from raysal.attention.targets import grounding_targets
 from raysal.batch import model_inputs
@@ -25,15 +25,6 @@ from raysal.model.build import ModelInfo
 
 class NonFiniteLossError(DivergedError, FloatingPointError):
     pass
-
-
-@dataclass(frozen=True)
-class CapturePlan:
-    """Which layers × heads are captured, at which query rows (offset 0: the token; −1: the row predicting it)."""
-
-    layers: tuple[int, ...]
-    heads: tuple[int, ...]
-    query_offset: int = 0
 
 
 @dataclass(frozen=True)

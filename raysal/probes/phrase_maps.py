@@ -15,13 +15,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from raysal.attention.capture import AttentionCapture
+from raysal.attention.capture import AttentionCapture, CapturePlan
 from raysal.attention.targets import grounding_targets
 from raysal.batch import PixelNorm, model_inputs, to_device
 from raysal.criteria.inputs import renormalise
 from raysal.data.decode import decode_image
 from raysal.data.mask import decode_mask_png
-from raysal.loop.step import CapturePlan
 from raysal.metrics.grounding import METRICS, token_scores
 from raysal.preprocess.collate import collate
 from raysal.preprocess.encode import DEFAULT_PROMPT, encode_sample

@@ -16,7 +16,6 @@ from __future__ import annotations
 from typing import Any
 
 import optuna
-from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
 from raysal.search.guards import Guard, judge
 from raysal.search.optuna_params import CONTROL_KEY
@@ -60,20 +59,6 @@ def settle_study(study: optuna.Study, known: set[int], *, want_control: bool, fr
     if enqueue:
         study.enqueue_trial({}, user_attrs={CONTROL_KEY: True})
     return {"lost": len(lost), "control_enqueued": int(enqueue)}
-
-
-class ControlAwareASHA(ASHAScheduler):
-    """ASHA that never stops the control trial, and keeps its results out of the rungs (an LM-only trial's low
-    grounding would lower every cut-off)."""
-
-    def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
-        if trial.config.get(CONTROL_KEY):
-            return TrialScheduler.CONTINUE
-        return super().on_trial_result(tune_controller, trial, result)
-
-    def on_trial_complete(self, tune_controller: Any, trial: Any, result: dict) -> None:
-        if not trial.config.get(CONTROL_KEY):
-            super().on_trial_complete(tune_controller, trial, result)
 
 
 def choose_best(

@@ -31,3 +31,14 @@ def verdict(summary: dict[str, Any]) -> str | None:
     if summary.get("guards"):
         words.append(f"passing its {len(summary['guards'])} guard(s)")
     return ", ".join(words)
+
+
+def guard_lines(summary: dict) -> list[str]:
+    """One console line per guard: what the control scored, the limit, the trials that failed it."""
+    out = []
+    for metric, g in (summary.get("guards") or {}).items():
+        failed = sorted(t for t, names in (summary.get("failed_guards") or {}).items() if metric in names)
+        worse = "may fall by at most" if g["mode"] == "max" else "may rise by at most"
+        out.append(f"guard {metric} ({worse} {g['max_loss']:g}): control {g['control']:.4g}, limit "
+                   f"{g['limit']:.4g}; failed by {', '.join(failed) if failed else 'no trial'}")  # fmt: skip
+    return out

@@ -16,7 +16,7 @@ from raysal import storage
 OmegaConf.register_new_resolver("storage_join", lambda base, *parts: storage.join(str(base), *map(str, parts)),
                                 replace=True)  # fmt: skip
 
-CONFIG_DIR = os.environ.get("RAYSAL_CONFIGS", str(Path(__file__).resolve().parents[2] / "configs"))
+CONFIG_DIR = os.environ.get("RAYSAL_CONFIGS", str(Path(__file__).resolve().parents[3] / "configs"))
 
 
 def compose_cfg(overrides: list[str], config_dir: str = CONFIG_DIR) -> DictConfig:

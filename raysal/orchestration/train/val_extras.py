@@ -12,12 +12,12 @@ from typing import Any
 import torch
 
 from raysal import storage
+from raysal.attention.capture import CapturePlan
 from raysal.data.holdout import validation_holdout
 from raysal.data.pope_set import select_pope
 from raysal.loop.fit import ExtraEval
 from raysal.loop.pope_eval import pope_scores
 from raysal.loop.readout_eval import readout_scores
-from raysal.loop.step import CapturePlan
 from raysal.metrics.pope import yes_no_token_ids
 from raysal.orchestration.train.spec import RunSpec
 from raysal.probes.probe_set import select_probes

@@ -19,12 +19,12 @@ import ray.train.torch
 import torch
 
 from raysal import storage
+from raysal.attention.capture import CapturePlan
 from raysal.batch import PixelNorm
 from raysal.data.holdout import validation_holdout
 from raysal.loop.checkpoint import load_history
 from raysal.loop.divergence import DivergedError
 from raysal.loop.fit import AfterEval, fit
-from raysal.loop.step import CapturePlan
 from raysal.model.build import (
     ModelInfo,
     apply_lora,

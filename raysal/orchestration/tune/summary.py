@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from raysal import storage
+from raysal.orchestration.train.spec import RunSpec
 from raysal.search.optuna_params import CONTROL_KEY, params_to_overrides
 from raysal.search.override_text import format_override
 from raysal.search.space import SearchSpec
@@ -115,7 +116,7 @@ def summarise(result_grid: Any, spec: SearchSpec, base: list[str], search_dir: s
     return summary
 
 
-def report(search_dir: str, run_spec: Any, wandb_mode: str, wandb_local: Path, name: str) -> None:
+def report(search_dir: str, run_spec: RunSpec, wandb_mode: str, wandb_local: Path, name: str) -> None:
     """report.html + the W&B summary run; a finished search stays finished if its report fails (said, not hidden).
     ``wandb_local``: the driver's local folder for W&B files (mirrored into the search folder)."""
     from raysal.orchestration.train.wandb_run import log_search_summary
