@@ -22,9 +22,8 @@ from dataclasses import dataclass
 import torch
 
 from raysal.attention.capture import AttentionCapture
-from raysal.attention.targets import grounding_targets
+from raysal.attention.targets import grounding_targets, renormalise
 from raysal.batch import model_inputs
-from raysal.criteria.inputs import renormalise
 from raysal.metrics.grounding import token_scores
 
 SCORES = ("amr", "pointing", "mass", "entropy")

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+EPS = 1e-8  # floor of a normalising sum
+
 
 @dataclass
 class GroundingTargets:
@@ -56,3 +58,10 @@ def grounding_targets(batch: dict, query_offset: int = 0) -> GroundingTargets:
         region=region,
         n_invisible=int(invisible.sum()),
     )
+
+
+def renormalise(att: torch.Tensor, key_valid: torch.Tensor) -> torch.Tensor:
+    """(B, ..., T, I) → same, zero at padded image tokens and summing to 1 over the valid ones."""
+    mask = key_valid.view(key_valid.shape[0], *([1] * (att.dim() - 2)), key_valid.shape[1])
+    att = att * mask
+    return att / att.sum(-1, keepdim=True).clamp_min(EPS)

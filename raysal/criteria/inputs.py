@@ -15,10 +15,9 @@ from dataclasses import dataclass
 import torch
 
 from raysal.attention.selection import is_pairs, resolve_heads, resolve_layers, resolve_pairs
-from raysal.attention.targets import GroundingTargets
+from raysal.attention.targets import EPS, GroundingTargets, renormalise
 
 NEEDS = frozenset({"logits", "image_attention", "attentions", "model"})
-EPS = 1e-8
 
 
 @dataclass
@@ -56,13 +55,6 @@ class CriterionInputs:
             att = att[:, :, hi]  # (B, ℓ, h, T, I)
         p = renormalise(att.mean(2), self.targets.key_valid)  # (B, ℓ, T, I)
         return p if per_layer else p.mean(1, keepdim=True)
-
-
-def renormalise(att: torch.Tensor, key_valid: torch.Tensor) -> torch.Tensor:
-    """(B, ..., T, I) → same, zero at padded image tokens and summing to 1 over the valid ones."""
-    mask = key_valid.view(key_valid.shape[0], *([1] * (att.dim() - 2)), key_valid.shape[1])
-    att = att * mask
-    return att / att.sum(-1, keepdim=True).clamp_min(EPS)
 
 
 def target_distribution(targets: GroundingTargets, smoothing: float = 0.0) -> torch.Tensor:

@@ -13,9 +13,8 @@ from typing import Any
 import torch
 
 from raysal.attention.capture import AttentionCapture, CapturePlan
-from raysal.attention.targets import GroundingTargets, grounding_targets
+from raysal.attention.targets import GroundingTargets, grounding_targets, renormalise
 from raysal.batch import IGNORE, model_inputs
-from raysal.criteria.inputs import renormalise
 from raysal.criteria.lm import next_token_ce
 from raysal.distributed import all_reduce_sum
 from raysal.metrics.grounding import METRICS, GroundingMeter, scores_from_sums

@@ -19,9 +19,8 @@ import numpy as np
 import torch
 
 from raysal.attention.capture import AttentionCapture, CapturePlan
-from raysal.attention.targets import grounding_targets
+from raysal.attention.targets import grounding_targets, renormalise
 from raysal.batch import PixelNorm, model_inputs, to_device
-from raysal.criteria.inputs import renormalise
 from raysal.data.decode import decode_image
 from raysal.data.mask import decode_mask_png
 from raysal.distributed import all_reduce_sum, my_part, world_size

@@ -16,9 +16,8 @@ import numpy as np
 import torch
 
 from raysal.attention.capture import AttentionCapture, CapturePlan
-from raysal.attention.targets import grounding_targets
+from raysal.attention.targets import grounding_targets, renormalise
 from raysal.batch import PixelNorm, model_inputs, to_device
-from raysal.criteria.inputs import renormalise
 from raysal.data.decode import decode_image
 from raysal.data.mask import decode_mask_png
 from raysal.metrics.grounding import METRICS, token_scores
