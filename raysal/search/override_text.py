@@ -63,3 +63,19 @@ def format_override(key: str, value: Any) -> str:
     if value is None and ("@" in key or "/" in key):
         return f"~{key.lstrip('+')}"
     return f"{key}={format_value(value)}"
+
+
+# the keys of a Hydra override: a value path, or a config group (a/b) with a package (@pkg)
+_ID = r"[A-Za-z_][A-Za-z0-9_\-]*"
+_DOTTED = rf"{_ID}(?:\.(?:{_ID}|[0-9]+))*"
+_KEY = rf"(?:{_ID}(?:/{_ID})+|{_DOTTED})(?:@{_DOTTED})?"  # value path, or config group (a/b) with a package
+SPACE_KEY = re.compile(rf"(?:\+\+?)?{_KEY}")
+BASE_OVERRIDE = re.compile(rf"(~{_KEY}(?:=.*)?|(?:\+\+?)?{_KEY}=.*)", re.DOTALL)
+
+
+def is_plain(value: Any) -> bool:
+    try:
+        format_value(value)
+    except (TypeError, ValueError):
+        return False
+    return True

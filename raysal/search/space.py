@@ -177,3 +177,14 @@ def walk_keys(space: Space, requires: tuple[tuple[str, Any], ...]) -> Iterator[S
 def key_where(requires: tuple[tuple[str, Any], ...], key: str) -> str:
     """Where a key sits in the file, for error messages: `space[choice=option][key]`."""
     return "space" + "".join(f"[{k}={format_value(v)}]" for k, v in requires) + f"[{key}]"
+
+
+def compatible(a: tuple[tuple[str, Any], ...], b: tuple[tuple[str, Any], ...]) -> bool:
+    """Whether two choice paths can both be active in one trial: they are exclusive only where one choice picks
+    different options (equal prefixes mean the same scope, so an equal key there is the same choice)."""
+    for (ka, va), (kb, vb) in zip(a, b, strict=False):
+        if ka != kb:
+            return True
+        if format_value(va) != format_value(vb):
+            return False
+    return True

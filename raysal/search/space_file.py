@@ -13,7 +13,7 @@ from omegaconf._utils import get_yaml_loader
 
 from raysal.search.guards import Guard, direction
 from raysal.search.optuna_params import encode_option
-from raysal.search.override_text import DICT_KEY, format_value
+from raysal.search.override_text import BASE_OVERRIDE, DICT_KEY, SPACE_KEY, format_value, is_plain
 from raysal.search.space import (
     Choice,
     Control,
@@ -31,31 +31,16 @@ from raysal.search.space import (
     SpaceKey,
     TrialResources,
     Uniform,
+    compatible,
     key_where,
     walk_keys,
 )
 from raysal.search.space_profiles import apply_profile
 
-_ID = r"[A-Za-z_][A-Za-z0-9_\-]*"
-_DOTTED = rf"{_ID}(?:\.(?:{_ID}|[0-9]+))*"
-_KEY = rf"(?:{_ID}(?:/{_ID})+|{_DOTTED})(?:@{_DOTTED})?"  # value path, or config group (a/b) with a package
-_SPACE_KEY = re.compile(rf"(?:\+\+?)?{_KEY}")
-_BASE_OVERRIDE = re.compile(rf"(~{_KEY}(?:=.*)?|(?:\+\+?)?{_KEY}=.*)", re.DOTALL)
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*")
 _DISTS = ("choice", "uniform", "loguniform", "int")
-_TOP_KEYS = (
-    "name",
-    "control",
-    "objectives",
-    "num_samples",
-    "max_concurrent_trials",
-    "seed",
-    "scheduler",
-    "resources",
-    "base_overrides",
-    "space",
-    "optuna_storage",
-)
+_TOP_KEYS = ("name", "control", "objectives", "num_samples", "max_concurrent_trials", "seed", "scheduler", "resources",
+             "base_overrides", "space", "optuna_storage")  # fmt: skip
 _SCHEDULER_KEYS = ("type", "time_attr", "max_t", "grace_period", "reduction_factor")
 _RESOURCE_KEYS = ("num_workers", "use_gpu", "cpus_per_worker", "gpus_per_worker")
 
@@ -260,7 +245,7 @@ class _Parser:
         if not isinstance(raw, list):
             raise self.fail(where, "expected a list of key=value strings")
         for i, item in enumerate(raw):
-            if not isinstance(item, str) or not _BASE_OVERRIDE.fullmatch(item):
+            if not isinstance(item, str) or not BASE_OVERRIDE.fullmatch(item):
                 raise self.fail(f"{where}[{i}]", f"expected a key=value Hydra override, got {item!r}")
         return tuple(raw)
 
@@ -274,7 +259,7 @@ class _Parser:
         params = []
         for key, value in raw.items():
             kwhere = key_where(requires, str(key))
-            if not isinstance(key, str) or not _SPACE_KEY.fullmatch(key):
+            if not isinstance(key, str) or not SPACE_KEY.fullmatch(key):
                 raise self.fail(kwhere, "not a Hydra override path (e.g. optim.lr, criterion@criteria.align, +x.y)")
             params.append(Param(key, self.dist(value, key, requires, kwhere)))
         return Space(tuple(params))
@@ -350,7 +335,7 @@ class _Parser:
             raise self.fail(where, "empty: needs at least one option")
         options: list[Option] = []
         for value, sub in zip(values, subspaces, strict=True):
-            label = format_value(value) if _is_plain(value) else repr(value)
+            label = format_value(value) if is_plain(value) else repr(value)
             owhere = f"{where}[{label}]"
             self.check_value(value, owhere)
             for other in options:
@@ -397,28 +382,9 @@ class _Parser:
             if t in base_targets:
                 raise self.fail(key_where(sk.requires, sk.key), f"also set by base_overrides[{base_targets[t]}]")
             for other in seen.get(t, []):
-                if _compatible(other.requires, sk.requires):
+                if compatible(other.requires, sk.requires):
                     raise self.fail(
                         key_where(sk.requires, sk.key),
                         f"set twice in one trial (also {key_where(other.requires, other.key)})",
                     )
             seen.setdefault(t, []).append(sk)
-
-
-def _is_plain(value: Any) -> bool:
-    try:
-        format_value(value)
-    except (TypeError, ValueError):
-        return False
-    return True
-
-
-def _compatible(a: tuple[tuple[str, Any], ...], b: tuple[tuple[str, Any], ...]) -> bool:
-    """Whether two choice paths can both be active in one trial: they are exclusive only where one choice picks
-    different options (equal prefixes mean the same scope, so an equal key there is the same choice)."""
-    for (ka, va), (kb, vb) in zip(a, b, strict=False):
-        if ka != kb:
-            return True
-        if format_value(va) != format_value(vb):
-            return False
-    return True

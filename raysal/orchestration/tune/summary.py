@@ -7,10 +7,18 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import ray.train
+
 from raysal import storage
+from raysal.orchestration.train.errors import first_line
+from raysal.orchestration.train.fail_reason import read_reason
 from raysal.orchestration.train.spec import RunSpec
+from raysal.orchestration.train.trainer import export_best
+from raysal.orchestration.train.wandb_run import log_search_summary
+from raysal.search.control import choose_best
 from raysal.search.optuna_params import CONTROL_KEY, params_to_overrides
 from raysal.search.override_text import format_override
+from raysal.search.report_html import build_report
 from raysal.search.space import SearchSpec
 
 log = logging.getLogger("raysal.tune")
@@ -39,17 +47,10 @@ def _trial_id(result: Any) -> str:
     return (result.metrics or {}).get("trial_id") or storage.name(result.path)  # trial folders: named by trial id
 
 
-def summarise(result_grid: Any, spec: SearchSpec, base: list[str], search_dir: str, top: int = 10) -> dict:
-    """The top trials with replay commands, the failed ones with their reasons; export the best trial's best
-    checkpoint. A failed trial (diverged, stalled, errored) is never ranked, whatever it reported before."""
-    import ray.train
-
-    from raysal.orchestration.train.errors import first_line
-    from raysal.orchestration.train.fail_reason import read_reason
-    from raysal.orchestration.train.trainer import export_best
-    from raysal.search.control import choose_best
-
-    metric, mode = spec.objectives[0].metric, spec.objectives[0].mode
+def collect_trials(result_grid: Any, spec: SearchSpec, base: list[str], search_dir: str) -> tuple[list, list]:
+    """→ (rows: the trials that reported the objective, failed: those that failed, with their reasons). A failed
+    trial (diverged, stalled, errored) is never ranked, whatever it reported before."""
+    metric = spec.objectives[0].metric
     control = spec.control.overrides if spec.control else ()
     rows, failed = [], []
     for r in result_grid:
@@ -60,10 +61,14 @@ def summarise(result_grid: Any, spec: SearchSpec, base: list[str], search_dir: s
             failed.append({"trial_id": trial_id, "reason": reason, "replay": replay})
         elif metric in metrics:
             rows.append({"trial_id": trial_id, "metrics": metrics, "config": r.config, "replay": replay})
-    best, decision = choose_best(rows, metric, mode, spec.control.lm_tolerance if spec.control else None,
-                                 spec.control.guards if spec.control else ())  # fmt: skip
+    return rows, failed
+
+
+def table(rows: list[dict], failed: list[dict], spec: SearchSpec, best: dict | None, decision: dict,
+          top: int) -> str:  # fmt: skip
+    """The console's and the report's markdown table: the top ranked trials, then the failed ones."""
+    control = spec.control.overrides if spec.control else ()
     excluded, failed_guards = set(decision["excluded_by_lm_tolerance"]), decision["failed_guards"]
-    rows.sort(key=lambda x: x["metrics"][metric], reverse=mode == "max")
     columns = table_columns(rows, spec, decision["guards"])
     lines = [
         f"| rank | trial | {' | '.join(columns)} | step | sampled parameters | replay |",
@@ -83,6 +88,31 @@ def summarise(result_grid: Any, spec: SearchSpec, base: list[str], search_dir: s
         )
     for f in failed:
         lines.append(f"| failed | {f['trial_id']} | {'| ' * len(columns)}| {f['reason']} | `{f['replay']}` |")
+    return "\n".join(lines)
+
+
+def summary_row(row: dict, decision: dict) -> dict:
+    """One ranked trial as summary.json keeps it, for `python -m raysal.report`."""
+    failed_guards = decision["failed_guards"].get(row["trial_id"], [])
+    return {
+        "trial_id": row["trial_id"],
+        "control": bool(row["config"].get(CONTROL_KEY)),
+        "params": params_to_overrides(row["config"]),
+        "metrics": {k: v for k, v in row["metrics"].items() if k.startswith(("val/", "train/"))},
+        "guards": {g: g not in failed_guards for g in decision["guards"]},
+        "replay": row["replay"],
+    }
+
+
+def summarise(result_grid: Any, spec: SearchSpec, base: list[str], search_dir: str, top: int = 10) -> dict:
+    """What summary.json holds: the ranked trials with replay commands, the failed ones with their reasons, the
+    choice of the best (`choose_best`: the control, the LM tolerance, the guards); the best trial's best
+    checkpoint exported."""
+    metric, mode = spec.objectives[0].metric, spec.objectives[0].mode
+    rows, failed = collect_trials(result_grid, spec, base, search_dir)
+    best, decision = choose_best(rows, metric, mode, spec.control.lm_tolerance if spec.control else None,
+                                 spec.control.guards if spec.control else ())  # fmt: skip
+    rows.sort(key=lambda x: x["metrics"][metric], reverse=mode == "max")
     summary: dict[str, Any] = {
         "search": spec.name,
         "metric": metric,
@@ -90,38 +120,33 @@ def summarise(result_grid: Any, spec: SearchSpec, base: list[str], search_dir: s
         "trials": len(result_grid),
         "reported": len(rows),
         "trials_dir": storage.join(search_dir, "trials"),
-        "rows": [  # every ranked trial, for `python -m raysal.report`
-            {
-                "trial_id": row["trial_id"],
-                "control": bool(row["config"].get(CONTROL_KEY)),
-                "params": params_to_overrides(row["config"]),
-                "metrics": {k: v for k, v in row["metrics"].items() if k.startswith(("val/", "train/"))},
-                "guards": {g: g not in failed_guards.get(row["trial_id"], []) for g in decision["guards"]},
-                "replay": row["replay"],
-            }
-            for row in rows
-        ],
+        "rows": [summary_row(row, decision) for row in rows],
         "failed": failed,
         **decision,
-        "table": "\n".join(lines),
+        "table": table(rows, failed, spec, best, decision, top),
     }
     if best is not None:
-        run = ray.train.Result.from_path(storage.join(search_dir, "trials", best["trial_id"]))
-        ckpt = run.get_best_checkpoint(metric, mode)
-        if ckpt is not None:
-            metrics = next(m for c, m in run.best_checkpoints if c.path == ckpt.path)
-            summary["best"] = {"trial_id": best["trial_id"], "replay": best["replay"], "checkpoint": ckpt.path}
-            key, path = export_best(ckpt, search_dir, {**metrics, **summary["best"]})
-            summary[key] = path  # best_adapter (a LoRA trial) or best_model (full finetuning)
+        summary.update(export_best_trial(best, search_dir, metric, mode))
     return summary
+
+
+def export_best_trial(best: dict, search_dir: str, metric: str, mode: str) -> dict:
+    """The best trial's best checkpoint (by the objective) exported into the search folder → the summary's
+    ``best`` and ``best_adapter`` (a LoRA trial) or ``best_model`` (full finetuning); nothing without one."""
+    run = ray.train.Result.from_path(storage.join(search_dir, "trials", best["trial_id"]))
+    ckpt = run.get_best_checkpoint(metric, mode)
+    if ckpt is None:
+        return {}
+    metrics = next(m for c, m in run.best_checkpoints if c.path == ckpt.path)
+    out: dict[str, Any] = {"best": {"trial_id": best["trial_id"], "replay": best["replay"], "checkpoint": ckpt.path}}
+    key, path = export_best(ckpt, search_dir, {**metrics, **out["best"]})
+    out[key] = path
+    return out
 
 
 def report(search_dir: str, run_spec: RunSpec, wandb_mode: str, wandb_local: Path, name: str) -> None:
     """report.html + the W&B summary run; a finished search stays finished if its report fails (said, not hidden).
     ``wandb_local``: the driver's local folder for W&B files (mirrored into the search folder)."""
-    from raysal.orchestration.train.wandb_run import log_search_summary
-    from raysal.search.report_html import build_report
-
     try:
         report = build_report(search_dir)
         print(f"raysal: report {report.html}", flush=True)
