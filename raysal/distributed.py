@@ -11,6 +11,7 @@ from typing import TypeVar
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 
 def world_size() -> int:
@@ -51,6 +52,4 @@ def my_part(items: Sequence[T], *, sharded: bool, lockstep: bool) -> Iterator[tu
 def is_sharded(model: torch.nn.Module) -> bool:
     """True for a model whose parameters are DTensors (FSDP2 ``fully_shard``): its forward runs collectives, so
     every rank must run the same number of forwards, and its state must be gathered or saved shard by shard."""
-    from torch.distributed.tensor import DTensor
-
     return any(isinstance(p, DTensor) for p in model.parameters())

@@ -13,13 +13,14 @@ from __future__ import annotations
 import argparse
 import sys
 
+from raysal.orchestration.train.merged_export import ExportError, export
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m raysal.export", description=__doc__.split("\n\n")[0])
     parser.add_argument("source", help="a run folder or a search folder (local path or URI)")
     parser.add_argument("--out", required=True, help="where the merged folder(s) go (local path or URI)")
     args = parser.parse_args(argv)
-    from raysal.orchestration.train.merged_export import ExportError, export
 
     try:
         done = export(args.source, args.out)

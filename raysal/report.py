@@ -12,6 +12,12 @@ the figures again as the search's "summary" W&B run (W&B settings from the searc
 from __future__ import annotations
 
 import sys
+import tempfile
+
+from raysal import storage
+from raysal.orchestration.train.compose import compose_cfg
+from raysal.orchestration.train.wandb_run import log_search_summary, resolve_mode
+from raysal.search.report_html import ReportError, build_report
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -19,8 +25,6 @@ def main(argv: list[str] | None = None) -> int:
     if not args or args[0] in ("-h", "--help") or len(args) > 2 or (len(args) == 2 and args[1] != "--wandb"):
         print(__doc__)
         return 0 if args and args[0] in ("-h", "--help") else 2
-    from raysal import storage
-    from raysal.search.report_html import ReportError, build_report
 
     try:
         report = build_report(args[0])
@@ -30,11 +34,6 @@ def main(argv: list[str] | None = None) -> int:
     folder = args[0].rstrip("/")
     print(f"raysal: report {report.html} ({len(report.figures)} figures in {storage.join(folder, 'report')})")
     if "--wandb" in args:
-        import tempfile
-
-        from raysal.orchestration.train.compose import compose_cfg
-        from raysal.orchestration.train.wandb_run import log_search_summary, resolve_mode
-
         search = storage.read_json(storage.join(folder, "summary.json"))["search"]
         w = compose_cfg([]).wandb
         with tempfile.TemporaryDirectory(prefix="raysal-wandb-") as tmp:  # W&B writes a local folder first

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import tempfile
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -204,7 +205,6 @@ def local_copy(path: str) -> Iterator[Path]:
     if fs.type_name == "local":
         yield Path(inner)
         return
-    import tempfile
 
     tmp = tempfile.mkdtemp(prefix="raysal-")
     try:

@@ -25,6 +25,7 @@ import os
 import sys
 from pathlib import Path
 
+from raysal.orchestration.train.errors import print_user_error
 from raysal.orchestration.tune.driver import run_search as _search  # a name tests can replace
 from raysal.orchestration.tune.prepare import prepare_search
 from raysal.search.space import SearchSpaceError
@@ -54,7 +55,6 @@ def _parse_cli(argv: list[str]) -> tuple[Path, list[str], str, str | None, bool]
 
 
 def main(argv: list[str] | None = None) -> int:
-    from raysal.orchestration.train.errors import print_user_error
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if not {"-v", "--verbose"} & set(sys.argv[1:] if argv is None else argv):

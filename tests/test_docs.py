@@ -150,9 +150,8 @@ def _check_entry(name: str, args: list[str], monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setattr(preflight_module, "preflight", _stop)
     if name == "raysal.report":
         import raysal.report
-        import raysal.search.report_html as report_html
 
-        monkeypatch.setattr(report_html, "build_report", _stop)
+        monkeypatch.setattr(raysal.report, "build_report", _stop)
         with pytest.raises(Checked):
             code = raysal.report.main(args)
             raise AssertionError(f"python -m raysal.report {' '.join(args)}: refused its arguments (exit {code})")

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from raysal import storage
 from raysal.attention.capture import AttentionCapture
 from raysal.attention.targets import grounding_targets, renormalise
 from raysal.batch import model_inputs
@@ -128,21 +129,16 @@ HEADS_FIGURE = "heads.png"
 def heads_folder(out: str, name_or_path: str) -> str:
     """Where ``python -m raysal.heads`` writes a model's table and picture: ``<out>/<the hub id's or folder's last
     part>``, a local folder or a storage URI (``finder.out``: the search's storage on a cluster)."""
-    from raysal import storage
-
     return storage.join(str(out), name_or_path.rstrip("/").rsplit("/", 1)[-1])
 
 
 def heads_file(out: str, name_or_path: str) -> str:
-    from raysal import storage
 
     return storage.join(heads_folder(out, name_or_path), HEADS_FILE)
 
 
 def localization_heads(path: str, top_k: int, name_or_path: str) -> list[list[int]]:
     """The ``top_k`` best (layer, head) pairs of a heads.json, for ``name_or_path``; a clear error otherwise."""
-    from raysal import storage
-
     if not storage.is_file(path):
         raise FileNotFoundError(f"{path}: no heads.json for {name_or_path}; run `python -m raysal.heads` with the "
                                 "same model and data first")  # fmt: skip

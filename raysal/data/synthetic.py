@@ -24,7 +24,7 @@ from PIL import Image
 from raysal.data.layout import Layout
 from raysal.data.mask import encode_mask_png
 from raysal.data.reader import Reason
-from raysal.data.tags import format_tag
+from raysal.data.tags import format_tag, parse_caption
 
 THINGS = {1: "circle", 2: "square", 3: "triangle", 4: "diamond"}
 STUFF = {101: "sky", 102: "grass", 103: "wall", 104: "water", 105: "sand"}
@@ -291,8 +291,6 @@ def generate(
             elif kind == "tag_void":
                 caption_bytes = caption.replace(".", f" beside {format_tag([0], 'nothing')}.", 1).encode()
             elif kind == "caption_no_tags":
-                from raysal.data.tags import parse_caption
-
                 caption_bytes = parse_caption(caption).text.encode()
             elif kind == "caption_orphan":
                 keep_annotation = False

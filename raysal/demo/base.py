@@ -24,7 +24,20 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import torch
+
+from raysal.batch import PixelNorm
+from raysal.criteria.lm import LMCriterion
+from raysal.data.decode import decode_row
+from raysal.data.shards import shard_paths, write_shards
+from raysal.data.synthetic import THINGS, generate
+from raysal.loop.fit import FitConfig, fit
+from raysal.metrics.pope import question_text
+from raysal.model.build import load_model, load_processor
+from raysal.model.tiny import write_tiny
+from raysal.preprocess.batches import batch_factory, encode_row
+from raysal.preprocess.encode import encode_sample
 
 STAMP = "raysal_demo_base.json"
 FORMAT = 1  # of what `write_demo_base` writes: a cached base of another format is made again
@@ -34,10 +47,6 @@ IMAGES, MAX_SIDE, BATCH = 256, 160, 8
 
 def question_samples(rows: list[dict], processor, seed: int) -> list[dict]:
     """One yes/no question per (image, shape category), in a seeded order per image; the answer from its segments."""
-    from raysal.data.synthetic import THINGS
-    from raysal.metrics.pope import question_text
-    from raysal.preprocess.encode import encode_sample
-
     rng = random.Random(seed)
     out = []
     for r in rows:
@@ -55,17 +64,6 @@ def question_samples(rows: list[dict], processor, seed: int) -> list[dict]:
 
 def write_demo_base(out: Path | str, arch: str, *, steps: int = 400, lr: float = 3e-3, seed: int = 0) -> Path:
     """Write the trained base to ``out`` (a new folder) and return it."""
-    import pyarrow.parquet as pq
-
-    from raysal.batch import PixelNorm
-    from raysal.criteria.lm import LMCriterion
-    from raysal.data.decode import decode_row
-    from raysal.data.shards import shard_paths, write_shards
-    from raysal.data.synthetic import generate
-    from raysal.loop.fit import FitConfig, fit
-    from raysal.model.build import load_model, load_processor
-    from raysal.model.tiny import write_tiny
-    from raysal.preprocess.batches import batch_factory, encode_row
 
     out = Path(out)
     t0 = time.perf_counter()

@@ -29,6 +29,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
 
 from raysal.distributed import is_sharded, rank, world_size
 from raysal.model.build import save_connector
@@ -86,8 +93,6 @@ def save_checkpoint(
     path.mkdir(parents=True, exist_ok=True)
     main, sharded = rank() == 0, is_sharded(model)
     if sharded:
-        import torch.distributed.checkpoint as dcp
-
         model_sd, optim_sd = get_sharded_state(model, optimizer)
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path / SHARDED))
     if connector is not None:
@@ -118,8 +123,6 @@ def save_checkpoint(
 
 def get_sharded_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
     """An FSDP model's trainable parameters and optimizer state as sharded DTensor state dicts (no gathering)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-
     return get_state_dict(model, optimizer, options=StateDictOptions(ignore_frozen_params=True))
 
 
@@ -130,7 +133,6 @@ def save_full_model(model: torch.nn.Module, dest: Path) -> None:
         if rank() == 0:
             model.save_pretrained(dest)
         return
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank() != 0:
@@ -159,9 +161,6 @@ def load_checkpoint(
         have, want = ("sharded (FSDP)", "unsharded") if sharded else ("unsharded", "sharded (FSDP)")
         raise ValueError(f"{file}: a {have} checkpoint cannot resume a {want} model (same scaling.strategy)")
     if sharded:
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-
         model_sd, optim_sd = get_sharded_state(model, optimizer)
         dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(Path(path) / SHARDED))
         # not strict: the frozen weights (vision tower) are the base model's, never saved

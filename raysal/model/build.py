@@ -13,7 +13,12 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save_file
 from transformers import AutoModelForImageTextToText, AutoProcessor, PreTrainedModel
+
+from raysal import storage
+from raysal.model.align_connector import install_align_connector
 
 SUPPORTED = ("llava", "llava_next")
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -74,8 +79,6 @@ def load_model(
     if model.config.model_type not in SUPPORTED:
         raise ValueError(f"{name_or_path}: model_type {model.config.model_type!r} is not one of {SUPPORTED}")
     if connector == "align":
-        from raysal.model.align_connector import install_align_connector
-
         install_align_connector(model)
     elif connector != "mlp":
         raise ValueError(f"connector must be mlp or align, got {connector!r}")
@@ -165,8 +168,6 @@ def prepare_connector_stage(model: PreTrainedModel) -> PreTrainedModel:
 
 def save_connector(model: torch.nn.Module, dest: Path, kind: str) -> None:
     """``dest/connector.safetensors`` (the connector's weights, NeXT's image newline too) + ``connector.json``."""
-    from safetensors.torch import save_file
-
     state = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if PROJECTOR in n or NEWLINE in n}
     dest.mkdir(parents=True, exist_ok=True)
     save_file(state, str(dest / CONNECTOR_FILE))
@@ -176,9 +177,6 @@ def save_connector(model: torch.nn.Module, dest: Path, kind: str) -> None:
 def load_connector(model: torch.nn.Module, folder: str | Path, kind: str) -> None:
     """Load a saved connector into ``model`` (the same connector kind, the same shapes), or fail with the reason.
     ``folder`` is a local folder or a storage URI (a search's ``best_connector/`` lives on its storage)."""
-    from safetensors.torch import load as load_safetensors
-
-    from raysal import storage
 
     folder = str(folder)
     meta_file, weights = storage.join(folder, CONNECTOR_META), storage.join(folder, CONNECTOR_FILE)

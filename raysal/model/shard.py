@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from raysal.model.build import decoder_layers
 
@@ -25,9 +27,6 @@ def shard_model(model: torch.nn.Module, *, device: torch.device, mixed_precision
     ``mixed_precision`` (CUDA): compute in bf16 on gathered bf16 copies, reduce gradients in fp32, keep the sharded
     fp32 weights as the optimiser's master copy — load the model in float32 for it.
     """
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
     if not dist.is_initialized():
         raise RuntimeError("shard_model: torch.distributed is not initialised (FSDP needs a process group)")
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))

@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 import optuna
+from optuna.trial import TrialState
 
 from raysal.search.guards import Guard, judge
 from raysal.search.optuna_params import CONTROL_KEY
@@ -45,8 +46,6 @@ def settle_study(study: optuna.Study, known: set[int], *, want_control: bool, fr
     ever finish it, so it is marked FAIL with the reason. The control is one trial across restarts: a fresh start
     queues it (unless it is queued already), a restore queues it again only if the lost trial was the control (a
     finished control, or one Tune knows, stays the control). → counts of what was done."""
-    from optuna.trial import TrialState
-
     storage = study._storage
     trials = study.get_trials(deepcopy=False)
     lost = [t for t in trials if t.state == TrialState.RUNNING and t._trial_id not in known]

@@ -21,6 +21,8 @@ import matplotlib
 
 matplotlib.use("Agg")  # no display: a driver on a cluster head, a CI runner
 import matplotlib.pyplot as plt
+import optuna
+from optuna.importance import PedAnovaImportanceEvaluator, get_param_importances
 
 LM = "val/lm_loss"
 
@@ -125,9 +127,6 @@ def grounding_hallucination_plane(
 def importance(study: Any, metric: str, mode: str) -> tuple[bytes | None, str]:
     """PED-ANOVA importance of every sampled parameter for the objective and for val/lm_loss (side by side).
     Returns (PNG or None, a note: why nothing, or what the bars mean)."""
-    import optuna
-    from optuna.importance import PedAnovaImportanceEvaluator, get_param_importances
-
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE and t.params]
     if len(done) < 3:
         return None, f"{len(done)} completed sampled trial(s): importance needs at least 3"
@@ -163,7 +162,6 @@ def importance(study: Any, metric: str, mode: str) -> tuple[bytes | None, str]:
 
 
 def history(study: Any) -> bytes | None:
-    import optuna
 
     if not any(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials):
         return None
@@ -175,7 +173,6 @@ def history(study: Any) -> bytes | None:
 
 
 def parallel_coordinates(study: Any) -> bytes | None:
-    import optuna
 
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE and t.params]
     if len(done) < 2:

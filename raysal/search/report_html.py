@@ -11,9 +11,13 @@ from __future__ import annotations
 
 import base64
 import html
+import io
 import math
 from dataclasses import dataclass, field
 from typing import Any
+
+import optuna
+from PIL import Image, ImageDraw, ImageFont
 
 from raysal import storage
 from raysal.search import report_figures as figures
@@ -89,9 +93,6 @@ def _probe_section(
 def _lead_picture(plane: bytes, pair: tuple[bytes, bytes], best: str, control: str, verdict: str | None) -> bytes:
     """The search at a glance (README-sized): the grounding-vs-language plane, and beside it the first probe
     phrase's heatmap of the best trial over the control's, with the verdict under them."""
-    import io
-
-    from PIL import Image, ImageDraw, ImageFont
 
     font = ImageFont.load_default(size=15)
     left = Image.open(io.BytesIO(plane)).convert("RGB")
@@ -122,9 +123,6 @@ def _lead_picture(plane: bytes, pair: tuple[bytes, bytes], best: str, control: s
 
 def _probe_grid(pngs: list[list[bytes | None]]) -> bytes | None:
     """The comparison as one picture (for W&B): rows = phrases, columns = trials."""
-    import io
-
-    from PIL import Image
 
     pics = [[Image.open(io.BytesIO(p)).convert("RGB") if p is not None else None for p in row] for row in pngs]
     flat = [p for row in pics for p in row if p is not None]
@@ -187,8 +185,6 @@ figcaption { color: #555; font-size: 13px; max-width: 900px; } img.probe { width
 def build_report(search_dir: str) -> Report:
     """Write ``report.html`` and ``report/*.png`` into the search folder (where summary.json is; a local path or a
     URI)."""
-    import optuna
-
     folder = str(search_dir).rstrip("/")
     if not storage.is_file(storage.join(folder, "summary.json")):
         raise ReportError(f"{folder}: no summary.json: not a finished search (run python -m raysal.tune first)")
@@ -277,8 +273,6 @@ def build_report(search_dir: str) -> Report:
 
 def _in_memory(study: Any) -> Any:
     """A copy of the study in memory (the SQLite file it came from may be a temporary copy)."""
-    import optuna
-
     copy = optuna.create_study(directions=study.directions, study_name=study.study_name)
     copy.add_trials(study.get_trials(deepcopy=False))
     return copy

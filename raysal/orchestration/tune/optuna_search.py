@@ -7,8 +7,10 @@ searcher by reference."""
 from __future__ import annotations
 
 import logging
+import pickle
 from typing import Any
 
+import optuna
 from ray.tune.search.optuna import OptunaSearch
 
 from raysal import storage
@@ -64,7 +66,6 @@ class ReasonedOptunaSearch(OptunaSearch):
         self._publish()
 
     def _finished_in_study(self, trial_id: str) -> bool:
-        import optuna
 
         ot = self._ot_trials[trial_id]
         frozen = self._ot_study._storage.get_trial(ot._trial_id)
@@ -73,8 +74,6 @@ class ReasonedOptunaSearch(OptunaSearch):
     def save(self, checkpoint_path: str) -> None:
         """Tune's searcher checkpoint, without the open study: a pickled SQLite storage names the file on the disk
         of the driver that saved it, and unpickling it on another head fails. `restore` re-opens the study."""
-        import pickle
-
         state = self.__dict__.copy()
         state["_ot_study"] = None
         state["_storage"] = None  # the storage Ray's searcher was built with: the same file, pickled too
@@ -85,9 +84,6 @@ class ReasonedOptunaSearch(OptunaSearch):
     def restore(self, checkpoint_path: str) -> None:
         """Tune's restore: re-open the study where this driver keeps it (`study_store.active`: the copy fetched
         from the search folder on a new head, or the team database)."""
-        import pickle
-
-        import optuna
 
         with open(checkpoint_path, "rb") as f:
             state = pickle.load(f)

@@ -18,6 +18,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import optuna
+
 from raysal import storage
 
 log = logging.getLogger(__name__)
@@ -87,7 +89,6 @@ class StudyStore:
             storage.write_bytes(self.home, snap.read_bytes())
 
     def _snapshot_database(self) -> None:
-        import optuna
 
         with tempfile.TemporaryDirectory(prefix="raysal-study-") as tmp:
             snap = Path(tmp) / STUDY_FILE

@@ -24,14 +24,20 @@ them leave no gap.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import urllib.error
 from typing import Any
 
+import pyarrow.fs
+import ray.train
+import wandb
 from ray.air.integrations.wandb import WANDB_ENV_VAR, WandbLoggerCallback, _QueueItem, _WandbLoggingActor
 
 from raysal import storage
+from raysal.loop.checkpoint import HISTORY
+from raysal.orchestration.train.probe_files import read_step, wandb_media
 from raysal.orchestration.train.wandb_run import STEP, mirror_wandb, relog
 
 logger = logging.getLogger(__name__)
@@ -52,7 +58,6 @@ class _SearchWandbLoggingActor(_WandbLoggingActor):
         super().__init__(*args, **kwargs)
 
     def _probe_media(self, step: int) -> dict[str, Any]:
-        from raysal.orchestration.train.probe_files import read_step, wandb_media
 
         try:
             rows, pictures = read_step(self._run_dir, step)
@@ -97,20 +102,12 @@ class _SearchWandbLoggingActor(_WandbLoggingActor):
                     self._mirror()
             self._wandb.finish()
         finally:
-            import wandb
-
             wandb.teardown()  # wait until W&B has written everything: Ray kills this actor right after
             self._mirror()
 
 
 def checkpoint_history(run_dir: str) -> list[dict[str, Any]]:
     """The history saved with a Train run's latest checkpoint; none when it has no checkpoint yet."""
-    import json
-
-    import pyarrow.fs
-    import ray.train
-
-    from raysal.loop.checkpoint import HISTORY
 
     try:
         checkpoint = ray.train.Result.from_path(run_dir).checkpoint
