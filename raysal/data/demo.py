@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray  # only here: the data layer itself does not need Ray
 
-    from raysal.data.ray_dataset import coconut_dataset
+    from raysal.data.ray_dataset import coconut_dataset  # Ray Data's reader: the same reason
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
     try:

@@ -132,6 +132,7 @@ def tiny_config(arch: str, vocab_size: int, image_token_id: int, pad_token_id: i
 
 def _image_processor(arch: str):
     # Pillow backend: needs no torchvision, which has no CPU wheel here; same geometry as the torchvision one.
+    # each arch's class imported where it is used: transformers loads a processor class's module on first access
     if arch == "llava":
         from transformers import CLIPImageProcessorPil
 

@@ -235,6 +235,7 @@ def _llava_next(
     patch_size: int,
     vision_feature_select_strategy: str,
 ) -> tuple[np.ndarray, tuple[int, int]]:
+    # here only: the modeling module loads the whole LLaVA-NeXT model code, which a LLaVA-1.5 run never needs
     from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
 
     if vision_feature_select_strategy != "default":
@@ -304,7 +305,7 @@ def _expected_tokens_by_running(processor, h: int, w: int) -> int:
 def coverage(segment_map: np.ndarray, segment_ids: Sequence[int], processor) -> np.ndarray:
     """(I, S) float32 coverage for a LlavaProcessor or LlavaNextProcessor; I is checked against the number of
     image tokens the processor puts in ``input_ids`` for an image of this size."""
-    from transformers import LlavaNextProcessor, LlavaProcessor
+    from transformers import LlavaNextProcessor, LlavaProcessor  # lazy classes of transformers: loaded on use
 
     if not isinstance(processor, LlavaNextProcessor | LlavaProcessor):
         raise TypeError(f"coverage supports LlavaProcessor and LlavaNextProcessor, got {type(processor).__name__}")
