@@ -100,7 +100,6 @@ def max_concurrent(spec: SearchSpec, encode_cpus: float) -> int | None:
     to (the autoscaler's node types), a fixed one by what it has. With neither (nodes not up, their types unknown)
     the search refuses to start: unbounded, every trial would start at once and wait for nodes. Says the bound and
     why; raises `ConfigError` (one line) before any trial starts."""
-
     if spec.max_concurrent_trials:
         n = spec.max_concurrent_trials
         print(f"raysal: {_at_once(n)}: max_concurrent_trials in {spec.path}", flush=True)
@@ -133,4 +132,3 @@ def max_concurrent(spec: SearchSpec, encode_cpus: float) -> int | None:
         why = f"the cluster has {_amounts(have, [key])}, {need[key]:g} per trial"
     print(f"raysal: {_at_once(n)}: {why}", flush=True)
     return n
-

@@ -95,4 +95,3 @@ def finish(grid: Any, spec: SearchSpec, base: list[str], run_spec: RunSpec, plac
     if summary.get("warning"):
         print(f"raysal: {summary['warning']}", file=sys.stderr)
     return 0 if best else 1  # failed trials are part of a search's result; no trial to export is not
-

@@ -22,6 +22,7 @@ from raysal.search.space import Choice, Fixed, SearchSpec
 def missing_heads_table(spec: SearchSpec, run_spec: RunSpec) -> str | None:
     """The head finder's table that a space which may pick ``heads: localization`` needs (every such trial reads
     it), when it does not exist yet; None when the space never picks it or the table is there."""
+
     def values(dist: Any) -> list[Any]:
         if isinstance(dist, Choice):
             return [o.value for o in dist.options]
@@ -68,4 +69,3 @@ def ensure_heads_table(spec: SearchSpec, base: list[str], run_spec: RunSpec, pin
                                f"{type(cause).__name__}: {' '.join(str(cause).split())[:500]}") from None  # fmt: skip
     print(f"raysal: heads table {written}: read by every trial that picks heads: localization, and reused by "
           "later searches of this model", flush=True)  # fmt: skip
-

@@ -43,7 +43,6 @@ def leaked_placement_groups(settle_s: float = 60.0, poll_s: float = 0.5) -> int:
     return len(live)
 
 
-
 def remove_if_alive(pg_hex: str) -> bool:
     """Remove the placement group if this cluster still holds it; False if it is gone (or from an earlier
     cluster: a resumed search runs on a new one)."""
@@ -55,16 +54,15 @@ def remove_if_alive(pg_hex: str) -> bool:
     return True
 
 
-
 def removed_count(search_dir: str) -> int:
     path = storage.join(search_dir, REMOVED_LOG)
     return len(storage.read_text(path).splitlines()) if storage.is_file(path) else 0
 
 
-
 class PlacementGroupJanitor(Callback):
     """Removes the Train placement group of every ended trial that nobody else removed, before the next trial
     waits on its resources. Runs in the search driver, on Tune's event loop."""
+
     def __init__(self, trials_dir: str, log_dir: str, grace_s: float = GRACE_S) -> None:
         self.trials_dir = trials_dir
         self.log_dir = log_dir
@@ -110,4 +108,3 @@ class PlacementGroupJanitor(Callback):
             except Exception as e:  # the count is a report, not a reason to stop the search
                 log.warning("could not record the removal in %s: %s", self.log_dir, e)
         return removed
-

@@ -84,7 +84,6 @@ class ReasonedOptunaSearch(OptunaSearch):
     def restore(self, checkpoint_path: str) -> None:
         """Tune's restore: re-open the study where this driver keeps it (`study_store.active`: the copy fetched
         from the search folder on a new head, or the team database)."""
-
         with open(checkpoint_path, "rb") as f:
             state = pickle.load(f)
         self.__dict__.update(state)

@@ -24,6 +24,7 @@ class SearchStateError(ConfigError):
 @dataclass(frozen=True)
 class SearchPlaces:
     """Where a search's things live."""
+
     search_dir: str  # <storage_path>/<name>: local path or URI, the whole search
     trials_dir: str  # <search>/trials: one Train run per trial
     local_dir: Path  # the driver's disk: W&B files before they are copied (the search folder itself when local)
@@ -42,8 +43,6 @@ def check_study(places: SearchPlaces) -> None:
     if places.study.published_separately:
         check_writable(str(Path(places.study.working).parent), "cache_dir")
     if places.study.in_database:
-
-
         try:
             optuna.storages.RDBStorage(places.study.url)
         except Exception as e:
@@ -55,4 +54,3 @@ def check_study(places: SearchPlaces) -> None:
 def restorable(search_dir: str) -> bool:
     """Tune wrote its experiment state there (a folder left by a search that failed to start is not)."""
     return any(n.startswith("experiment_state-") and n.endswith(".json") for n in storage.list_names(search_dir))
-

@@ -53,4 +53,3 @@ def prepare_search(
     sizes = checks.preflight(run_spec)  # once, here, rather than racing in concurrent trials
     check_study(search_places(spec, run_spec))
     return spec, base, run_spec, sizes
-

@@ -68,7 +68,6 @@ def run_trial(
     (`raysal.orchestration.train.fail_reason`) and the trial raises, so Tune marks it ERROR and Optuna FAIL. The stall
     watchdog ends a trial whose workers run without reporting (``trainer.stall_timeout_s``) or never run
     (``trainer.wait_timeout_s``) the same way."""
-
     trial_id = ray.tune.get_context().get_trial_id()
     spec = spec_from_cfg(compose_cfg(trial_run_overrides(base, config, control, trial_id, trials_dir, pins)))
     run_dir = storage.join(trials_dir, trial_id)
@@ -103,4 +102,3 @@ def make_trainable(base: list[str], control: tuple[str, ...], trials_dir: str, p
         partial(run_trial, base=base, control=control, trials_dir=trials_dir, pins=pins),
         {"CPU": 0, DRIVER_RESOURCE: 1} if DRIVER_RESOURCE in ray.cluster_resources() else {"CPU": 0},
     )
-

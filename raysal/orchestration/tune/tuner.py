@@ -36,8 +36,6 @@ from raysal.search.space import SearchSpec
 
 log = logging.getLogger("raysal.tune")
 STOP_GRACE_S = 20.0  # after SIGTERM, how long Tune may take to stop trials gracefully
-
-
 # how often Tune uploads its experiment state (small files) to storage: what a lost head can lose of trial events
 # (Ray's default is 300 s); the study reconciles the rest (`raysal.search.control.settle_study`)
 STATE_SYNC_S = 10
@@ -47,7 +45,6 @@ def connect_ray(verbose: bool) -> None:
     """The cluster at RAY_ADDRESS (``ray job submit`` sets it), or a local one with the head's trial-driver
     resource. The console shows raysal's one line per trial event (`ProgressLines`); -v brings back Ray's own
     output: worker logs, status tables, Ray's INFO lines and its slow-callback warnings."""
-
     quiet: dict[str, Any] = {} if verbose else {"log_to_driver": False, "logging_level": logging.WARNING}
     if not verbose:
         optuna.logging.set_verbosity(optuna.logging.WARNING)  # "A new study created ...": raysal says it
@@ -92,7 +89,6 @@ def restore_tuner(places: SearchPlaces, trainable: Any) -> Any:
 
 
 def make_scheduler(spec: SearchSpec) -> Any:
-
 
     s = spec.scheduler
     if s.type != "asha":
@@ -197,4 +193,3 @@ def run_tuner(tuner: Any, spec: SearchSpec, places: SearchPlaces, restored: bool
               f"continue it ({places.search_dir})", file=sys.stderr)  # fmt: skip
         return None
     return grid
-

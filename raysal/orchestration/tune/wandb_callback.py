@@ -108,7 +108,6 @@ class _SearchWandbLoggingActor(_WandbLoggingActor):
 
 def checkpoint_history(run_dir: str) -> list[dict[str, Any]]:
     """The history saved with a Train run's latest checkpoint; none when it has no checkpoint yet."""
-
     try:
         checkpoint = ray.train.Result.from_path(run_dir).checkpoint
     except Exception:  # no run snapshot: the trial never reported a checkpoint
