@@ -136,13 +136,14 @@ def extras_parts(rank: int, world: int, tiny: str, shards: str, out: str, fsdp: 
     from raysal.loop.pope_eval import pope_scores
     from raysal.loop.readout_eval import readout_scores
     from raysal.probes.probe_set import select_probes
+    from raysal.probes.readout_items import readout_items
 
     proc = load_processor(tiny)
     model, protocol = eval_model(tiny, fsdp)
     pope = select_pope(shards, "train2017", images=5)
-    probes = select_probes(shards, "train2017", images=3, phrases=10**6)
+    items = readout_items(select_probes(shards, "train2017", images=3, phrases=10**6), proc)
     got = {**pope_scores(model, proc, pope, device="cpu", sharded=True, lockstep=fsdp),
-           **readout_scores(model, proc, probes, protocol, device="cpu", sharded=True, lockstep=fsdp)}  # fmt: skip
+           **readout_scores(model, proc, items, protocol, device="cpu", sharded=True, lockstep=fsdp)}  # fmt: skip
     if rank == 0:
         Path(out).write_text(json.dumps(got))
 

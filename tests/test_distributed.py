@@ -52,6 +52,7 @@ def test_sharded_pope_and_readout_equal_one_process(tiny_llava, small_shards, tm
     from raysal.loop.pope_eval import pope_scores
     from raysal.loop.readout_eval import readout_scores
     from raysal.probes.probe_set import select_probes
+    from raysal.probes.readout_items import readout_items
 
     out = tmp_path / "extras.json"
     runs.spawn(runs.extras_parts, 2, str(tiny_llava), str(small_shards), str(out), fsdp)
@@ -60,7 +61,8 @@ def test_sharded_pope_and_readout_equal_one_process(tiny_llava, small_shards, tm
     pope = select_pope(str(small_shards), "train2017", images=5)
     probes = select_probes(str(small_shards), "train2017", images=3, phrases=10**6)
     assert len(pope.images) == 5 and len(probes) == 3  # odd: the ranks' parts differ
-    want = {**pope_scores(model, proc, pope, device="cpu"), **readout_scores(model, proc, probes, protocol)}
+    items = readout_items(probes, proc)
+    want = {**pope_scores(model, proc, pope, device="cpu"), **readout_scores(model, proc, items, protocol)}
     assert set(got) == set(want) and want["pope/adversarial/n"] > 0 and want["rec_phrases"] > 0
     for k, v in want.items():
         assert got[k] == pytest.approx(v, rel=1e-5, abs=1e-7, nan_ok=True), k

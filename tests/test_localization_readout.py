@@ -1,7 +1,9 @@
-"""The localisation readout (smooth → threshold at the mean → the box of what is above) and its sums."""
+"""The localisation readout (smooth → threshold at the mean → the box of what is above) and its sums; its inputs,
+encoded once where the readout set is chosen, and a back-projection kept sparse that maps exactly as a fresh one."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
@@ -178,3 +180,87 @@ def test_sums_merge_across_shards_equals_one_pass():
         one.add(float("nan"))
     with pytest.raises(ValueError):
         LocalizationSums.from_tensor(torch.zeros(4, dtype=torch.float64))
+
+
+# The readout's inputs, encoded once where the set is chosen (`raysal.probes.readout_items`); the loop only runs
+# the forwards on them (`raysal.loop.readout_eval`).
+
+
+@pytest.fixture(scope="module", params=["llava", "llava_next"])
+def processor(request):
+    from raysal.model.build import load_processor
+
+    return load_processor(str(request.getfixturevalue("tiny_llava" if request.param == "llava" else "tiny_next")))
+
+
+@pytest.mark.parametrize(("h", "w"), [(101, 250), (320, 200)])
+def test_a_stored_backprojection_is_the_fresh_one_bit_for_bit(processor, h, w):
+    from raysal.probes.backproject import Backprojection
+    from raysal.probes.readout_items import SparseBackprojection
+
+    fresh = Backprojection(h, w, processor)
+    stored = SparseBackprojection.of(h, w, processor)
+    assert stored.values.size * 20 < fresh.cov.size  # a few cells per token: kept sparse between evaluations
+    back = stored.dense()
+    for name in ("cells", "cov", "footprint", "seen"):
+        np.testing.assert_array_equal(getattr(back, name), getattr(fresh, name), err_msg=name)
+    a = np.random.default_rng(0).random(fresh.cov.shape[0])  # (I,) any attention
+    np.testing.assert_array_equal(back(a), fresh(a))  # NaN (cropped away) at the same pixels too
+
+
+def test_a_readout_item_holds_each_phrases_own_tokens(processor, small_shards):
+    """One row with every phrase grounded; a phrase's rows are exactly the positions its own encoding grounds."""
+    from raysal.data.decode import decode_image
+    from raysal.data.mask import decode_mask_png
+    from raysal.preprocess.encode import encode_sample
+    from raysal.probes.probe_set import select_probes
+    from raysal.probes.readout_items import readout_items
+
+    probes = select_probes(str(small_shards), "train2017", images=3, phrases=10**6)
+    items = readout_items(probes, processor)
+    assert len(items) == len(probes) == 3
+    for probe, item in zip(probes, items, strict=True):
+        s = probe.sample
+        image, segment_map = decode_image(s.image_bytes), decode_mask_png(s.mask_bytes)
+        np.testing.assert_array_equal(item.segment_map, segment_map)
+        assert item.image_id == s.image_id and item.batch["input_ids"].shape[0] == 1
+        assert item.batch["pixel_values"].dtype == torch.uint8  # normalised on the device, at each evaluation
+        union = item.batch["grounded_pos"][0]  # (T,)
+        for phrase, got in zip(probe.phrases, item.phrases, strict=True):
+            own = encode_sample(image, segment_map, s.caption, [(phrase.start, phrase.end, phrase.segment_ids)],
+                                s.segment_ids, processor)["grounded_pos"]  # fmt: skip
+            assert got.rows and union[list(got.rows)].tolist() == own.tolist()
+            assert got.segment_ids == phrase.segment_ids
+
+
+def test_the_readout_encodes_once_not_at_each_evaluation(tiny_llava, small_shards, monkeypatch):
+    """`val_extras` encodes the readout set when it is chosen; its evaluations only run forwards, the same
+    metrics each time, the prepared inputs untouched."""
+    from types import SimpleNamespace
+
+    import raysal.probes.readout_items as prepared
+    from raysal.attention.capture import CAPTURE_IMPL, CapturePlan, enable_capture
+    from raysal.model.build import load_model, load_processor
+    from raysal.orchestration.train.val_extras import val_extras
+
+    encoded = []
+    real_encode = prepared.encode_sample
+    monkeypatch.setattr(prepared, "encode_sample", lambda *a, **k: encoded.append(1) or real_encode(*a, **k))
+    data = {"shards": str(small_shards), "train_split": "train2017", "val_split": "val2017",
+            "prompt": "Describe the image in detail."}  # fmt: skip
+    trainer = {"pope": {"images": 0}, "readout": {"images": 2}}
+    spec = SimpleNamespace(data=data, config={"trainer": trainer}, storage_path="/nonexistent", name="r", model={},
+                           objective={"metric": "val/amr"})  # fmt: skip
+    proc = load_processor(str(tiny_llava))
+    extra = val_extras(spec, proc, torch.device("cpu"), sharded=False, lockstep=False, write=False)
+    assert extra is not None and len(encoded) >= 4  # 2 images: the union and each phrase alone
+    n = len(encoded)
+    model = load_model(str(tiny_llava), dtype="float32")
+    enable_capture(model)
+    model.set_attn_implementation({"text_config": CAPTURE_IMPL})
+    tc = model.config.text_config
+    protocol = CapturePlan(tuple(range(tc.num_hidden_layers)), tuple(range(tc.num_attention_heads)), 0)
+    first = extra(model, protocol, contextlib.nullcontext())
+    second = extra(model, protocol, contextlib.nullcontext())
+    assert len(encoded) == n  # nothing encoded at the evaluations
+    assert first["rec_phrases"] > 0 and first == second

@@ -20,6 +20,7 @@ from raysal.data.shards import read_manifest
 from raysal.metrics.pope import SETTINGS, yes_no_token_ids
 from raysal.model.build import load_model, load_processor
 from raysal.probes.probe_set import select_probes
+from raysal.probes.readout_items import readout_items
 
 
 @pytest.fixture(scope="module", params=["llava", "llava_next"])
@@ -120,6 +121,7 @@ def test_a_tokenizer_without_one_token_answers_is_refused_with_the_key(small_sha
 def test_the_readout_scores_each_phrases_own_tokens(tiny, small_shards, monkeypatch):
     model, processor = tiny
     probes = select_probes(str(small_shards), "train2017", images=6, phrases=10**6)
+    items = readout_items(probes, processor)
     tc = model.config.text_config
     protocol = CapturePlan(tuple(range(tc.num_hidden_layers)), tuple(range(tc.num_attention_heads)), 0)
     targets: dict = {}
@@ -147,13 +149,13 @@ def test_the_readout_scores_each_phrases_own_tokens(tiny, small_shards, monkeypa
 
     monkeypatch.setattr(readout_eval, "grounding_targets", keep)
     monkeypatch.setattr(readout_eval, "AttentionCapture", Planted)
-    on_region = readout_eval.readout_scores(model, processor, probes, protocol, device="cpu")
+    on_region = readout_eval.readout_scores(model, processor, items, protocol, device="cpu")
     phrases = sum(len(p.phrases) for p in probes)
     assert 0 < on_region["rec_phrases"] <= phrases
     # a perfect map is not a perfect box: the smoothing widens small shapes' boxes (the readout's own bias)
     assert on_region["rec_acc50"] >= 0.7 and on_region["rec_miou"] >= 0.5, on_region
     monkeypatch.setattr(readout_eval, "AttentionCapture", lambda *a, **k: Planted(uniform=True))
-    uniform = readout_eval.readout_scores(model, processor, probes, protocol, device="cpu")
+    uniform = readout_eval.readout_scores(model, processor, items, protocol, device="cpu")
     # uniform over tokens is not uniform on the pixels (NeXT's base and tile tokens have other footprints), and a
     # big region's box can be hit by luck: far fewer hits, never the planted map's
     assert uniform["rec_phrases"] == on_region["rec_phrases"], uniform

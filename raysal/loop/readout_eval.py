@@ -3,16 +3,18 @@ box (`raysal.metrics.localization`: the rule), over the readout set's images.
 
 The map is the one the probes draw (`raysal.probes.phrase_maps`): the evaluation protocol's attention (layers,
 heads, query rows of ``val/amr``), averaged over the phrase's grounded tokens, mapped onto the original pixels
-through the inverse coverage (`raysal.probes.backproject`). One forward per image: the caption with every chosen
-phrase grounded, the attention of all their tokens captured at once; a phrase's tokens are those its own encoding
-grounds (the same token ids, so the same attention). A phrase whose region the model cannot see (cropped away) is
-not scored. Several ranks: every ``world``-th image each, sums added over the ranks; an FSDP model (``lockstep``)
-runs as many forwards on every rank. Plain PyTorch.
+through the inverse coverage (`raysal.probes.backproject`). The inputs come encoded, once, where the set was chosen
+(`raysal.probes.readout_items`): per image one batch, the caption with every chosen phrase grounded, so one
+forward captures the attention of all their tokens, and per phrase the rows of that capture its own encoding
+grounds. A phrase whose region the model cannot see (cropped away) is not scored. Several ranks: every
+``world``-th image each, sums added over the ranks; an FSDP model (``lockstep``) runs as many forwards on every
+rank. Plain PyTorch.
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -21,38 +23,24 @@ import torch
 from raysal.attention.capture import AttentionCapture, CapturePlan
 from raysal.attention.targets import grounding_targets, renormalise
 from raysal.batch import PixelNorm, model_inputs, to_device
-from raysal.data.decode import decode_image
-from raysal.data.mask import decode_mask_png
 from raysal.distributed import all_reduce_sum, my_part, world_size
 from raysal.metrics.localization import LocalizationSums, cell_side, phrase_iou
-from raysal.preprocess.collate import collate
-from raysal.preprocess.coverage import coverage
-from raysal.preprocess.encode import DEFAULT_PROMPT, encode_sample
-from raysal.probes.backproject import GRID, Backprojection
-from raysal.probes.probe_set import Probe
+from raysal.probes.readout_items import ReadoutItem
 
 
 @torch.no_grad()
 def read_out(
     model: torch.nn.Module,
-    processor: Any,
-    probe: Probe,
+    item: ReadoutItem,
     protocol: CapturePlan,
     sums: LocalizationSums | None,
     *,
-    prompt: str = DEFAULT_PROMPT,
-    padding_side: str = "right",
+    pixels: PixelNorm,
     device: torch.device | str = "cpu",
     autocast: contextlib.AbstractContextManager | None = None,
 ) -> None:
     """Read out every phrase of one image into ``sums`` (None: uncounted, a lockstep forward)."""
-    s = probe.sample
-    image, segment_map = decode_image(s.image_bytes), decode_mask_png(s.mask_bytes)
-    cov = coverage(segment_map, s.segment_ids, processor)  # (I, S): once for the image, not once per phrase
-    spans = [(p.start, p.end, p.segment_ids) for p in probe.phrases]
-    union = encode_sample(image, segment_map, s.caption, spans, s.segment_ids, processor, prompt, cov=cov)
-    batch = to_device(collate([union], processor.tokenizer.pad_token_id, padding_side), device,
-                      PixelNorm.from_processor(processor))  # fmt: skip
+    batch = to_device(item.batch, device, pixels)  # a new dict: the item's host batch stays uint8
     t = grounding_targets(batch, protocol.query_offset)
     capture = AttentionCapture(protocol.layers, protocol.heads, t.query_pos, t.key_pos, reduce=True)
     with capture as cap, autocast or contextlib.nullcontext():
@@ -61,42 +49,37 @@ def read_out(
         return
     p = renormalise(cap.mean(), t.key_valid)[0]  # (T, I) over the union's grounded tokens
     n_img = int(t.key_valid[0].sum())
-    # a batch of one has no padding: the union's positions are numbered as a phrase's own encoding numbers them
-    row_of = {int(pos): i for i, pos in enumerate(union["grounded_pos"].tolist())}
-    visible = t.token_valid[0]  # (T,) grounded and inside the model's view
-    to_pixels = Backprojection(*segment_map.shape, processor)
-    side = cell_side(*segment_map.shape, GRID)
-    for phrase, span in zip(probe.phrases, spans, strict=True):
-        own = encode_sample(image, segment_map, s.caption, [span], s.segment_ids, processor, prompt, cov=cov)
-        rows = [row_of[int(q)] for q in own["grounded_pos"] if int(q) in row_of]
-        rows = [r for r in rows if bool(visible[r])]
+    visible = t.token_valid[0]  # (T,) grounded and inside the model's view (depends on the protocol's offset)
+    to_pixels = item.pixels.dense()  # (I, C) coverage rebuilt for this image's phrases, dropped after
+    side = cell_side(*item.segment_map.shape, item.pixels.grid)
+    for phrase in item.phrases:
+        rows = [r for r in phrase.rows if bool(visible[r])]
         if not rows:  # the phrase's region lies outside what the model sees: nothing to localise
             continue
         heat = to_pixels(p[rows, :n_img].mean(0).double().cpu().numpy())  # (H, W)
-        sums.add(phrase_iou(heat, np.isin(segment_map, phrase.segment_ids), side))
+        sums.add(phrase_iou(heat, np.isin(item.segment_map, phrase.segment_ids), side))
 
 
 def readout_scores(
     model: torch.nn.Module,
     processor: Any,
-    probes: list[Probe],
+    items: Sequence[ReadoutItem],
     protocol: CapturePlan,
     *,
-    prompt: str = DEFAULT_PROMPT,
-    padding_side: str = "right",
     device: torch.device | str = "cpu",
     autocast: contextlib.AbstractContextManager | None = None,
     sharded: bool = False,
     lockstep: bool = False,
 ) -> dict[str, float]:
-    """→ {"rec_acc50", "rec_miou", "rec_phrases"} over the whole readout set (un-namespaced)."""
+    """→ {"rec_acc50", "rec_miou", "rec_phrases"} over the whole readout set (un-namespaced). ``processor``: only
+    for its pixel normalisation, done on the device."""
     was_training = model.training
     model.eval()
     sums = LocalizationSums()
-    kw = {"prompt": prompt, "padding_side": padding_side, "device": device, "autocast": autocast}
+    kw = {"pixels": PixelNorm.from_processor(processor), "device": device, "autocast": autocast}
     try:
-        for probe, counted in my_part(probes, sharded=sharded, lockstep=lockstep):
-            read_out(model, processor, probe, protocol, sums if counted else None, **kw)
+        for item, counted in my_part(items, sharded=sharded, lockstep=lockstep):
+            read_out(model, item, protocol, sums if counted else None, **kw)
     finally:
         model.train(was_training)
     if sharded and world_size() > 1:

@@ -51,6 +51,14 @@ class Backprojection:
         self.footprint = token_footprint(self.cov, cell_pixels)  # (I,) original pixels behind each token
         self.seen = self.cov.sum(0)  # (C,)
 
+    @classmethod
+    def from_parts(cls, cells: np.ndarray, cov: np.ndarray, footprint: np.ndarray, seen: np.ndarray) -> Backprojection:
+        """The same geometry from parts computed earlier (`raysal.probes.readout_items` keeps them sparse between
+        evaluations): no coverage computed again."""
+        out = cls.__new__(cls)
+        out.cells, out.cov, out.footprint, out.seen = cells, cov, footprint, seen  # (H, W), (I, C), (I,), (C,)
+        return out
+
     def __call__(self, token_attention: np.ndarray) -> np.ndarray:
         a = np.asarray(token_attention, dtype=np.float64)
         if a.shape != (self.cov.shape[0],):

@@ -21,6 +21,7 @@ from raysal.loop.readout_eval import readout_scores
 from raysal.metrics.pope import yes_no_token_ids
 from raysal.orchestration.train.spec import RunSpec
 from raysal.probes.probe_set import select_probes
+from raysal.probes.readout_items import readout_items
 
 log = logging.getLogger(__name__)
 
@@ -66,16 +67,17 @@ def val_extras(
             storage.write_json(storage.join(run_dir, READOUT_FILE), {"probes": [p.describe() for p in readout]})
     if pope is None and not readout:
         return None
+    # encoded once here, not at every evaluation: the loop only runs the forwards (every rank holds the whole set)
     padding = spec.model.get("padding_side", "right")
+    items = readout_items(readout or [], processor, prompt=d["prompt"], padding_side=padding)
 
     def extra(model: torch.nn.Module, protocol: CapturePlan, autocast: contextlib.AbstractContextManager) -> dict:
         out: dict[str, float] = {}
         kw = {"device": device, "autocast": autocast, "sharded": sharded, "lockstep": lockstep}
         if pope is not None:
             out.update(pope_scores(model, processor, pope, **kw))
-        if readout:
-            out.update(readout_scores(model, processor, readout, protocol, prompt=d["prompt"], padding_side=padding,
-                                      **kw))  # fmt: skip
+        if items:
+            out.update(readout_scores(model, processor, items, protocol, **kw))
         return out
 
     return extra
