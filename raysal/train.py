@@ -12,43 +12,38 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
+import hydra
+import ray
 from omegaconf import DictConfig
 
+from raysal.orchestration.train import preflight as checks  # checks.preflight: one name tests replace
 from raysal.orchestration.train.compose import CONFIG_DIR, compose_cfg
-
-if TYPE_CHECKING:
-    from raysal.orchestration.train.preflight import DataSizes
-    from raysal.orchestration.train.spec import RunSpec
+from raysal.orchestration.train.errors import print_user_error
+from raysal.orchestration.train.fail_reason import clear_reason, read_reason
+from raysal.orchestration.train.placement_groups import JOB_RUNTIME_ENV
+from raysal.orchestration.train.preflight import DataSizes
+from raysal.orchestration.train.spec import RunSpec, spec_from_cfg
+from raysal.orchestration.train.stale_checkpoints import remove_stale_checkpoints
+from raysal.orchestration.train.trainer import build_trainer, export_best
+from raysal.orchestration.train.wandb_run import resolve_mode, sync_hint
 
 log = logging.getLogger("raysal.train")
 
 
 def prepare(cfg: DictConfig) -> tuple[RunSpec, DataSizes]:
     """Every check, before Ray starts: config values, storage, model, shards, validation size → (spec, sizes)."""
-    from raysal.orchestration.train.preflight import preflight
-    from raysal.orchestration.train.spec import spec_from_cfg
-
     spec = spec_from_cfg(cfg)
-    return spec, preflight(spec)
+    return spec, checks.preflight(spec)
 
 
 def run(spec: RunSpec, sizes: DataSizes) -> dict:
-    import ray
-
-    from raysal import storage
-    from raysal.orchestration.train.fail_reason import clear_reason, read_reason
-    from raysal.orchestration.train.placement_groups import JOB_RUNTIME_ENV
-    from raysal.orchestration.train.stale_checkpoints import remove_stale_checkpoints
-    from raysal.orchestration.train.trainer import build_trainer, export_best
-    from raysal.orchestration.train.wandb_run import resolve_mode, sync_hint
-
+    """The checked run under Ray Train; its best checkpoint exported to the run folder → the run's summary."""
     print(f"raysal: {sizes.describe()}", flush=True)
     t0 = time.perf_counter()
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True, runtime_env=JOB_RUNTIME_ENV)
-    run_dir = storage.join(spec.storage_path, spec.name)
+    run_dir = spec.run_dir
     remove_stale_checkpoints(run_dir)  # a kill between a checkpoint and Ray's snapshot leaves orphans
     clear_reason(run_dir)  # a resumed run is judged on what it does now
     result = build_trainer(spec).fit()
@@ -84,8 +79,6 @@ def run(spec: RunSpec, sizes: DataSizes) -> dict:
 
 def _run_checked(compose: Callable[[], DictConfig]) -> int:
     """Compose and check (bad input → one ``error:`` line, exit 2), then run; later failures keep their traceback."""
-    from raysal.orchestration.train.errors import print_user_error
-
     try:
         spec, sizes = prepare(compose())
     except Exception as e:
@@ -104,8 +97,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _hydra_main(args: list[str]) -> int:
-    import hydra
-
     code = 0
 
     @hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")

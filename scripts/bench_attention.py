@@ -39,6 +39,7 @@ from raysal.batch import model_inputs
 from raysal.criteria.kl import KLCriterion
 from raysal.criteria.lm import LMCriterion
 from raysal.criteria.maskembed import MaskEmbedCriterion
+from raysal.criteria.protocol import AttachesModules
 from raysal.criteria.seed_kl import SeedKLCriterion
 from raysal.loop.evaluate import evaluate
 from raysal.loop.step import plan_step, train_step
@@ -231,7 +232,7 @@ def run_one(
     model = apply_lora(base, rank=16, alpha=32, targets="qv", vision=method == "maskembed")
     criteria = methods(preset.text["num_hidden_layers"]).get(method, [LMCriterion()])  # evaluations: no criteria
     for c in criteria:  # maskembed's decoder
-        if hasattr(c, "attach"):
+        if isinstance(c, AttachesModules):
             c.attach(model)
     info = model_info(model)
     plan = plan_step(criteria, info)

@@ -10,6 +10,14 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 import raysal.criteria
+from raysal.criteria.protocol import (
+    AttachesModules,
+    AttentionSelection,
+    Criterion,
+    HooksForward,
+    LayerSelection,
+    missing_selection,
+)
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "criterion"
 
@@ -37,3 +45,20 @@ def test_yaml_instantiates_its_criterion(path):
 def test_every_criterion_class_has_a_yaml():
     targets = {OmegaConf.load(p)["_target_"].rsplit(".", 1)[1] for p in CONFIGS.glob("*.yaml")}
     assert set(criterion_classes()) == targets
+
+
+def test_every_criterion_is_a_criterion_and_offers_what_its_needs_ask_for():
+    """raysal/criteria/protocol.py is the contract: every shipped criterion is a `Criterion`; the attention ones
+    carry their selection; maskembed's decoder is attached and works inside the forward."""
+    offers = {}
+    for path in sorted(CONFIGS.glob("*.yaml")):
+        crit = instantiate(OmegaConf.load(path))
+        assert isinstance(crit, Criterion), path.stem
+        assert missing_selection(crit) is None, path.stem
+        kinds = (LayerSelection, AttentionSelection, AttachesModules, HooksForward)
+        offers[crit.name] = {k.__name__ for k in kinds if isinstance(crit, k)}
+    selection = {"LayerSelection", "AttentionSelection"}
+    assert all(offers[n] == selection for n in ("kl", "mse", "mass", "bce_dice"))
+    assert offers["seed_kl"] == {"LayerSelection"}
+    assert offers["maskembed"] == {"AttachesModules", "HooksForward"}
+    assert offers["lm"] == offers["cal"] == set()

@@ -249,7 +249,7 @@ def test_the_readout_encodes_once_not_at_each_evaluation(tiny_llava, small_shard
     data = {"shards": str(small_shards), "train_split": "train2017", "val_split": "val2017",
             "prompt": "Describe the image in detail."}  # fmt: skip
     trainer = {"pope": {"images": 0}, "readout": {"images": 2}}
-    spec = SimpleNamespace(data=data, config={"trainer": trainer}, storage_path="/nonexistent", name="r", model={},
+    spec = SimpleNamespace(data=data, config={"trainer": trainer}, run_dir="/nonexistent/r", model={},
                            objective={"metric": "val/amr"})  # fmt: skip
     proc = load_processor(str(tiny_llava))
     extra = val_extras(spec, proc, torch.device("cpu"), sharded=False, lockstep=False, write=False)

@@ -175,7 +175,7 @@ def test_a_pope_objective_without_pope_questions_fails_with_the_reason(monkeypat
     monkeypatch.setattr(extras, "select_pope", lambda *a, **k: no_questions)
     data = {"shards": "/x", "train_split": "train2017", "val_split": "val2017", "prompt": ""}
     trainer = {"pope": {"images": 8}, "readout": {"images": 0}}
-    spec = SimpleNamespace(data=data, config={"trainer": trainer}, storage_path="/nonexistent", name="r", model={},
+    spec = SimpleNamespace(data=data, config={"trainer": trainer}, run_dir="/nonexistent/r", model={},
                            objective={"metric": objective})  # fmt: skip
     proc = SimpleNamespace(tokenizer=None)
     if fails:

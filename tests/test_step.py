@@ -1,5 +1,7 @@
 """Criteria that need the model (lm, cal, seed_kl) and the step that combines them, on the tiny LLaVA."""
 
+from dataclasses import dataclass
+
 import pytest
 import torch
 
@@ -130,6 +132,27 @@ def test_config_errors_are_named():
         validate_criteria([LMCriterion(), LMCriterion()])
     with pytest.raises(ValueError, match="no criterion"):
         validate_criteria([])
+
+
+def test_a_criterion_without_the_selection_its_needs_ask_for_is_refused():
+    """raysal/criteria/protocol.py: image_attention asks for layers, heads, top_k and query_offset; attentions for
+    layers and query_offset. Refused at set-up, named, not an AttributeError in the first step."""
+
+    @dataclass
+    class Bare:
+        name: str
+        needs: frozenset[str]
+        weight: float = 1.0
+        replaces_lm: bool = False
+
+        def __call__(self, x):
+            return x.logits.sum() * 0
+
+    with pytest.raises(ValueError, match=r"'bare' needs image_attention, so it must have layers, heads, top_k"):
+        validate_criteria([Bare("bare", frozenset({"image_attention"}))])
+    with pytest.raises(ValueError, match=r"'eager' needs attentions, so it must have layers and query_offset"):
+        validate_criteria([Bare("eager", frozenset({"attentions"}))])
+    validate_criteria([Bare("plain", frozenset({"logits"}))])  # a language term needs no selection
 
 
 def test_eager_attention_only_for_criteria_that_ask(setup, monkeypatch):

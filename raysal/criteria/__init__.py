@@ -1,1 +1,3 @@
-"""Training criteria. One class per file; each has a ``configs/criterion/<name>.yaml`` with ``_target_``."""
+"""Training criteria. One class per file; each has a ``configs/criterion/<name>.yaml`` with ``_target_``.
+
+What a criterion has and offers: `raysal.criteria.protocol`; what the step hands it: `raysal.criteria.inputs`."""

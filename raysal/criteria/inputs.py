@@ -1,6 +1,6 @@
 """What the train step hands every criterion, and the helpers the attention criteria share.
 
-A criterion states what it needs in ``needs`` (a subset of NEEDS); the step supplies it:
+A criterion (`raysal.criteria.protocol`) states what it needs in ``needs`` (a subset of NEEDS); the step supplies it:
 ``logits`` (B, L, V) and the batch always; ``image_attention`` (B, ℓ, h, T, I) from the capture (the union of every
 criterion's layers × heads; `CriterionInputs.saliency` picks a criterion's own); ``attentions`` = full per-layer
 (B, H, L, L) maps, which force eager attention (seed-style criteria only); ``model`` for criteria that run an extra

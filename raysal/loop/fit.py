@@ -21,6 +21,7 @@ import torch
 
 from raysal.attention.capture import CAPTURE_IMPL, CapturePlan, enable_capture
 from raysal.attention.selection import resolve_heads, resolve_layers
+from raysal.criteria.protocol import AttachesModules, Criterion
 from raysal.distributed import all_reduce_sum, is_sharded, world_size
 from raysal.loop.checkpoint import Progress, load_checkpoint, load_history, save_checkpoint
 from raysal.loop.divergence import DivergenceConfig, DivergenceGuard
@@ -78,7 +79,7 @@ def _autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextMan
 
 def fit(
     model: torch.nn.Module,
-    criteria: Sequence[Any],
+    criteria: Sequence[Criterion],
     train_batches: Callable[[int], Iterable[dict]],
     val_batches: Callable[[], Iterable[dict]] | None,
     cfg: FitConfig,
@@ -116,7 +117,7 @@ def fit(
     train_attn = "eager" if plan.eager else CAPTURE_IMPL
     enable_capture(core)
     for c in criteria:  # modules a criterion trains (maskembed's decoder); the worker attached them before wrapping
-        if hasattr(c, "attach"):
+        if isinstance(c, AttachesModules):
             c.attach(core)
 
     optimizer = torch.optim.AdamW(param_groups(model, cfg.lr, cfg.projector_lr, cfg.weight_decay))

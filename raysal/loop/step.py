@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
@@ -18,6 +17,14 @@ from raysal.attention.selection import resolve_selection
 from raysal.attention.targets import grounding_targets
 from raysal.batch import model_inputs
 from raysal.criteria.inputs import NEEDS, CriterionInputs
+from raysal.criteria.protocol import (
+    AttentionSelection,
+    Criterion,
+    HooksForward,
+    LayerSelection,
+    missing_selection,
+    reads_attention,
+)
 from raysal.distributed import all_reduce_sum, world_size
 from raysal.loop.divergence import DivergedError
 from raysal.model.build import ModelInfo
@@ -40,26 +47,27 @@ class StepPlan:
     n_heads: int  # query heads per layer
 
 
-def plan_step(criteria: Sequence[Any], info: ModelInfo) -> StepPlan:
+def plan_step(criteria: Sequence[Criterion], info: ModelInfo) -> StepPlan:
     """Check the criteria (`validate_criteria`) and resolve what every step of the run will do."""
     validate_criteria(criteria)
     capture = capture_plan(criteria, info)
-    offset = next((c.query_offset for c in criteria if hasattr(c, "query_offset")), 0)
+    offset = next((c.query_offset for c in attention_criteria(criteria)), 0)  # one for all (`validate_criteria`)
     if capture is not None:
         offset = capture.query_offset
     return StepPlan(
         capture=capture,
         query_offset=offset,
         eager=needs_eager(criteria),
-        grounded=any(c.needs & {"image_attention", "attentions"} for c in criteria),
+        grounded=any(reads_attention(c) for c in criteria),
         needs_model=any("model" in c.needs for c in criteria),
         n_layers=info.n_layers,
         n_heads=info.n_heads,
     )
 
 
-def validate_criteria(criteria: Sequence[Any]) -> None:
-    """Fail at set-up, with the reason, on a combination the step cannot run."""
+def validate_criteria(criteria: Sequence[Criterion]) -> None:
+    """Fail at set-up, with the reason, on a combination the step cannot run (`raysal.criteria.protocol`: what a
+    criterion has and offers)."""
     if not criteria:
         raise ValueError("no criterion configured (use at least `lm`)")
     names = [c.name for c in criteria]
@@ -69,16 +77,25 @@ def validate_criteria(criteria: Sequence[Any]) -> None:
         unknown = set(c.needs) - NEEDS
         if unknown:
             raise ValueError(f"criterion {c.name!r} needs {sorted(unknown)}; the step supplies {sorted(NEEDS)}")
+        missing = missing_selection(c)
+        if missing:
+            raise ValueError(f"criterion {c.name!r} {missing}")
     if sum(c.replaces_lm for c in criteria) and "lm" in names:
         raise ValueError(f"{[c.name for c in criteria if c.replaces_lm]} replace the LM loss: drop `lm` from the run")
-    offsets = {c.query_offset for c in criteria if "image_attention" in c.needs or "attentions" in c.needs}
+    offsets = {c.query_offset for c in attention_criteria(criteria)}
     if len(offsets) > 1:
         raise ValueError(f"attention criteria of one run must share query_offset, got {sorted(offsets)}")
 
 
-def capture_plan(criteria: Sequence[Any], info: ModelInfo) -> CapturePlan | None:
+def attention_criteria(criteria: Sequence[Criterion]) -> list[LayerSelection]:
+    """The criteria that read attention maps, each a `LayerSelection` (`validate_criteria` refuses one that is
+    not)."""
+    return [c for c in criteria if reads_attention(c) and isinstance(c, LayerSelection)]
+
+
+def capture_plan(criteria: Sequence[Criterion], info: ModelInfo) -> CapturePlan | None:
     """The union of the attention criteria's layers × heads, or None when no criterion needs image attention."""
-    attn = [c for c in criteria if "image_attention" in c.needs]
+    attn = [c for c in criteria if "image_attention" in c.needs and isinstance(c, AttentionSelection)]
     if not attn:
         return None
     pairs = {p for c in attn for p in resolve_selection(c.layers, c.heads, info.n_layers, info.n_heads)}
@@ -86,14 +103,14 @@ def capture_plan(criteria: Sequence[Any], info: ModelInfo) -> CapturePlan | None
     return CapturePlan(tuple(layers), tuple(heads), attn[0].query_offset)
 
 
-def needs_eager(criteria: Sequence[Any]) -> bool:
+def needs_eager(criteria: Sequence[Criterion]) -> bool:
     return any("attentions" in c.needs for c in criteria)
 
 
 def train_step(
     model: torch.nn.Module,
     batch: dict,
-    criteria: Sequence[Any],
+    criteria: Sequence[Criterion],
     plan: StepPlan,
     *,
     step: int,
@@ -112,7 +129,7 @@ def train_step(
             assert targets is not None
             cap = stack.enter_context(AttentionCapture(cp.layers, cp.heads, targets.query_pos, targets.key_pos))
         for c in criteria:  # a criterion whose work runs inside the forward (maskembed's decoder)
-            if hasattr(c, "during_forward"):
+            if isinstance(c, HooksForward):
                 stack.enter_context(c.during_forward())
         with autocast or contextlib.nullcontext():
             out = model(**model_inputs(batch), output_attentions=plan.eager, use_cache=False)

@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from raysal import storage
+from raysal.data import synthetic
+from raysal.data.shards import MANIFEST, publish_shards, write_shards
 from raysal.orchestration.train.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -65,6 +67,7 @@ def ensure_model(model: dict[str, Any]) -> None:
 
         what = f"the demo base ({arch} trained to caption, {args['steps']} steps, ~1-2 min on 2 CPUs)"
     else:
+        # transformers, only for a tiny-model config: the Ray Data read tasks import this module too
         from raysal.model.tiny import is_current
         from raysal.model.tiny import write_tiny as write
 
@@ -95,8 +98,6 @@ def ensure_data(data: dict[str, Any]) -> None:
     syn = data.get("synthetic")
     if not syn:
         return  # real shards: `raysal.orchestration.train.preflight.check_data` says what is wrong with them
-    from raysal.data.shards import MANIFEST
-
     shards = str(data["shards"])
     manifest = storage.join(shards, MANIFEST)
     if storage.is_file(manifest):  # written last: its presence means complete shards
@@ -107,11 +108,8 @@ def ensure_data(data: dict[str, Any]) -> None:
     with _lock(local if local is not None else root):
         if storage.is_file(manifest):
             return
-        from raysal.data.shards import publish_shards, write_shards
-        from raysal.data.synthetic import generate
-
         log.info("generating %d synthetic samples in %s (first use)", syn["images"], root)
-        generate(root, images=syn["images"], seed=syn["seed"], max_side=syn["max_side"])
+        synthetic.generate(root, images=syn["images"], seed=syn["seed"], max_side=syn["max_side"])
         if local is not None:
             write_shards(root, local)
             return

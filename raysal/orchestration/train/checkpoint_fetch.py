@@ -32,13 +32,13 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 import pyarrow.fs
 import torch
+from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 
 from raysal import storage
 from raysal.loop.checkpoint import HISTORY, SHARDED, STATE
 
 if TYPE_CHECKING:  # Ray Train hands a worker its checkpoint; this module never needs Ray itself
     import ray.train
-    from torch.distributed.checkpoint.metadata import Metadata
 
     Source = ray.train.Checkpoint | str
 
@@ -162,8 +162,6 @@ def _saved_world_size(state_file: Path) -> int | None:
 def _every_rank_reads(item: Any) -> bool:
     """True for a DCP item that each rank loads whole: bytes (``param_groups``) or a tensor saved as one chunk
     covering all of it (a replicated tensor: AdamW's ``step``); False for a tensor saved as several ranks' chunks."""
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
     if not isinstance(item, TensorStorageMetadata):
         return True
     return len(item.chunks) == 1 and tuple(item.chunks[0].sizes) == tuple(item.size)

@@ -9,6 +9,11 @@ from __future__ import annotations
 import re
 import sys
 
+from hydra.errors import HydraException, MissingConfigException
+from omegaconf.errors import OmegaConfBaseException
+
+from raysal.search.space import SearchSpaceError
+
 
 class ConfigError(ValueError):
     """A config value, a file or a folder the run cannot use; the message names the key or file and the reason."""
@@ -36,11 +41,6 @@ def _options(text: str) -> list[str]:
 def user_message(e: BaseException) -> str | None:
     """One line for an input error (config, Hydra composition, search space, data, model, storage); None for
     anything else, which is a bug or an infrastructure failure and keeps its traceback."""
-    from hydra.errors import HydraException, MissingConfigException
-    from omegaconf.errors import OmegaConfBaseException
-
-    from raysal.search.space import SearchSpaceError
-
     text = str(e)
     if isinstance(e, MissingConfigException):
         m = re.search(r"Could not find '([^']+)'", text)

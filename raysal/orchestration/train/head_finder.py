@@ -10,6 +10,7 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow.parquet as pq
 import torch
 
@@ -48,7 +49,6 @@ def write_figure(rows: list[dict], n_layers: int, n_heads: int, dest: Path, titl
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
     amr = np.full((n_layers, n_heads), np.nan)
     for r in rows:

@@ -17,6 +17,9 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import ModuleType
+
+from ray.experimental import internal_kv
 
 log = logging.getLogger(__name__)
 
@@ -55,9 +58,8 @@ def _key(run_dir: str) -> bytes:
     return f"heartbeat:{run_dir}".encode()
 
 
-def _kv():
-    from ray.experimental import internal_kv
-
+def _kv() -> ModuleType | None:
+    """Ray's key-value store, or None outside a Ray process."""
     return internal_kv if internal_kv._internal_kv_initialized() else None
 
 

@@ -24,11 +24,16 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow.parquet as pq
+import ray.train
+import torch
+from peft import PeftModel
+from transformers import AutoModelForImageTextToText
 
 from raysal import storage
 from raysal.data.holdout import in_holdout, validation_holdout
 from raysal.data.shards import shard_paths
 from raysal.loop.checkpoint import ADAPTER, MODEL
+from raysal.model.build import load_model, load_processor
 from raysal.orchestration.train.checkpoint_fetch import fetch_folder, folders
 
 log = logging.getLogger(__name__)
@@ -58,8 +63,6 @@ def run_config(run_dir: str) -> dict[str, Any]:
 
 def best_checkpoint(run_dir: str, metric: str, mode: str) -> tuple[Any, dict[str, float]]:
     """The run's best checkpoint by ``metric`` (what Ray kept), and the metrics it was reported with."""
-    import ray.train
-
     result = ray.train.Result.from_path(run_dir)
     ckpt = result.get_best_checkpoint(metric, mode) if result.best_checkpoints else None
     if ckpt is None:
@@ -88,10 +91,6 @@ def _label(checkpoint: Any) -> str:
 
 def merged_model(config: dict[str, Any], checkpoint: Any, work: Path) -> Any:
     """The checkpoint's model as one transformers model (float32): base + adapter merged, or the saved model."""
-    import torch
-
-    from raysal.model.build import load_model
-
     m = config["model"]
     if m.get("connector", "mlp") != "mlp":
         raise ExportError(
@@ -100,14 +99,10 @@ def merged_model(config: dict[str, Any], checkpoint: Any, work: Path) -> Any:
         )
     have = folders(checkpoint)
     if MODEL in have:  # full finetuning: the model itself
-        from transformers import AutoModelForImageTextToText
-
         local = fetch_folder(checkpoint, MODEL, work / MODEL).local
         return AutoModelForImageTextToText.from_pretrained(local, dtype=torch.float32)
     if ADAPTER not in have:
         raise ExportError(f"{_label(checkpoint)}: no {ADAPTER}/ or {MODEL}/ in it (a connector-only stage?)")
-    from peft import PeftModel
-
     adapter = fetch_folder(checkpoint, ADAPTER, work / ADAPTER).local
     base = load_model(m["name_or_path"], dtype="float32", device="cpu", connector="mlp",
                       connector_init=m.get("connector_init"))  # fmt: skip
@@ -116,8 +111,6 @@ def merged_model(config: dict[str, Any], checkpoint: Any, work: Path) -> Any:
 
 def export_one(run_dir: str, checkpoint: Any, metrics: dict[str, float], out: str, *, trial_id: str | None) -> str:
     """Write one merged folder to ``out`` (a local path or a URI) → ``out``."""
-    from raysal.model.build import load_processor
-
     config = run_config(run_dir)
     with tempfile.TemporaryDirectory(prefix="raysal-export-") as tmp:
         work = Path(tmp)

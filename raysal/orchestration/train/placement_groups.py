@@ -25,6 +25,8 @@ import logging
 import os
 
 import pyarrow.fs
+import ray
+from ray.util import get_current_placement_group
 
 from raysal.storage import filesystem
 
@@ -36,16 +38,12 @@ JOB_RUNTIME_ENV = {"worker_process_setup_hook": "raysal.orchestration.train.plac
 
 def pin_ray_address() -> None:
     """Worker-process setup hook: the state API in this process talks to this process's cluster."""
-    import ray
-
     os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
 
 
 def record_placement_group(run_dir: str) -> None:
     """Rank 0 of a Train run: write the id of the placement group its workers run in (rewritten on every restart
     of the worker group, so it always names the live one)."""
-    from ray.util import get_current_placement_group
-
     pg = get_current_placement_group()
     if pg is None:  # not under Ray Train's worker group (a test calling the loop directly)
         return

@@ -18,11 +18,15 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.fs
 import pyarrow.parquet as pq
+from transformers import AutoConfig
 
 from raysal import storage
 from raysal.attention.selection import resolve_heads, resolve_layers, resolve_selection
+from raysal.criteria.protocol import AttentionSelection, LayerSelection
 from raysal.data.holdout import in_holdout
 from raysal.data.shards import MANIFEST, SCHEMA
+from raysal.model.build import SUPPORTED
+from raysal.orchestration.train.assets import ensure_data, ensure_model
 from raysal.orchestration.train.errors import ConfigError
 from raysal.orchestration.train.spec import RunSpec
 from raysal.storage import filesystem
@@ -70,8 +74,6 @@ def _model_config(name: str) -> Any | None:
     """The model's config.json: a saved folder's, or a hub model's (the Hugging Face cache first, else config.json
     alone is downloaded: kilobytes, never the weights), so the layer/head checks run here, once, before Ray starts.
     None when the hub cannot be reached from this machine (said in a warning: each trial checks on its own)."""
-    from transformers import AutoConfig
-
     path = Path(name).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
@@ -98,8 +100,6 @@ def _model_config(name: str) -> Any | None:
 def check_model(spec: RunSpec) -> None:
     """The model exists (a folder with config.json, or a hub id), is LLaVA / LLaVA-NeXT, and every criterion's and
     the evaluation protocol's layers and heads exist in it."""
-    from raysal.model.build import SUPPORTED
-
     name = str(spec.model["name_or_path"])
     config = _model_config(name)
     if config is None:
@@ -108,15 +108,14 @@ def check_model(spec: RunSpec) -> None:
         raise ConfigError(f"model.name_or_path={name}: model_type {config.model_type!r} is not one of {SUPPORTED}")
     text = config.text_config
     n_layers, n_heads = int(text.num_hidden_layers), int(text.num_attention_heads)
-    selections = [(f"criteria ({c.name})", c) for c in spec.criteria if hasattr(c, "layers")]
-    for where, c in selections:
+    for c in spec.criteria:
         try:
-            if hasattr(c, "heads"):
+            if isinstance(c, AttentionSelection):
                 resolve_selection(c.layers, c.heads, n_layers, n_heads)
-            else:
+            elif isinstance(c, LayerSelection):
                 resolve_layers(c.layers, n_layers)
         except ValueError as e:
-            raise ConfigError(f"{where}: {e} ({name})") from None
+            raise ConfigError(f"criteria ({c.name}): {e} ({name})") from None
     try:
         resolve_layers(spec.fit.eval_layers, n_layers)
         resolve_heads(spec.fit.eval_heads, n_heads)
@@ -237,8 +236,6 @@ def check_data(data: dict[str, Any], num_workers: int) -> DataSizes:
 
 def preflight(spec: RunSpec) -> DataSizes:
     """Check what the run points at, creating the demo's assets (tiny model, synthetic data) on first use."""
-    from raysal.orchestration.train.assets import ensure_data, ensure_model
-
     check_writable(spec.storage_path, "storage_path")
     if spec.wandb.get("dir"):
         check_writable(str(spec.wandb["dir"]), "wandb.dir")

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow.fs
+from PIL import Image
 
 from raysal.probes.phrase_maps import PhraseMap
 from raysal.probes.probe_set import Probe
@@ -76,8 +77,7 @@ def read_step(run_dir: str, step: int) -> tuple[list[dict[str, Any]], dict[str, 
 
 def wandb_media(rows: list[dict[str, Any]], pictures: dict[str, bytes]) -> dict[str, Any]:
     """{"probes/<key>": wandb.Image, "probes/scores": wandb.Table} for one evaluation."""
-    import wandb
-    from PIL import Image
+    import wandb  # heavy, and only in the process that logs (rank 0, the search's W&B callback)
 
     out: dict[str, Any] = {}
     for row in rows:

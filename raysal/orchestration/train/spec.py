@@ -11,9 +11,12 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from raysal import storage
+from raysal.attention.head_scores import heads_file, localization_heads
+from raysal.criteria.protocol import AttentionSelection, Criterion
 from raysal.loop.divergence import DivergenceConfig
 from raysal.loop.fit import FitConfig
 from raysal.loop.step import validate_criteria
+from raysal.metrics.pope import METRICS, SETTINGS
 from raysal.model.build import lora_target_regex, resolve_dtype
 from raysal.orchestration.train.errors import ConfigError
 from raysal.storage import is_uri
@@ -31,7 +34,7 @@ class RunSpec:
     seed: int
     model: dict[str, Any]
     lora: dict[str, Any]  # apply_lora's arguments; {"enabled": False, ...}: full finetuning (`lora=none`)
-    criteria: list[Any]  # instantiated criterion objects
+    criteria: list[Criterion]  # instantiated criterion objects
     fit: FitConfig
     batch_size: int
     data: dict[str, Any]
@@ -47,6 +50,12 @@ class RunSpec:
     @property
     def strategy(self) -> str:
         return str(self.scaling.get("strategy", "ddp"))
+
+    @property
+    def run_dir(self) -> str:
+        """The run folder, ``<storage_path>/<name>`` (a local path or a URI): Ray Train's checkpoints, the probes,
+        run_config.json, fail_reason.txt; the heartbeat's key."""
+        return storage.join(self.storage_path, self.name)
 
 
 def absolute_storage(path: str) -> str:
@@ -88,13 +97,11 @@ def _choice(c: dict, key: str, options: tuple[str, ...]) -> str:
     return v
 
 
-def objective_metrics(criteria: list[Any], trainer: dict[str, Any] | None = None) -> set[str]:
+def objective_metrics(criteria: list[Criterion], trainer: dict[str, Any] | None = None) -> set[str]:
     """Metrics a run reports at every evaluation: what `trainer.objective.metric` and a search's objectives may
     name. ``trainer`` (the run's ``trainer`` config): POPE's ``val/pope/<setting>/<metric>`` while
     ``trainer.pope.images`` > 0, the readout's ``val/rec_acc50`` / ``val/rec_miou`` while ``trainer.readout.images``
     > 0 (the counts ``n`` are not objectives)."""
-    from raysal.metrics.pope import METRICS, SETTINGS
-
     val = {f"val/{k}" for k in ("lm_loss", "amr", "ap", "nss", "pointing")}
     if trainer and (trainer.get("pope") or {}).get("images"):
         val |= {f"val/pope/{s}/{m}" for s in SETTINGS for m in METRICS if m != "n"}
@@ -145,13 +152,11 @@ def check_finetune(c: dict) -> None:
         )
 
 
-def resolve_localization_heads(c: dict, criteria: list[Any], slots: list[str]) -> None:
+def resolve_localization_heads(c: dict, criteria: list[Criterion], slots: list[str]) -> None:
     """``heads: localization`` → the ``top_k`` best (layer, head) pairs of the model's heads.json (written by
     ``python -m raysal.heads`` under ``finder.out``), in place; the criterion then reads just those heads."""
-    from raysal.attention.head_scores import heads_file, localization_heads
-
     for slot, x in zip(slots, criteria, strict=True):
-        if getattr(x, "heads", None) != "localization":
+        if not isinstance(x, AttentionSelection) or x.heads != "localization":
             continue
         where = f"criteria.{slot}"
         top_k = x.top_k
@@ -165,7 +170,7 @@ def resolve_localization_heads(c: dict, criteria: list[Any], slots: list[str]) -
         log.info("%s.heads=localization: the top %d heads %s", where, top_k, x.heads)
 
 
-def check_connector_stage(c: dict, criteria: list[Any]) -> None:
+def check_connector_stage(c: dict, criteria: list[Criterion]) -> None:
     """The connector-only stage trains the connector on captions: the LM loss alone, one replica per worker."""
     if [x.name for x in criteria] != ["lm"]:
         raise ConfigError(
@@ -242,17 +247,25 @@ def check_connector(c: dict) -> None:
         )
 
 
-def spec_from_cfg(cfg: DictConfig) -> RunSpec:
-    """Validate once, here, with the key named; then the workers trust the spec. Raises `ConfigError`."""
+def plain_config(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved config as plain values (what the workers receive and run_config.json records), with
+    ``finder.out`` made absolute here, where the command was typed: a trial or worker resolves a relative path on
+    its own node."""
     c = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(c, dict)
     if isinstance(c.get("finder"), dict) and c["finder"].get("out"):
-        # absolute here, where the command was typed: a trial or worker resolves a relative path on its own node
         c["finder"]["out"] = absolute_storage(str(c["finder"]["out"]))
+    return c
+
+
+def instantiate_criteria(c: dict) -> tuple[list[Criterion], list[str]]:
+    """Each ``criteria.<slot>`` instantiated from its ``_target_`` → (criteria, their slots); an instantiation error
+    names the slot and the real reason (Hydra wraps it)."""
     criteria_cfg = c.get("criteria") or {}
     if not criteria_cfg:
         raise ConfigError("criteria: no criterion configured (criteria.base must be lm or cal)")
-    criteria, slots = [], []
+    criteria: list[Criterion] = []
+    slots: list[str] = []
     for slot, node in criteria_cfg.items():
         if isinstance(node, dict) and "_target_" not in node and all(k in _KNOBS for k in node):
             # the slot's criterion was removed (`~criterion@criteria.align`, the LM-only control) while an
@@ -267,6 +280,46 @@ def spec_from_cfg(cfg: DictConfig) -> RunSpec:
         except Exception as e:  # hydra wraps the real reason; surface it with the key
             reason = " ".join(str(e.__cause__ or e).split())
             raise ConfigError(f"criteria.{slot}: cannot instantiate {node['_target_']}: {reason}") from e
+    return criteria, slots
+
+
+def check_maskembed(c: dict, criteria: list[Criterion]) -> None:
+    """MaskEmbed trains the vision tower's LoRA adapters against the same tower with them off: it needs them."""
+    if any(x.name == "maskembed" for x in criteria) and not (
+        c["lora"].get("enabled", True) is not False and c["lora"].get("vision") is True
+    ):
+        raise ConfigError(
+            "criteria (maskembed): needs a trainable student vision tower: LoRA with lora.vision=true (its frozen "
+            "teacher is the same tower with the adapters off)"
+        )
+
+
+def check_objective(c: dict, criteria: list[Criterion]) -> None:
+    """``trainer.objective.metric`` is one the run reports, or checkpoints would be ranked on nothing."""
+    metric = _get(c, "trainer.objective.metric")
+    reported = objective_metrics(criteria, c["trainer"])
+    if metric not in reported:
+        raise ConfigError(f"trainer.objective.metric={metric!r}: not a reported metric (one of {sorted(reported)})")
+
+
+def fit_config(c: dict) -> FitConfig:
+    """The core loop's settings from the checked config (a run keeps one local checkpoint: Ray Train keeps its own
+    copies)."""
+    t, o, ev = c["trainer"], c["optim"], c["trainer"]["eval"]
+    return FitConfig(
+        max_steps=t["max_steps"], lr=o["lr"], projector_lr=o.get("projector_lr"), weight_decay=o["weight_decay"],
+        warmup_steps=o["warmup_steps"], min_lr_ratio=o["min_lr_ratio"], grad_accum=t["grad_accum"],
+        max_grad_norm=t["max_grad_norm"], eval_every=t["eval_every"], bf16=t["bf16"], seed=c["seed"],
+        keep_checkpoints=1, eval_layers=ev["layers"], eval_heads=ev["heads"], eval_query_offset=ev["query_offset"],
+        eval_theta=ev["theta"], divergence=DivergenceConfig(**t["divergence"]),
+        connector_stage=c["model"]["connector"] if t["stage"] == "connector" else None,
+    )  # fmt: skip
+
+
+def spec_from_cfg(cfg: DictConfig) -> RunSpec:
+    """Validate once, here, with the key named; then the workers trust the spec. Raises `ConfigError`."""
+    c = plain_config(cfg)
+    criteria, slots = instantiate_criteria(c)
     resolve_localization_heads(c, criteria, slots)
     try:
         validate_criteria(criteria)
@@ -275,26 +328,8 @@ def spec_from_cfg(cfg: DictConfig) -> RunSpec:
     check_values(c)
     if c["trainer"]["stage"] == "connector":
         check_connector_stage(c, criteria)
-    if any(x.name == "maskembed" for x in criteria) and not (
-        c["lora"].get("enabled", True) is not False and c["lora"].get("vision") is True
-    ):
-        raise ConfigError(
-            "criteria (maskembed): needs a trainable student vision tower: LoRA with lora.vision=true (its frozen "
-            "teacher is the same tower with the adapters off)"
-        )
-    metric = _get(c, "trainer.objective.metric")
-    reported = objective_metrics(criteria, c["trainer"])
-    if metric not in reported:
-        raise ConfigError(f"trainer.objective.metric={metric!r}: not a reported metric (one of {sorted(reported)})")
-    t, o, ev = c["trainer"], c["optim"], c["trainer"]["eval"]
-    fit = FitConfig(
-        max_steps=t["max_steps"], lr=o["lr"], projector_lr=o.get("projector_lr"), weight_decay=o["weight_decay"],
-        warmup_steps=o["warmup_steps"], min_lr_ratio=o["min_lr_ratio"], grad_accum=t["grad_accum"],
-        max_grad_norm=t["max_grad_norm"], eval_every=t["eval_every"], bf16=t["bf16"], seed=c["seed"],
-        keep_checkpoints=1, eval_layers=ev["layers"], eval_heads=ev["heads"], eval_query_offset=ev["query_offset"],
-        eval_theta=ev["theta"], divergence=DivergenceConfig(**t["divergence"]),
-        connector_stage=c["model"]["connector"] if t["stage"] == "connector" else None,
-    )  # fmt: skip
+    check_maskembed(c, criteria)
+    check_objective(c, criteria)
     return RunSpec(
         name=str(c["name"]),
         storage_path=absolute_storage(str(c["storage_path"])),
@@ -302,11 +337,11 @@ def spec_from_cfg(cfg: DictConfig) -> RunSpec:
         model=c["model"],
         lora=c["lora"],
         criteria=criteria,
-        fit=fit,
-        batch_size=int(t["batch_size"]),
+        fit=fit_config(c),
+        batch_size=int(c["trainer"]["batch_size"]),
         data=c["data"],
         scaling=c["scaling"],
-        objective=t["objective"],
+        objective=c["trainer"]["objective"],
         wandb=c["wandb"],
         config=c,
     )

@@ -36,7 +36,7 @@ def val_extras(
     """The hook `raysal.loop.fit.fit` calls after each evaluation, or None when both are off (``trainer.pope.images``
     and ``trainer.readout.images`` 0). ``write``: this rank records the sets in the run folder."""
     d, t = spec.data, spec.config["trainer"]
-    run_dir = storage.join(spec.storage_path, spec.name)
+    run_dir = spec.run_dir
     holdout, pope = validation_holdout(d), None
     if t["pope"]["images"]:
         try:

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import io
 import os
 import re
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from raysal import storage
 
 STEP = "train/step"  # the W&B step of every raysal run: the same after a resume
 
@@ -31,7 +37,7 @@ def run_id(name: str) -> str:
 
 
 def init_wandb(cfg: dict[str, Any], name: str, directory: Path, config: dict[str, Any]):
-    import wandb
+    import wandb  # heavy, and only in the process that logs (rank 0, the search's summary)
 
     mode = resolve_mode(cfg["mode"])
     if mode == "disabled":
@@ -57,8 +63,6 @@ def relog(run: Any, rows: list[dict[str, Any]]) -> int:
 
 def sync_hint(location: str) -> str:
     """How to upload the offline runs kept in ``<location>/wandb/`` (a local folder or a URI)."""
-    from raysal import storage
-
     local = storage.local_path(location)
     if local is not None:
         return f"W&B ran offline: upload with `wandb sync {local}/wandb/offline-run-*` (after `wandb login`)"
@@ -72,8 +76,6 @@ def mirror_wandb(local_dir: str | Path, run_id: str, location: str) -> int:
     ones) to ``<location>/wandb/`` on storage: W&B writes to a local disk, which a spot node or a lost head takes
     with it. Nothing to do when ``local_dir`` is ``location``. → folders copied. Called at every evaluation (the
     checkpoint boundary) and when the run ends."""
-    from raysal import storage
-
     if storage.same_place(local_dir, location):
         return 0
     root = Path(local_dir) / "wandb"
@@ -89,11 +91,7 @@ def log_search_summary(
 ) -> None:  # fmt: skip
     """The search report's figures as one W&B run in the search's group (id ``<search>-summary``: re-logging
     resumes it), written in the local ``directory`` and mirrored to the search folder ``mirror_to``."""
-    import io
-
-    import numpy as np
-    import wandb
-    from PIL import Image
+    import wandb  # heavy, and only in the process that logs
 
     if mode == "disabled" or not figures:
         return

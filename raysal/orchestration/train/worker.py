@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
@@ -21,10 +22,11 @@ import torch
 from raysal import storage
 from raysal.attention.capture import CapturePlan
 from raysal.batch import PixelNorm
+from raysal.criteria.protocol import AttachesModules
 from raysal.data.holdout import validation_holdout
 from raysal.loop.checkpoint import load_history
 from raysal.loop.divergence import DivergedError
-from raysal.loop.fit import AfterEval, fit
+from raysal.loop.fit import AfterEval, Report, fit
 from raysal.model.build import (
     ModelInfo,
     apply_lora,
@@ -34,19 +36,24 @@ from raysal.model.build import (
     prepare_full_finetune,
 )
 from raysal.model.shard import shard_model
+from raysal.orchestration.train.assets import ensure_data, ensure_model
+from raysal.orchestration.train.checkpoint_fetch import fetch_for_resume
 from raysal.orchestration.train.data import iter_collated
 from raysal.orchestration.train.fail_reason import write_reason
+from raysal.orchestration.train.heartbeat import start_heartbeat
 from raysal.orchestration.train.merged_export import RUN_CONFIG
 from raysal.orchestration.train.placement_groups import record_placement_group
 from raysal.orchestration.train.probe_files import wandb_media, write_probe_set, write_step
 from raysal.orchestration.train.spec import RunSpec
-from raysal.orchestration.train.wandb_run import STEP, mirror_wandb, relog, run_id
+from raysal.orchestration.train.val_extras import val_extras
+from raysal.orchestration.train.wandb_run import STEP, init_wandb, mirror_wandb, relog, run_id
 from raysal.probes.phrase_maps import phrase_maps
 from raysal.probes.probe_set import select_probes
 
 log = logging.getLogger(__name__)
 
 FAIL_REASON = "fail_reason"  # key of the last result of a run that stopped itself (diverged)
+Batches = Iterator[dict]  # device batches (`raysal.batch`)
 
 
 def wandb_dir(spec: RunSpec) -> Path:
@@ -54,7 +61,7 @@ def wandb_dir(spec: RunSpec) -> Path:
     node's cache (W&B needs a local disk; `mirror_wandb` copies the run to the run folder on storage)."""
     if spec.wandb.get("dir"):
         return Path(spec.wandb["dir"])
-    local = storage.local_path(storage.join(spec.storage_path, spec.name))
+    local = storage.local_path(spec.run_dir)
     if local is not None:
         return local
     return Path(spec.config["cache_dir"]).expanduser() / "wandb" / spec.name
@@ -75,9 +82,8 @@ def probe_hook(
     if not probes:
         log.warning("no validation image has a grounded phrase: the run shows no probe heatmaps")
         return None
-    run_dir = storage.join(spec.storage_path, spec.name)
     if write:
-        write_probe_set(run_dir, probes)
+        write_probe_set(spec.run_dir, probes)
 
     def after_eval(
         model: torch.nn.Module, info: ModelInfo, protocol: CapturePlan, step: int, autocast: AbstractContextManager
@@ -86,7 +92,7 @@ def probe_hook(
                            device=device, autocast=autocast, theta=spec.fit.eval_theta)  # fmt: skip
         if not write:
             return
-        rows, pictures = write_step(run_dir, step, maps)
+        rows, pictures = write_step(spec.run_dir, step, maps)
         if run is not None:
             run.log(wandb_media(rows, pictures), step=step)
 
@@ -94,26 +100,47 @@ def probe_hook(
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train's worker function: one rank of the run ``config["spec"]`` (a `RunSpec`), from its set-up to its
+    last report."""
     spec: RunSpec = config["spec"]
     ctx = ray.train.get_context()
-    rank = ctx.get_world_rank()
-    beating = None
-    if rank == 0:  # first: the search's watchdog sees a worker group set up, not one waiting for resources
-        from raysal.orchestration.train.heartbeat import start_heartbeat
-
-        beating = start_heartbeat(storage.join(spec.storage_path, spec.name))
+    rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
+    # first: the search's watchdog sees a worker group set up, not one waiting for resources
+    beating = start_heartbeat(spec.run_dir) if rank == 0 else None
     device = ray.train.torch.get_device()
     torch.manual_seed(spec.seed)
-
-    from raysal.orchestration.train.assets import ensure_data, ensure_model
-
     # first-use assets on this worker's node (the driver's preflight made them on its own): the tiny model before
     # it loads, the synthetic shards before the probe set reads them
     ensure_model(spec.model)
     ensure_data(spec.data)
     processor = load_processor(spec.model["name_or_path"])
-    pad_id = processor.tokenizer.pad_token_id
     fsdp = spec.strategy == "fsdp"
+    model = wrapped_model(trainable_model(spec, device), spec, device)
+    train_batches, val_batches = batch_sources(spec, processor, device)
+    run = open_run_folder(spec) if rank == 0 else None
+    padding = spec.model.get("padding_side", "right")
+    after_eval = probe_hook(spec, processor, padding, device, run, write=rank == 0) if rank == 0 or fsdp else None
+    extra_eval = val_extras(spec, processor, device, sharded=world_size > 1, lockstep=fsdp, write=rank == 0)
+    with tempfile.TemporaryDirectory() as local:
+        resume_dir = resume_folder(Path(local) / "resume", rank, world_size, run)
+        if beating is not None:  # set up (assets, model download, checkpoint fetch): the stall clock runs from here
+            beating.training()
+        try:
+            fit(
+                model, spec.criteria, train_batches, val_batches, spec.fit, report=reporter(spec, run),
+                checkpoint_dir=Path(local) / "checkpoints" if rank == 0 or fsdp else None, resume_from=resume_dir,
+                device=device, after_eval=after_eval, extra_eval=extra_eval,
+            )  # fmt: skip
+        except DivergedError as e:
+            report_divergence(spec, e, rank, run)
+    if run is not None:
+        run.finish()
+        save_wandb(spec)
+
+
+def trainable_model(spec: RunSpec, device: torch.device) -> torch.nn.Module:
+    """The base model on ``device`` with what the run trains switched on: the connector alone (a connector-only
+    stage), every weight (full finetuning) or LoRA adapters."""
     dtype = spec.model["dtype"]
     if spec.full_finetune and dtype == "auto":
         dtype = "float32"  # full finetuning keeps fp32 master weights; the GPU computes in bf16 (autocast / FSDP)
@@ -123,60 +150,70 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         connector_init=spec.model.get("connector_init"),
     )  # fmt: skip
     if spec.fit.connector_stage is not None:
-        model = prepare_connector_stage(model)
-    elif spec.full_finetune:
-        model = prepare_full_finetune(
+        return prepare_connector_stage(model)
+    if spec.full_finetune:
+        return prepare_full_finetune(
             model, train_projector=spec.lora["train_projector"], train_vision=spec.lora["train_vision"]
         )
-    else:
-        model = apply_lora(model, **{k: v for k, v in spec.lora.items() if k != "enabled"})
-    for criterion in spec.criteria:  # modules a criterion trains (maskembed's decoder): before any wrapping
-        if hasattr(criterion, "attach"):
+    return apply_lora(model, **{k: v for k, v in spec.lora.items() if k != "enabled"})
+
+
+def wrapped_model(model: torch.nn.Module, spec: RunSpec, device: torch.device) -> torch.nn.Module:
+    """``model`` ready for several workers: FSDP shards it (``scaling.strategy=fsdp``), DDP replicates it. The
+    modules a criterion trains (maskembed's decoder) are attached first, so that they train, synchronise and
+    checkpoint with the rest."""
+    for criterion in spec.criteria:
+        if isinstance(criterion, AttachesModules):
             criterion.attach(model)
-    if fsdp:
+    if spec.strategy == "fsdp":
         if device.type == "cuda":
             torch.cuda.set_device(device)  # the device mesh and NCCL use the current device
-        model = shard_model(model, device=device, mixed_precision=device.type == "cuda" and spec.fit.bf16)
-    else:
-        model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True})
+        return shard_model(model, device=device, mixed_precision=device.type == "cuda" and spec.fit.bf16)
+    return ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True})
 
+
+def batch_sources(
+    spec: RunSpec, processor: Any, device: torch.device
+) -> tuple[Callable[[int], Batches], Callable[[], Batches]]:
+    """This rank's parts of "train" and "val" as the loop takes them: ``train_batches(epoch)`` shuffled by a seed of
+    the run and the epoch (the order a resumed run skips through), ``val_batches()`` in order."""
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
+    pad_id = processor.tokenizer.pad_token_id
     padding = spec.model.get("padding_side", "right")
-
     pixels = PixelNorm.from_processor(processor)
 
-    def train_batches(epoch: int):
+    def train_batches(epoch: int) -> Batches:
         seed = spec.seed * 1000 + epoch
         return iter_collated(train_shard, spec.batch_size, pad_id, padding, device=device, pixels=pixels,
                              shuffle_seed=seed)  # fmt: skip
 
-    def val_batches():
+    def val_batches() -> Batches:
         return iter_collated(val_shard, spec.batch_size, pad_id, padding, device=device, pixels=pixels)
 
-    run = None
-    if rank == 0:
-        from raysal.orchestration.train.wandb_run import init_wandb
+    return train_batches, val_batches
 
-        record_placement_group(storage.join(spec.storage_path, spec.name))  # for the search's janitor
-        # what `python -m raysal.export` rebuilds the base model and the training image list from
-        storage.write_json(storage.join(spec.storage_path, spec.name, RUN_CONFIG), spec.config)
 
-        run = init_wandb(spec.wandb, spec.name, wandb_dir(spec), spec.config)
-    after_eval = probe_hook(spec, processor, padding, device, run, write=rank == 0) if rank == 0 or fsdp else None
-    from raysal.orchestration.train.val_extras import val_extras
+def open_run_folder(spec: RunSpec) -> Any:
+    """Rank 0's part of the run folder, written before training: the placement group's id (for the search's
+    janitor) and run_config.json (what `python -m raysal.export` rebuilds the base model and the training image
+    list from). → the W&B run, or None when W&B is off."""
+    record_placement_group(spec.run_dir)
+    storage.write_json(storage.join(spec.run_dir, RUN_CONFIG), spec.config)
+    return init_wandb(spec.wandb, spec.name, wandb_dir(spec), spec.config)
 
-    extra_eval = val_extras(spec, processor, device, sharded=ctx.get_world_size() > 1, lockstep=fsdp,
-                            write=rank == 0)  # fmt: skip
 
-    run_dir = storage.join(spec.storage_path, spec.name)
+def save_wandb(spec: RunSpec) -> None:
+    """The W&B run's local files, copied to the run folder (a spot node takes its disk with it)."""
+    try:
+        mirror_wandb(wandb_dir(spec), run_id(spec.name), spec.run_dir)
+    except Exception as e:  # storage down for a moment: the next evaluation copies again
+        log.warning("could not copy the W&B run to %s: %s", spec.run_dir, e)
 
-    def save_wandb() -> None:
-        """The W&B run's local files, copied to the run folder (a spot node takes its disk with it)."""
-        try:
-            mirror_wandb(wandb_dir(spec), run_id(spec.name), run_dir)
-        except Exception as e:  # storage down for a moment: the next evaluation copies again
-            log.warning("could not copy the W&B run to %s: %s", run_dir, e)
+
+def reporter(spec: RunSpec, run: Any) -> Report:
+    """The loop's ``report``: the metrics to W&B (rank 0), then ``ray.train.report`` with this rank's checkpoint
+    folder; after a checkpoint, the W&B files follow it to the run folder."""
 
     def report(metrics: dict[str, float], path: Path | None) -> None:
         if run is not None:
@@ -187,36 +224,30 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         name = f"checkpoint_{int(metrics[STEP]):07d}" if path is not None else None
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=name)
         if run is not None and path is not None:
-            save_wandb()
+            save_wandb(spec)
 
+    return report
+
+
+def resume_folder(local: Path, rank: int, world_size: int, run: Any) -> Path | None:
+    """The local folder this rank resumes from, or None for a fresh run: of Ray's latest checkpoint, this rank's
+    part only (state.pt, its shards; the history on rank 0), not the whole checkpoint. The history's rows that a
+    kill took before W&B wrote them are logged again."""
     restored = ray.train.get_checkpoint()
-    with tempfile.TemporaryDirectory() as local:
-        resume_dir = None
-        if restored is not None:
-            from raysal.orchestration.train.checkpoint_fetch import fetch_for_resume
-
-            # this rank's part only (state.pt, its shards; history on rank 0), not the whole checkpoint
-            fetched = fetch_for_resume(restored, Path(local) / "resume", rank=rank, world_size=ctx.get_world_size())
-            resume_dir = fetched.local
-            if run is not None:  # rows a kill took before W&B wrote them
-                relog(run, load_history(resume_dir))
-        if beating is not None:  # set up (assets, model download, checkpoint fetch): the stall clock runs from here
-            beating.training()
-        try:
-            fit(
-                model, spec.criteria, train_batches, val_batches, spec.fit, report=report,
-                checkpoint_dir=Path(local) / "checkpoints" if rank == 0 or fsdp else None, resume_from=resume_dir,
-                device=device, after_eval=after_eval, extra_eval=extra_eval,
-            )  # fmt: skip
-        except DivergedError as e:
-            # Reported, not raised: Ray Train would retry a raised error from the last checkpoint (FailureConfig)
-            # and diverge again. The driver reads the reason from the run folder (`fail_reason.py`).
-            reason = f"diverged: {e}"
-            if rank == 0:
-                write_reason(run_dir, reason)
-            if run is not None:
-                run.summary["fail_reason"] = reason
-            ray.train.report({FAIL_REASON: reason})  # for Tune's last result and the trial's W&B run
+    if restored is None:
+        return None
+    fetched = fetch_for_resume(restored, local, rank=rank, world_size=world_size)
     if run is not None:
-        run.finish()
-        save_wandb()
+        relog(run, load_history(fetched.local))
+    return fetched.local
+
+
+def report_divergence(spec: RunSpec, error: DivergedError, rank: int, run: Any) -> None:
+    """A diverged run is reported, not raised: Ray Train would retry a raised error from the last checkpoint
+    (FailureConfig) and diverge again. The driver reads the reason from the run folder (`fail_reason.py`)."""
+    reason = f"diverged: {error}"
+    if rank == 0:
+        write_reason(spec.run_dir, reason)
+    if run is not None:
+        run.summary["fail_reason"] = reason
+    ray.train.report({FAIL_REASON: reason})  # for Tune's last result and the trial's W&B run

@@ -74,7 +74,7 @@ def run_trial(
     remove_stale_checkpoints(run_dir)
     clear_reason(run_dir)
     stall, wait = spec.config["trainer"]["stall_timeout_s"], spec.config["trainer"]["wait_timeout_s"]
-    beats = partial(read_heartbeat, storage.join(spec.storage_path, spec.name))  # the key rank 0 beats under
+    beats = partial(read_heartbeat, spec.run_dir)  # the key rank 0 beats under
     watchdog = (
         StallWatchdog(run_dir, stall, partial(write_reason, run_dir), wait_timeout_s=wait, heartbeat=beats)
         if stall or wait
