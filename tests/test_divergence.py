@@ -33,10 +33,23 @@ def test_a_random_model_still_near_uniform_but_learning_is_not_stopped():
     g.after_eval(4, 0.985 * LN_V)
 
 
-def test_a_random_model_that_gets_no_better_than_its_start_is_stopped():
-    g = guard(first=0.995 * LN_V)
-    with pytest.raises(DivergedError, match="flat as a uniform guess"):
+def test_a_random_model_is_never_judged_by_the_uniform_rule():
+    """Issue 29: the demo's random-init model (V = 345: ln V = 5.84) started at ln(V) and spiked to 6.123 at an
+    evaluation, above 0.98 × ln(V); it had learned nothing to lose: not 'diverged'. Its other checks still hold."""
+    v = 345
+    g = DivergenceGuard(DivergenceConfig(), v)
+    g.after_micro_batch({"loss/lm": math.log(v) + 0.02})
+    for step, loss in ((5, 5.754), (10, 6.123), (15, 0.995 * math.log(v)), (20, math.log(v))):
+        g.after_eval(step, loss)
+    with pytest.raises(DivergedError, match="starting LM loss"):
+        g.after_eval(25, 3.1 * math.log(v))  # far above its start: still stopped
+
+
+def test_the_uniform_rule_says_what_it_saw():
+    g = guard(first=0.8 * 0.98 * LN_V)  # started clearly better than uniform, then became flat
+    with pytest.raises(DivergedError, match=r"from a model that started at LM loss 8\.133"):
         g.after_eval(2, LN_V)
+    guard(first=0.95 * 0.98 * LN_V).after_eval(2, LN_V)  # barely better than uniform at the start: not judged
 
 
 def test_loss_far_above_the_start_and_dead_gradients_are_stopped():

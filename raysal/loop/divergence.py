@@ -5,9 +5,11 @@ a huge learning rate left a model with uniform predictions and zero gradients �
 — whose attention still scored a higher val/amr than a healthy trial's. Checks (each off when its setting is None):
 
 * ``lm_loss_of_uniform``: val LM loss ≥ this × ln(V) — predictions as flat as a uniform guess over the vocabulary —
-  and no lower than the starting model's LM loss: a model that *became* flat. A pretrained model starts far below
-  ln(V), so this is the collapse above; a randomly initialised one (the demo's tiny model) starts at ln(V), and
-  is not stopped for still being near it while its loss falls;
+  from a model that started clearly better than that (its starting LM loss below `LEARNED` × the threshold): a
+  model that *became* flat. A pretrained model starts far below ln(V), so this is the collapse above. A randomly
+  initialised one (the demo's tiny model) starts at ln(V): it has learned nothing yet to lose, and this rule never
+  judges it — staying near uniform is no divergence (the other checks still do: a loss far above its start, dead
+  or exploding gradients);
 * ``lm_loss_factor``: val LM loss > this × the LM loss of the very first training micro-batch (the starting model);
 * ``zero_grad_steps``: the gradient norm was 0 for this many optimizer steps in a row;
 * ``grad_norm_limit``: the gradient norm (before clipping) exceeded this: the weights are being blown apart (a
@@ -18,6 +20,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+
+# the uniform rule judges a model whose starting LM loss was below this × its threshold: one that had learned
+# something to lose (a random-init model starts at ln(V), above it)
+LEARNED = 0.9
 
 
 class DivergedError(RuntimeError):
@@ -57,12 +63,15 @@ class DivergenceGuard:
 
     def after_eval(self, step: int, val_lm_loss: float) -> None:
         c = self.cfg
-        flat = c.lm_loss_of_uniform is not None and val_lm_loss >= c.lm_loss_of_uniform * self.uniform_loss
-        if flat and (self.first_lm_loss is None or val_lm_loss >= self.first_lm_loss):
-            raise DivergedError(
-                f"step {step}: val/lm_loss {val_lm_loss:.4g} ≥ {c.lm_loss_of_uniform:g} × ln(vocabulary) = "
-                f"{c.lm_loss_of_uniform * self.uniform_loss:.4g}: predictions as flat as a uniform guess"
-            )
+        start = self.first_lm_loss
+        if c.lm_loss_of_uniform is not None and start is not None:
+            flat = c.lm_loss_of_uniform * self.uniform_loss
+            if start < LEARNED * flat and val_lm_loss >= flat:
+                raise DivergedError(
+                    f"step {step}: val/lm_loss {val_lm_loss:.4g} ≥ {c.lm_loss_of_uniform:g} × ln(vocabulary) = "
+                    f"{flat:.4g}: predictions as flat as a uniform guess, from a model that started at LM loss "
+                    f"{start:.4g}"
+                )
         if c.lm_loss_factor is not None and self.first_lm_loss and val_lm_loss > c.lm_loss_factor * self.first_lm_loss:
             raise DivergedError(
                 f"step {step}: val/lm_loss {val_lm_loss:.4g} > {c.lm_loss_factor:g} × the starting LM loss "
