@@ -21,6 +21,7 @@ from raysal.orchestration.train import preflight as checks  # checks.preflight: 
 from raysal.orchestration.train.compose import CONFIG_DIR, compose_cfg
 from raysal.orchestration.train.errors import print_user_error
 from raysal.orchestration.train.fail_reason import clear_reason, read_reason
+from raysal.orchestration.train.outage import fit_through_outages
 from raysal.orchestration.train.placement_groups import JOB_RUNTIME_ENV
 from raysal.orchestration.train.preflight import DataSizes
 from raysal.orchestration.train.spec import RunSpec, spec_from_cfg
@@ -46,7 +47,7 @@ def run(spec: RunSpec, sizes: DataSizes) -> dict:
     run_dir = spec.run_dir
     remove_stale_checkpoints(run_dir)  # a kill between a checkpoint and Ray's snapshot leaves orphans
     clear_reason(run_dir)  # a resumed run is judged on what it does now
-    result = build_trainer(spec).fit()
+    result = fit_through_outages(lambda: build_trainer(spec).fit(), run_dir)  # a storage outage: run on
     reason = read_reason(run_dir)
     if reason:
         print(f"raysal: run {spec.name} stopped — {reason}; nothing exported ({run_dir})", file=sys.stderr)

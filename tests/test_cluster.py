@@ -301,9 +301,10 @@ def test_a_search_waits_for_nodes_and_rides_out_a_node_lost_for_longer_than_the_
             cluster.shutdown()
 
 
-def test_storage_lost_during_a_checkpoint_never_leaves_a_half_listed_checkpoint(cluster, s3_server, tmp_path, cache):
-    """The S3 server unreachable for ~30 s while the run checkpoints: Ray Train retries (or the run fails with the
-    reason); every checkpoint Ray lists afterwards is whole."""
+def test_storage_lost_during_a_report_and_a_checkpoint_is_ridden_out(cluster, s3_server, tmp_path, cache):
+    """The S3 server unreachable for ~30 s while the run reports and checkpoints: a worker's failed upload is
+    retried by Ray Train, the controller's failed snapshot write by raysal (`fit_through_outages`: the run resumes
+    from its last checkpoint once the bucket answers); the run finishes, every checkpoint Ray lists is whole."""
     import ray.train
 
     root = s3_server.new_prefix()
@@ -328,10 +329,7 @@ def test_storage_lost_during_a_checkpoint_never_leaves_a_half_listed_checkpoint(
         proc.kill()
         log.close()
     text = (tmp_path / "run.log").read_text()
-    if code != 0:  # failing is allowed, with the reason
-        assert "error" in text.lower() and ("storage" in text.lower() or "s3" in text.lower()), text[-4000:]
-    else:
-        assert "raysal: run ioutage finished" in text
+    assert code == 0 and "raysal: run ioutage finished" in text, text[-4000:]
     result = ray.train.Result.from_path(run_dir)
     listed = [c for c, _ in result.best_checkpoints]
     assert listed

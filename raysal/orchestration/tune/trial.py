@@ -18,6 +18,7 @@ from raysal import storage
 from raysal.orchestration.train.compose import compose_cfg
 from raysal.orchestration.train.fail_reason import clear_reason, read_reason, write_reason
 from raysal.orchestration.train.heartbeat import read_heartbeat
+from raysal.orchestration.train.outage import fit_through_outages
 from raysal.orchestration.train.spec import RunSpec, spec_from_cfg
 from raysal.orchestration.train.stale_checkpoints import remove_stale_checkpoints
 from raysal.orchestration.train.trainer import build_trainer
@@ -64,7 +65,8 @@ def run_trial(
     """The Tune trainable: one Train run per trial, named after the Tune trial id (stable across restore).
 
     Lost workers and nodes are retried inside the run by Ray Train (``trainer.max_failures``; a worker group that
-    waits for resources, without limit); what reaches here is a real failure: its reason goes to the run folder
+    waits for resources, without limit), a storage outage by running the run again from its last checkpoint
+    (`raysal.orchestration.train.outage`); what reaches here is a real failure: its reason goes to the run folder
     (`raysal.orchestration.train.fail_reason`) and the trial raises, so Tune marks it ERROR and Optuna FAIL. The stall
     watchdog ends a trial whose workers run without reporting (``trainer.stall_timeout_s``) or never run
     (``trainer.wait_timeout_s``) the same way."""
@@ -82,7 +84,7 @@ def run_trial(
     )
     try:
         with watchdog:
-            build_trainer(spec, callbacks=[TuneReportCallback()]).fit()
+            fit_through_outages(lambda: build_trainer(spec, callbacks=[TuneReportCallback()]).fit(), run_dir)
     except Exception as e:
         cause = e.__cause__ or e
         write_reason(run_dir, f"failed: {type(cause).__name__}: {' '.join(str(cause).split())[:500]}")
