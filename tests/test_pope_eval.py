@@ -100,7 +100,7 @@ def test_a_tokenizer_without_one_token_answers_is_refused_with_the_key(small_sha
         def __init__(self) -> None:
             self.data = {"shards": str(small_shards), "train_split": "train2017", "val_split": "val2017", "prompt": ""}
             self.config = {"trainer": {"pope": {"images": 8}, "readout": {"images": 0}}}
-            self.storage_path, self.name, self.model = "/nonexistent", "r", {}
+            self.run_dir, self.model = "/nonexistent/r", {}
 
     class NoAnswers:
         name_or_path, unk_token_id = "plain", 0
