@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import ray
-import ray.tune
 import yaml
 from ray._private.state import state
 

@@ -8,7 +8,6 @@ import logging
 from typing import Any
 
 import ray
-import ray.tune
 
 from raysal import storage
 from raysal.attention.head_scores import heads_file

@@ -14,7 +14,6 @@ from typing import Any
 
 import optuna
 import ray
-import ray.tune
 from ray import tune
 from ray.tune.schedulers import FIFOScheduler
 
