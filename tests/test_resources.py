@@ -56,3 +56,18 @@ def test_a_trial_run_is_named_by_its_trial_id_even_when_it_reads_as_a_number():
     assert (
         cfg.name == "1e5" and "align" not in (cfg.criteria.keys() - {"align"}) and "_target_" not in cfg.criteria.align
     )
+
+
+def test_a_capped_data_pipeline_keeps_its_order():
+    """Issue 29: ``scaling.data_cpus`` replaced the DataContext's options with Ray Data's defaults (preserve_order
+    off): a resumed run's epoch came in another order than the one its checkpoint counted micro-batches of."""
+    import ray.data
+
+    from raysal.orchestration.train.trainer import data_config
+
+    capped = data_config({"data_cpus": 1.5})
+    for name in ("train", "val"):
+        options = capped._resolve_execution_options(name)
+        assert options.preserve_order and options.resource_limits.cpu == 1.5
+    ray.data.DataContext.get_current().execution_options.preserve_order = True  # what run_datasets sets
+    assert data_config({"data_cpus": None})._resolve_execution_options("train").preserve_order

@@ -41,16 +41,22 @@ class ShardedValidation(DataConfig):
         return out
 
 
+def data_config(scaling: dict[str, Any]) -> ShardedValidation:
+    """How the run's datasets reach its workers: split per rank, Ray Data's CPUs capped by ``scaling.data_cpus``
+    (so that concurrent trials do not starve each other), in a fixed order."""
+    if not scaling.get("data_cpus"):
+        return ShardedValidation()  # the DataContext's options (`run_datasets`: preserve_order)
+    # options given here replace the DataContext's: preserve_order again, or a resumed run's epoch would come in
+    # another order than the one its checkpoint counted micro-batches of
+    limits = ExecutionOptions(resource_limits=ExecutionResources(cpu=scaling["data_cpus"]), preserve_order=True)
+    return ShardedValidation(execution_options=limits)
+
+
 def build_trainer(spec: RunSpec, *, callbacks: Sequence[Any] = ()) -> TorchTrainer:
     s = spec.scaling
     resources = {"CPU": s["cpus_per_worker"]}
     if s["use_gpu"]:
         resources["GPU"] = s["gpus_per_worker"]
-    limits = None
-    if s.get("data_cpus"):
-        # cap Ray Data's CPUs per run so that concurrent trials do not starve each other
-        limits = ExecutionOptions(resource_limits=ExecutionResources(cpu=s["data_cpus"]))
-    data_config = ShardedValidation(execution_options=limits)
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"spec": spec},
@@ -79,7 +85,7 @@ def build_trainer(spec: RunSpec, *, callbacks: Sequence[Any] = ()) -> TorchTrain
             ),
         ),
         datasets=run_datasets(spec.data, spec.model["name_or_path"], model=spec.model),
-        dataset_config=data_config,
+        dataset_config=data_config(s),
     )
 
 
