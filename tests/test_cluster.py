@@ -7,6 +7,7 @@ with generous limits."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -334,3 +335,52 @@ def test_storage_lost_during_a_report_and_a_checkpoint_is_ridden_out(cluster, s3
     listed = [c for c, _ in result.best_checkpoints]
     assert listed
     _whole([storage.join(run_dir, c.path.rstrip("/").rsplit("/", 1)[-1]) for c in listed])
+
+
+def _history(run_dir: str) -> dict[int, dict[str, float]]:
+    """The run's reported rows by train/step, from its last checkpoint's history (a resumed run's holds the rows
+    from before its resume too)."""
+    last = sorted(n for n in storage.list_names(run_dir, dirs=True) if n.startswith("checkpoint_"))[-1]
+    rows = [json.loads(x) for x in storage.read_text(storage.join(run_dir, last, "history.jsonl")).splitlines() if x]
+    return {int(r["train/step"]): r for r in rows if "val/lm_loss" in r}
+
+
+def test_a_run_resumed_on_another_node_continues_the_run_it_replaces(s3_server, tmp_path, cache):
+    """Issue 29: the demo run's only worker node is SIGKILLed (raylet and all) after its first checkpoint reached the
+    bucket; a new node joins 10 s later and Ray Train resumes the run there from the bucket. At the next two
+    evaluations it reports what the same run reports uninterrupted (same seed): the same weights, optimizer,
+    scheduler, RNG and the same batches from the checkpoint's position on (Ray Data in order)."""
+    root = s3_server.new_prefix()
+    cmd = [sys.executable, "-m", "raysal.train", *SMALL, "trainer.max_steps=15", "trainer.eval_every=5",
+           "trainer.keep_checkpoints=5", format_override("storage_path", root)]  # fmt: skip
+    runs: dict[str, dict[int, dict[str, float]]] = {}
+    for name in ("whole", "resumed"):
+        cluster = RayCluster(workers=1, cpus=2)
+        log_file = tmp_path / f"{name}.log"
+        log = open(log_file, "w")  # noqa: SIM115 - closed below
+        proc = subprocess.Popen([*cmd, f"name={name}"], env=_env(cluster, cache), stdout=log,
+                                stderr=subprocess.STDOUT, cwd=tmp_path)  # fmt: skip
+        run_dir = storage.join(root, name)
+        try:
+            deadline = time.time() + 1200
+            while name == "resumed" and proc.poll() is None and time.time() < deadline:
+                time.sleep(0.5)
+                if storage.exists(run_dir) and "checkpoint_0000005" in storage.list_names(run_dir, dirs=True):
+                    cluster.remove(cluster.workers[0])  # the node and everything on it, as a preemption
+                    time.sleep(10)
+                    cluster.add_worker(2)
+                    break
+            code = proc.wait(timeout=1500)
+        finally:
+            proc.kill()
+            log.close()
+            cluster.shutdown()
+        text = log_file.read_text()
+        assert code == 0 and f"raysal: run {name} finished" in text, text[-4000:]
+        runs[name] = _history(run_dir)
+    assert "fetched" in text and "for resume from" in text, "the resumed run did not resume from the bucket"
+    assert sorted(runs["whole"]) == sorted(runs["resumed"]) == [5, 10, 15]
+    for step in (5, 10, 15):
+        for key in ("val/lm_loss", "val/amr", "train/loss"):
+            whole, resumed = runs["whole"][step][key], runs["resumed"][step][key]
+            assert resumed == pytest.approx(whole, rel=1e-4, abs=1e-5), (step, key, whole, resumed)
