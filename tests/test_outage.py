@@ -77,3 +77,5 @@ def test_the_run_waits_until_the_storage_answers_again(s3_server):
     thread.join(30)
     assert len(started) == 2 and started[1] >= reopening[0]
     assert not is_storage_outage(RuntimeError("the controller died"), run_dir)  # storage answers, no storage words
+    lost_node = RuntimeError("ActorUnavailableError: Failed to connect to remote host: Connection refused")
+    assert not is_storage_outage(lost_node, run_dir)  # Ray's own connection errors are no storage outage
