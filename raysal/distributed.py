@@ -35,6 +35,16 @@ def all_reduce_sum(values: Sequence[float], device: torch.device | str) -> list[
 T = TypeVar("T")
 
 
+def all_gather_objects(obj: T) -> list[T]:
+    """Every rank's ``obj`` (picklable), in rank order, on every rank: the per-item evaluation records, a few KB
+    per rank. Outside a process group: ``[obj]``."""
+    if world_size() == 1:
+        return [obj]
+    out: list = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def my_part(items: Sequence[T], *, sharded: bool, lockstep: bool) -> Iterator[tuple[T, bool]]:
     """(item, counted) for this rank's part of ``items`` (every ``world``-th, from its rank) when ``sharded``, all of
     them otherwise. ``lockstep`` (an FSDP model: every forward is a collective): as many rounds on every rank, a rank

@@ -29,8 +29,10 @@ def _fits(*outcomes):
 
 
 def test_a_storage_error_is_retried_and_any_other_error_is_not(tmp_path, capsys):
-    aws = OSError("When completing multiple part upload for key 'r/checkpoint_manager_snapshot.json': AWS Error "
-                  "NETWORK_CONNECTION during CompleteMultipartUpload operation: curlCode: 7")
+    aws = OSError(
+        "When completing multiple part upload for key 'r/checkpoint_manager_snapshot.json': AWS Error "
+        "NETWORK_CONNECTION during CompleteMultipartUpload operation: curlCode: 7"
+    )
     wrapped = RuntimeError("Training failed")
     wrapped.__cause__ = aws
     fit = _fits(wrapped, "result")

@@ -10,6 +10,9 @@ Layout of a checkpoint folder::
                     parameters and optimizer unless sharded
     sharded/        an FSDP model's trainable parameters and optimizer state, one file per rank
                     (``torch.distributed.checkpoint``); every rank writes its own part, in parallel
+    eval_records.json  the per-item records of the evaluation this checkpoint follows (`raysal.metrics.records`):
+                    what its val/ metrics are computed from, kept as long as the checkpoint (a paired comparison
+                    with the control resamples them)
     history.jsonl   every metrics row the run reported up to this checkpoint (one JSON object per line): a resumed
                     run re-logs the rows its W&B run lost to a kill (W&B keeps the steps it already has)
 
@@ -38,6 +41,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from raysal.distributed import is_sharded, rank, world_size
+from raysal.metrics.records import RECORDS_FILE, ItemRecords
 from raysal.model.build import save_connector
 
 STATE = "state.pt"
@@ -84,6 +88,7 @@ def save_checkpoint(
     history: list[dict[str, float]] = (),
     *,
     connector: str | None = None,
+    records: ItemRecords | None = None,
 ) -> Path:
     """Write a checkpoint (``connector``: the connector-only stage of that connector kind: ``connector/`` is what
     it exports, not the whole model). A sharded (FSDP) model: every rank calls this (collective), each into its own
@@ -105,6 +110,8 @@ def save_checkpoint(
     if not main:
         return path
     (path / HISTORY).write_text("".join(json.dumps(row) + "\n" for row in history))
+    if records is not None:
+        (path / RECORDS_FILE).write_text(records.to_json())
     state = {
         "scheduler": scheduler.state_dict(),
         "progress": asdict(progress),

@@ -16,8 +16,9 @@ from raysal.attention.capture import AttentionCapture, CapturePlan
 from raysal.attention.targets import GroundingTargets, grounding_targets, renormalise
 from raysal.batch import IGNORE, model_inputs
 from raysal.criteria.lm import next_token_ce
-from raysal.distributed import all_reduce_sum
-from raysal.metrics.grounding import METRICS, GroundingMeter, scores_from_sums
+from raysal.distributed import all_gather_objects, all_reduce_sum, rank
+from raysal.metrics.grounding import METRICS, GroundingMeter
+from raysal.metrics.records import ItemRecords, grounding_metrics
 
 
 class EvaluationError(RuntimeError):
@@ -36,6 +37,7 @@ def evaluate(
     sharded: bool = False,
     lockstep: bool = False,
     filler: dict | None = None,
+    records: ItemRecords | None = None,
 ) -> dict[str, float]:
     """→ {"lm_loss", "amr", "ap", "nss", "pointing", "images", "tokens"} (un-namespaced; the caller prefixes).
 
@@ -49,7 +51,9 @@ def evaluate(
     was_training = model.training
     model.eval()
     meter = GroundingMeter(theta=theta)
-    ce_sum, ce_n, images = 0.0, 0, 0
+    lm: dict[int, list[float]] = {}  # image id → [Σ CE over its caption tokens, caption tokens]
+    offset = rank() * 1_000_000_000 if sharded else 0  # ids for batches that carry none (tests): disjoint ranks
+    seen = 0
     try:
         it, last = iter(batches), filler
         while True:
@@ -71,31 +75,40 @@ def evaluate(
                 break
             last = batch
             batch, t, out, mean = _forward(model, batch, protocol, device, autocast)
-            ce = next_token_ce(out.logits, batch["labels"])
-            ce_sum += float(ce.sum())
-            ce_n += int((batch["labels"][:, 1:] != IGNORE).sum())
+            B = batch["input_ids"].shape[0]
+            ids = batch["image_id"] if "image_id" in batch else torch.arange(B) + seen + offset  # (B,)
+            ids = ids.to(mean.device, torch.long)
+            seen += B
+            ce = next_token_ce(out.logits, batch["labels"])  # (B, L − 1), 0 where ignored
+            n = (batch["labels"][:, 1:] != IGNORE).sum(1)  # (B,)
+            for i, s, k in zip(ids.tolist(), ce.double().sum(1).tolist(), n.tolist(), strict=True):
+                lm.setdefault(i, [0.0, 0])
+                lm[i][0] += s
+                lm[i][1] += k
             p = renormalise(mean, t.key_valid)  # (B, T, I) mean over protocol layers × heads
-            B, T, I = p.shape
-            image_ids = (torch.arange(B, device=p.device) + images)[:, None].expand(B, T)
+            _, T, I = p.shape
             v = t.token_valid
-            meter.update(p[v], t.region[v], t.key_valid[:, None, :].expand(B, T, I)[v], image_ids[v])
-            images += B
+            meter.update(p[v], t.region[v], t.key_valid[:, None, :].expand(B, T, I)[v], ids[:, None].expand(B, T)[v])
     finally:
         model.train(was_training)
-    sums = meter.sums()
+    grounded = meter.per_image()  # image id → {"tokens", "amr", ...}
+    rows = [{"image_id": i, "lm_sum": s, "lm_n": k, **grounded.get(i, _UNGROUNDED)} for i, (s, k) in lm.items()]
     if sharded:
-        flat = [ce_sum, ce_n, images, meter.tokens, *(x for name in METRICS for x in sums[name])]
-        ce_sum, ce_n, images, tokens, *rest = all_reduce_sum(flat, device)
-        sums = {name: (rest[2 * i], rest[2 * i + 1]) for i, name in enumerate(METRICS)}
-    else:
-        tokens = meter.tokens
-    if images == 0 or ce_n == 0 or tokens == 0:
+        rows = [r for part in all_gather_objects(rows) for r in part]
+    into = records if records is not None else ItemRecords()
+    into.replace("images", rows)
+    metrics = grounding_metrics(into.images)
+    if metrics["images"] == 0 or not metrics["lm_loss"] == metrics["lm_loss"] or metrics["tokens"] == 0:
         # a 0.0 loss or a NaN objective would be reported, ranked and exported as if it were a result
         raise EvaluationError(
-            f"evaluation saw {images:.0f} image(s), {ce_n:.0f} caption token(s) and {tokens:.0f} grounded token(s): "
-            "nothing to measure (an empty validation set, or every named region outside the model's view)"
+            f"evaluation saw {metrics['images']:.0f} image(s), {sum(into.images['lm_n']):.0f} caption token(s) and "
+            f"{metrics['tokens']:.0f} grounded token(s): nothing to measure (an empty validation set, or every "
+            "named region outside the model's view)"
         )
-    return {"lm_loss": ce_sum / ce_n, **scores_from_sums(sums), "images": float(images), "tokens": float(tokens)}
+    return metrics
+
+
+_UNGROUNDED = {"tokens": 0, **{name: float("nan") for name in METRICS}}
 
 
 def _forward(

@@ -28,13 +28,15 @@ from raysal.loop.divergence import DivergenceConfig, DivergenceGuard
 from raysal.loop.evaluate import evaluate
 from raysal.loop.schedule import make_scheduler
 from raysal.loop.step import plan_step, train_step
+from raysal.metrics.records import ItemRecords
 from raysal.model.build import ModelInfo, model_info, param_groups
 
 Report = Callable[[dict[str, float], Path | None], None]
 # (unwrapped model, its ModelInfo, the evaluation protocol, step, autocast context) → None
 AfterEval = Callable[[torch.nn.Module, ModelInfo, CapturePlan, int, contextlib.AbstractContextManager], None]
 # more validation metrics (POPE, the localisation readout): called on every rank, returns the whole set's values
-ExtraEval = Callable[[torch.nn.Module, CapturePlan, contextlib.AbstractContextManager], dict[str, float]]
+# and adds the items they are computed from to the evaluation's records
+ExtraEval = Callable[[torch.nn.Module, CapturePlan, contextlib.AbstractContextManager, ItemRecords], dict[str, float]]
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -146,12 +148,14 @@ def fit(
              "train/lr": optimizer.param_groups[0]["lr"],
              "train/sec_per_step": (time.perf_counter() - t_last) / max(n_micro / cfg.grad_accum, 1)}
         )  # fmt: skip
+        records = None
         if val_batches is not None:
             core.set_attn_implementation({"text_config": CAPTURE_IMPL})
+            records = ItemRecords()
             val = evaluate(core, val_batches(), protocol, device=device, autocast=autocast, theta=cfg.eval_theta,
-                           sharded=world_size() > 1, lockstep=sharded, filler=last_batch)  # fmt: skip
+                           sharded=world_size() > 1, lockstep=sharded, filler=last_batch, records=records)  # fmt: skip
             if extra_eval is not None:
-                val.update(extra_eval(core, protocol, autocast))
+                val.update(extra_eval(core, protocol, autocast, records))
             if after_eval is not None:
                 after_eval(core, info, protocol, progress.step, autocast)
             core.set_attn_implementation({"text_config": train_attn})
@@ -163,7 +167,7 @@ def fit(
         if ckpt_root is not None:
             path = save_checkpoint(
                 ckpt_root / f"step_{progress.step:07d}", core, optimizer, scheduler, progress, history,
-                connector=cfg.connector_stage,
+                connector=cfg.connector_stage, records=records,
             )  # fmt: skip
             _prune(ckpt_root, cfg.keep_checkpoints)
         if report is not None:

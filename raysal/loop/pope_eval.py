@@ -3,9 +3,10 @@
 Per image, its distinct questions go in one batch (the image once per question): the model's chat template with
 the image and the question in the user turn and the assistant turn opened (``add_generation_prompt``), right
 padded, the logits kept only at each row's last position (the first answer token), `raysal.metrics.pope.p_yes`
-from them. Several ranks: each asks about its part of the images (every ``world``-th), and the sums are added
-over the ranks, so every rank returns the whole set's metrics; an FSDP model (``lockstep``) runs as many forwards
-on every rank, a rank with fewer images repeating one, uncounted. Plain PyTorch/transformers.
+from them, one record per question (`raysal.metrics.records`). Several ranks: each asks about its part of the
+images (every ``world``-th), and the records are gathered, so every rank returns the whole set's metrics; an FSDP
+model (``lockstep``) runs as many forwards on every rank, a rank with fewer images repeating one, uncounted. Plain
+PyTorch/transformers.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ import torch
 
 from raysal.data.decode import decode_image
 from raysal.data.pope_set import PopeImage, PopeSet
-from raysal.distributed import all_reduce_sum, my_part, world_size
-from raysal.metrics.pope import PopeSums, p_yes, pope_metrics, yes_no_token_ids
+from raysal.distributed import all_gather_objects, my_part
+from raysal.metrics.pope import p_yes, yes_no_token_ids
+from raysal.metrics.records import ItemRecords, pope_metrics_of
 
 
 def _messages(question: str) -> list[dict]:
@@ -56,23 +58,24 @@ def ask(
     item: PopeImage,
     yes_ids: Sequence[int],
     no_ids: Sequence[int],
-    sums: PopeSums | None,
     *,
     device: torch.device | str,
     autocast: contextlib.AbstractContextManager | None = None,
-) -> None:
-    """Ask about one image; add its answers to ``sums`` (None: uncounted, a lockstep forward)."""
+) -> list[dict]:
+    """Ask about one image → one record per question (`raysal.metrics.records` ``pope`` rows), setting by setting."""
     texts = list(dict.fromkeys(q.text for q in item.questions))  # a positive is asked once for all settings
     logits = answer_logits(model, processor, decode_image(item.sample.image_bytes), texts, device=device,
                            autocast=autocast)  # fmt: skip
     p, mass = p_yes(logits, yes_ids, no_ids)  # (Q_distinct,)
-    if sums is None:
-        return
     row = {t: i for i, t in enumerate(texts)}
-    for setting in dict.fromkeys(q.setting for q in item.questions):
-        qs = [q for q in item.questions if q.setting == setting]
-        idx = torch.tensor([row[q.text] for q in qs], device=p.device)
-        sums.add(setting, p[idx], mass[idx], torch.tensor([q.label for q in qs], device=p.device))
+    p, mass = p.double().tolist(), mass.double().tolist()
+    return [
+        {"image_id": int(q.image_id), "setting": setting, "label": bool(q.label), "p_yes": p[row[q.text]],
+         "mass": mass[row[q.text]]}
+        for setting in dict.fromkeys(q.setting for q in item.questions)
+        for q in item.questions
+        if q.setting == setting
+    ]  # fmt: skip
 
 
 def pope_scores(
@@ -84,17 +87,23 @@ def pope_scores(
     autocast: contextlib.AbstractContextManager | None = None,
     sharded: bool = False,
     lockstep: bool = False,
+    records: ItemRecords | None = None,
 ) -> dict[str, float]:
-    """→ {"pope/<setting>/<metric>": value} (un-namespaced; the caller prefixes ``val/``) over the whole set."""
+    """→ {"pope/<setting>/<metric>": value} (un-namespaced; the caller prefixes ``val/``) over the whole set,
+    computed from the questions' records (``records``: filled with them, the ranks' parts gathered)."""
     yes_ids, no_ids = yes_no_token_ids(processor.tokenizer)
     was_training = model.training
     model.eval()
-    sums = PopeSums()
+    rows: list[dict] = []
     try:
         for item, counted in my_part(pope.images, sharded=sharded, lockstep=lockstep):
-            ask(model, processor, item, yes_ids, no_ids, sums if counted else None, device=device, autocast=autocast)
+            answers = ask(model, processor, item, yes_ids, no_ids, device=device, autocast=autocast)
+            if counted:
+                rows += answers
     finally:
         model.train(was_training)
-    if sharded and world_size() > 1:
-        sums = PopeSums.from_tensor(torch.tensor(all_reduce_sum(sums.tensor().tolist(), device), dtype=torch.float64))
-    return pope_metrics(sums)
+    if sharded:
+        rows = [r for part in all_gather_objects(rows) for r in part]
+    into = records if records is not None else ItemRecords()
+    into.replace("pope", rows)
+    return pope_metrics_of(into.pope)

@@ -239,3 +239,24 @@ class GroundingMeter:
             name: _per_image_sums(torch.cat([getattr(s, name) for s in self._scores]).to(torch.float64), image_ids)
             for name in METRICS
         }
+
+    def per_image(self) -> dict[int, dict[str, float]]:
+        """image id → {"tokens": its grounded tokens, "amr", "ap", "nss", "pointing": the nanmean over them, NaN
+        where none defines it}: the per-image values every metric's mean over images is made of."""
+        if not self._scores:
+            return {}
+        image_ids = torch.cat(self._image_ids)  # (N_total,)
+        uniq, inverse = torch.unique(image_ids, return_inverse=True)  # (n_images,), (N_total,)
+        counts = torch.bincount(inverse, minlength=len(uniq))  # (n_images,)
+        out: dict[int, dict[str, float]] = {int(i): {"tokens": int(c)} for i, c in zip(uniq, counts, strict=True)}
+        for name in METRICS:
+            values = torch.cat([getattr(s, name) for s in self._scores]).to(torch.float64)  # (N_total,)
+            ok = ~torch.isnan(values)
+            sums = torch.zeros(len(uniq), dtype=torch.float64, device=values.device)
+            n = torch.zeros(len(uniq), dtype=torch.float64, device=values.device)
+            sums.index_add_(0, inverse, torch.where(ok, values, torch.zeros_like(values)))
+            n.index_add_(0, inverse, ok.to(torch.float64))
+            means = torch.where(n > 0, sums / n.clamp_min(1), torch.full_like(sums, float("nan")))  # (n_images,)
+            for i, m in zip(uniq.tolist(), means.tolist(), strict=True):
+                out[int(i)][name] = m
+        return out

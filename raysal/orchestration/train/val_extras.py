@@ -19,6 +19,7 @@ from raysal.loop.fit import ExtraEval
 from raysal.loop.pope_eval import pope_scores
 from raysal.loop.readout_eval import readout_scores
 from raysal.metrics.pope import yes_no_token_ids
+from raysal.metrics.records import ItemRecords
 from raysal.orchestration.train.spec import RunSpec
 from raysal.probes.probe_set import select_probes
 from raysal.probes.readout_items import readout_items
@@ -71,9 +72,11 @@ def val_extras(
     padding = spec.model.get("padding_side", "right")
     items = readout_items(readout or [], processor, prompt=d["prompt"], padding_side=padding)
 
-    def extra(model: torch.nn.Module, protocol: CapturePlan, autocast: contextlib.AbstractContextManager) -> dict:
+    def extra(
+        model: torch.nn.Module, protocol: CapturePlan, autocast: contextlib.AbstractContextManager, records: ItemRecords
+    ) -> dict:
         out: dict[str, float] = {}
-        kw = {"device": device, "autocast": autocast, "sharded": sharded, "lockstep": lockstep}
+        kw = {"device": device, "autocast": autocast, "sharded": sharded, "lockstep": lockstep, "records": records}
         if pope is not None:
             out.update(pope_scores(model, processor, pope, **kw))
         if items:
