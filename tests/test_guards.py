@@ -9,6 +9,7 @@ import re
 import pytest
 from search_space_files import minimal, write
 
+from raysal.metrics.records import ItemRecords
 from raysal.search.control import choose_best
 from raysal.search.guards import Guard, direction
 from raysal.search.optuna_params import CONTROL_KEY
@@ -124,3 +125,93 @@ def test_an_objective_may_be_a_pope_metric(tmp_path):
     objectives = [{"metric": "val/pope/adversarial/f1", "mode": "max"}, {"metric": "val/rec_acc50", "mode": "max"}]
     spec = load_search_space(write(tmp_path, minimal(objectives=objectives, scheduler={"type": "fifo"})))
     assert [o.metric for o in spec.objectives] == ["val/pope/adversarial/f1", "val/rec_acc50"]
+
+
+# --- non-inferiority on paired records (issue 30) ---
+
+
+def _power_script():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "guard_power.py"
+    spec = importlib.util.spec_from_file_location("guard_power", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_default_guards_pass_an_equally_good_trial_and_fail_a_worse_one():
+    """The power calculation of docs/verdict.md on raysal's own decision path: at the default POPE size
+    (trainer.pope.images: 64), the margins of search_spaces/criteria.yaml pass an equally good trial ≥ 90 % of the
+    time on both guards, and fail one worse by two margins ≥ 80 % (200 simulated searches each)."""
+    from pathlib import Path
+
+    import numpy as np
+
+    spec = load_search_space(Path(__file__).resolve().parents[1] / "search_spaces" / "criteria.yaml")
+    guards = list(spec.control.guards)
+    assert {g.metric for g in guards} == {"val/pope/adversarial/f1", "val/pope/adversarial/fpr"}
+    power = _power_script()
+    rng = np.random.default_rng(1)
+    equal = power.simulate(rng, images=64, acc=0.83, kappa=5.0, worse=0.0, guards=guards, reps=200)
+    assert min(equal.values()) >= 0.90, equal
+    for g in guards:  # each guard on its own: a trial worse by two of its margins
+        worse = power.simulate(rng, images=64, acc=0.83, kappa=5.0, worse=2 * g.max_loss, guards=[g], reps=100)
+        assert worse[g.metric] <= 0.20, (g, worse)
+
+
+def _pope_records(image_ids, says_yes_to_absent: float, rng) -> ItemRecords:
+    r = ItemRecords()
+    rows = []
+    for i in image_ids:
+        for label in (True, True, True, False, False, False):
+            right = rng.uniform() < 0.85
+            yes = (right if label else not right) or (not label and rng.uniform() < says_yes_to_absent)
+            rows.append({"image_id": i, "setting": "adversarial", "label": label, "p_yes": 0.9 if yes else 0.1,
+                         "mass": 1.0})  # fmt: skip
+    r.add("pope", rows)
+    r.add("images", [{"image_id": i, "lm_sum": 50.0, "lm_n": 10, "tokens": 2, "amr": 1.5, "ap": 0.5, "nss": 0.1,
+                      "pointing": 0.5} for i in image_ids])  # fmt: skip
+    return r
+
+
+def test_a_planted_hallucinating_trial_is_excluded_with_its_interval(tmp_path, monkeypatch):
+    """A search's end on records kept in the trials' checkpoints: 'same' is an unchanged copy of the control
+    (passes both guards, its intervals around 0), 'yes' says yes to 60 % of absent things on top (excluded by the
+    FPR guard: its interval lies wholly above the margin), though its AMR is the highest."""
+    from types import SimpleNamespace
+
+    import numpy as np
+    import ray.train
+
+    from raysal.metrics.records import RECORDS_FILE, grounding_metrics, pope_metrics_of
+    from raysal.orchestration.tune import summary as summary_mod
+
+    control = {"lm_tolerance": 0.02, "guards": {"val/pope/adversarial/f1": 0.10, "val/pope/adversarial/fpr": 0.13}}
+    spec = load_search_space(write(tmp_path, minimal(control=control)))
+    ids = list(range(64))
+    base = _pope_records(ids, 0.0, np.random.default_rng(0))
+    planted = {"c": base, "same": base, "yes": _pope_records(ids, 0.6, np.random.default_rng(0))}
+    grid = []
+    for trial, records in planted.items():
+        folder = tmp_path / "trials" / trial / "checkpoint_000003"
+        folder.mkdir(parents=True)
+        (folder / RECORDS_FILE).write_text(records.to_json())
+        metrics = {f"val/{k}": v for k, v in {**grounding_metrics(records.images),
+                                               **pope_metrics_of(records.pope)}.items()}  # fmt: skip
+        metrics.update({"val/amr": {"c": 1.5, "same": 1.6, "yes": 3.0}[trial], "trial_id": trial})
+        grid.append(SimpleNamespace(metrics=metrics, config={CONTROL_KEY: True} if trial == "c" else {"x": 1},
+                                    error=None, path=str(tmp_path / "trials" / trial),
+                                    checkpoint=SimpleNamespace(path=str(folder))))  # fmt: skip
+    no_checkpoint = SimpleNamespace(get_best_checkpoint=lambda *a: None)
+    monkeypatch.setattr(ray.train.Result, "from_path", staticmethod(lambda path: no_checkpoint))  # nothing to export
+    summary = summary_mod.summarise(grid, spec, [], str(tmp_path))
+    assert summary["rule"] == "paired" and set(summary["failed_guards"]) == {"yes"}
+    assert "val/pope/adversarial/fpr" in summary["failed_guards"]["yes"]
+    fpr = summary["paired"]["yes"]["val/pope/adversarial/fpr"]
+    assert fpr["kind"] == "difference" and fpr["lo"] > 0.13 and fpr["images"] == 64, fpr
+    same = summary["paired"]["same"]["val/pope/adversarial/fpr"]
+    assert same["estimate"] == 0 and same["lo"] == 0 and same["hi"] == 0  # the control's own answers
+    assert "| 1 (guard: val/pope/adversarial/f1) (guard: val/pope/adversarial/fpr) | yes |" in summary["table"]
+    assert "(best) | same |" in summary["table"], summary["table"]

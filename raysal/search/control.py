@@ -13,11 +13,15 @@ winner it could not judge; a file that wants none says ``control: null``.
 
 from __future__ import annotations
 
+import contextlib
+import math
 from typing import Any
 
 import optuna
 from optuna.trial import TrialState
 
+from raysal.metrics.paired import Comparison, comparable, compare
+from raysal.metrics.records import ItemRecords
 from raysal.search.guards import Guard, judge
 from raysal.search.optuna_params import CONTROL_KEY
 from raysal.search.space import SearchSpec
@@ -60,21 +64,70 @@ def settle_study(study: optuna.Study, known: set[int], *, want_control: bool, fr
     return {"lost": len(lost), "control_enqueued": int(enqueue)}
 
 
+def paired_comparisons(
+    rows: list[dict], control: dict, metrics: list[str], records: dict[str, ItemRecords]
+) -> dict[str, dict[str, Comparison]] | None:
+    """{trial_id: {metric: the trial against the control on the same images}} for every row with per-item records
+    (the control against itself included: a ratio of 1, a difference of 0); None when the control has none (a
+    search from before records were kept, or evaluations without them)."""
+    base = records.get(control["trial_id"])
+    if base is None:
+        return None
+    out: dict[str, dict[str, Comparison]] = {}
+    for r in rows:
+        mine = records.get(r["trial_id"])
+        if mine is None:
+            continue
+        out[r["trial_id"]] = {}
+        for m in metrics:
+            if comparable(m) and m in r["metrics"] and m in control["metrics"]:
+                # no shared image for this metric: no comparison, said by its absence (a guard then fails)
+                with contextlib.suppress(ValueError):
+                    out[r["trial_id"]][m] = compare(mine, base, m)
+    return out
+
+
 def choose_best(
-    rows: list[dict], metric: str, mode: str, lm_tolerance: float | None, guards: tuple[Guard, ...] = ()
+    rows: list[dict],
+    metric: str,
+    mode: str,
+    lm_tolerance: float | None,
+    guards: tuple[Guard, ...] = (),
+    records: dict[str, ItemRecords] | None = None,
 ) -> tuple[dict | None, dict]:
-    """rows: {"trial_id", "metrics", "config", ...} of trials that did not fail. → (best row, what was decided):
-    the best ``metric`` among rows whose val/lm_loss ≤ control's × (1 + lm_tolerance) and that pass every guard
-    (`raysal.search.guards`); the control is eligible. Without a control that reported what it is judged on, none
-    is best (``warning`` says why)."""
+    """rows: {"trial_id", "metrics", "config", ...} of trials that did not fail; ``records``: {trial_id: the
+    per-item records of the evaluation its metrics come from}. → (best row, what was decided): the best
+    ``metric`` among rows shown within ``lm_tolerance`` of the control's val/lm_loss and non-inferior on every
+    guard (`raysal.search.guards`); the control is eligible. With records, both are paired decisions on 95 %
+    intervals (the LM loss's ratio's upper bound ≤ 1 + lm_tolerance), every trial's comparisons are in
+    ``paired`` and the trials whose objective interval overlaps the best's in ``indistinguishable``; without,
+    point estimates (``rule``: "point"). Without a control that reported what it is judged on, none is best
+    (``warning`` says why)."""
     control = next((r for r in rows if r["config"].get(CONTROL_KEY)), None)
     decision: dict[str, Any] = {"control": None, "lm_limit": None, "excluded_by_lm_tolerance": [], "guards": {},
-                                "failed_guards": {}}  # fmt: skip
+                                "failed_guards": {}, "rule": "point", "paired": {},
+                                "indistinguishable": []}  # fmt: skip
     eligible = rows
+    paired = None
+    if control is not None and records:
+        wanted = [metric, LM_METRIC, *(g.metric for g in guards)]
+        paired = paired_comparisons(rows, control, list(dict.fromkeys(wanted)), records)
+        if paired is not None:
+            decision.update(rule="paired", paired={t: {m: c.as_dict() for m, c in cs.items()}
+                                                   for t, cs in paired.items()})  # fmt: skip
     if lm_tolerance is not None and control is not None and LM_METRIC in control["metrics"]:
         limit = control["metrics"][LM_METRIC] * (1 + lm_tolerance)
         decision.update(control=control["trial_id"], lm_limit=limit)
-        eligible = [r for r in rows if r["metrics"].get(LM_METRIC, float("inf")) <= limit]
+
+        def within(r: dict) -> bool:
+            if r is control:
+                return True
+            if paired is not None:
+                c = paired.get(r["trial_id"], {}).get(LM_METRIC)
+                return c is not None and math.isfinite(c.hi) and c.hi <= 1 + lm_tolerance
+            return r["metrics"].get(LM_METRIC, float("inf")) <= limit
+
+        eligible = [r for r in rows if within(r)]
         decision["excluded_by_lm_tolerance"] = [r["trial_id"] for r in rows if r not in eligible]
     elif lm_tolerance is not None or guards:
         # the LM guard is what makes the best honest: without a finished control no trial can be judged
@@ -82,7 +135,7 @@ def choose_best(
         return None, decision
     if guards:
         try:
-            table, failed = judge(rows, control, guards)
+            table, failed = judge(rows, control, guards, paired)
         except ValueError as e:
             decision["warning"] = f"{e}: no trial can be judged, none is best"
             return None, decision
@@ -90,4 +143,21 @@ def choose_best(
                         failed_guards={t: f for t, f in failed.items() if f})  # fmt: skip
         eligible = [r for r in eligible if not failed[r["trial_id"]]]
     ranked = sorted(eligible, key=lambda r: r["metrics"][metric], reverse=mode == "max")
-    return (ranked[0] if ranked else None), decision
+    best = ranked[0] if ranked else None
+    if best is not None and paired is not None:
+        decision["indistinguishable"] = _overlapping(best, ranked[1:], metric, paired)
+    return best, decision
+
+
+def _overlapping(best: dict, others: list[dict], metric: str, paired: dict[str, dict[str, Comparison]]) -> list[str]:
+    """The eligible runners-up whose interval against the control overlaps the best's: the data cannot tell them
+    apart from the best."""
+    b = paired.get(best["trial_id"], {}).get(metric)
+    if b is None or not math.isfinite(b.lo):
+        return []
+    out = []
+    for r in others:
+        c = paired.get(r["trial_id"], {}).get(metric)
+        if c is not None and math.isfinite(c.hi) and c.hi >= b.lo and c.lo <= b.hi:
+            out.append(r["trial_id"])
+    return out

@@ -10,6 +10,7 @@ from typing import Any
 import ray.train
 
 from raysal import storage
+from raysal.metrics.records import RECORDS_FILE, ItemRecords, grounding_metrics
 from raysal.orchestration.train.errors import first_line
 from raysal.orchestration.train.fail_reason import read_reason
 from raysal.orchestration.train.spec import RunSpec
@@ -47,6 +48,12 @@ def _trial_id(result: Any) -> str:
     return (result.metrics or {}).get("trial_id") or storage.name(result.path)  # trial folders: named by trial id
 
 
+def _checkpoint_name(result: Any) -> str | None:
+    """The folder of the trial's latest checkpoint: the one saved after the evaluation its metrics come from."""
+    ckpt = getattr(result, "checkpoint", None)
+    return storage.name(ckpt.path) if ckpt is not None else None
+
+
 def collect_trials(result_grid: Any, spec: SearchSpec, base: list[str], search_dir: str) -> tuple[list, list]:
     """→ (rows: the trials that reported the objective, failed: those that failed, with their reasons). A failed
     trial (diverged, stalled, errored) is never ranked, whatever it reported before."""
@@ -60,8 +67,34 @@ def collect_trials(result_grid: Any, spec: SearchSpec, base: list[str], search_d
             reason = read_reason(storage.join(search_dir, "trials", trial_id)) or first_line(str(r.error))
             failed.append({"trial_id": trial_id, "reason": reason, "replay": replay})
         elif metric in metrics:
-            rows.append({"trial_id": trial_id, "metrics": metrics, "config": r.config, "replay": replay})
+            rows.append({"trial_id": trial_id, "metrics": metrics, "config": r.config, "replay": replay,
+                         "checkpoint": _checkpoint_name(r)})  # fmt: skip
     return rows, failed
+
+
+def trial_records(rows: list[dict], search_dir: str) -> dict[str, ItemRecords]:
+    """{trial_id: the per-item records of the evaluation its reported metrics come from (its latest checkpoint's
+    ``eval_records.json``)}, read through the storage layer. A trial whose records are missing, or do not
+    reproduce its reported LM loss, is left out and said: it is judged as having no paired comparison."""
+    out: dict[str, ItemRecords] = {}
+    for row in rows:
+        if not row.get("checkpoint"):
+            continue
+        path = storage.join(search_dir, "trials", row["trial_id"], row["checkpoint"], RECORDS_FILE)
+        try:
+            if not storage.exists(path):
+                continue  # evaluations from before records were kept
+            records = ItemRecords.from_json(storage.read_text(path))
+        except (OSError, ValueError) as e:
+            log.warning("trial %s: its evaluation records %s cannot be read: %s", row["trial_id"], path, e)
+            continue
+        lm = grounding_metrics(records.images)["lm_loss"] if records.images["image_id"] else None
+        if lm is not None and lm != row["metrics"].get("val/lm_loss"):
+            log.warning("trial %s: %s is not the evaluation its metrics come from (val/lm_loss %s, records %s)",
+                        row["trial_id"], path, row["metrics"].get("val/lm_loss"), lm)  # fmt: skip
+            continue
+        out[row["trial_id"]] = records
+    return out
 
 
 def table(rows: list[dict], failed: list[dict], spec: SearchSpec, best: dict | None, decision: dict,
@@ -110,8 +143,9 @@ def summarise(result_grid: Any, spec: SearchSpec, base: list[str], search_dir: s
     checkpoint exported."""
     metric, mode = spec.objectives[0].metric, spec.objectives[0].mode
     rows, failed = collect_trials(result_grid, spec, base, search_dir)
-    best, decision = choose_best(rows, metric, mode, spec.control.lm_tolerance if spec.control else None,
-                                 spec.control.guards if spec.control else ())  # fmt: skip
+    control = spec.control
+    best, decision = choose_best(rows, metric, mode, control.lm_tolerance if control else None,
+                                 control.guards if control else (), trial_records(rows, search_dir))  # fmt: skip
     rows.sort(key=lambda x: x["metrics"][metric], reverse=mode == "max")
     summary: dict[str, Any] = {
         "search": spec.name,
