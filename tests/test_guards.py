@@ -214,4 +214,6 @@ def test_a_planted_hallucinating_trial_is_excluded_with_its_interval(tmp_path, m
     same = summary["paired"]["same"]["val/pope/adversarial/fpr"]
     assert same["estimate"] == 0 and same["lo"] == 0 and same["hi"] == 0  # the control's own answers
     assert "| 1 (guard: val/pope/adversarial/f1) (guard: val/pope/adversarial/fpr) | yes |" in summary["table"]
+    yes = next(line for line in summary["table"].splitlines() if "| yes |" in line)
+    assert f"(+{fpr['estimate']:.3f} [+{fpr['lo']:.3f}, +{fpr['hi']:.3f}])" in yes, yes  # the interval beside FPR
     assert "(best) | same |" in summary["table"], summary["table"]

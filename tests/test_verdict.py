@@ -17,8 +17,10 @@ def _summary(best: str | None, guards: bool = True) -> dict:
 
 def test_an_aligned_winner_is_said_as_a_multiple_of_the_control_at_its_lm_cost():
     text = verdict(_summary("a"))
-    assert text == ("best trial a reaches val/amr 6, 4.00× the control's (1.5), at val/lm_loss +1.0% against the "
-                    "control (limit +2.0%), passing its 1 guard(s)")  # fmt: skip
+    assert text == (
+        "best trial a reaches val/amr 6, 4.00× the control's (1.5), at val/lm_loss +1.0% against the "
+        "control (limit +2.0%), passing its 1 guard(s) (point estimates: no per-item records to pair)"
+    )
 
 
 def test_a_control_that_wins_and_no_winner_are_said_too():
@@ -27,3 +29,20 @@ def test_a_control_that_wins_and_no_winner_are_said_too():
                                       "val/pope/adversarial/fpr"  # fmt: skip
     no_control = {**_summary("a"), "control": None}
     assert verdict(no_control) is None
+
+
+def test_a_paired_winner_is_said_with_its_intervals():
+    s = _summary("a")
+    s["guards"] = {"val/pope/adversarial/f1": {"max_loss": 0.1, "mode": "max"}}
+    s["rows"][1]["metrics"]["val/pope/adversarial/f1"] = 0.79
+    s["paired"] = {"a": {
+        "val/amr": {"kind": "ratio", "estimate": 4.0, "lo": 3.1, "hi": 5.2, "images": 19},
+        "val/lm_loss": {"kind": "ratio", "estimate": 1.01, "lo": 1.004, "hi": 1.016, "images": 19},
+        "val/pope/adversarial/f1": {"kind": "difference", "estimate": -0.004, "lo": -0.03, "hi": 0.02, "images": 19},
+    }}  # fmt: skip
+    s["indistinguishable"] = ["b"]
+    assert verdict(s) == (
+        "best trial a reaches val/amr 6, 4.00× [3.10, 5.20] the control's (1.5) on 19 paired images (95 % "
+        "intervals); val/lm_loss +1.0% [+0.4%, +1.6%] against the control (limit +2.0%); val/pope/adversarial/f1 "
+        "-0.004 [-0.030, +0.020], within the 0.1 margin; indistinguishable from b (their intervals overlap)"
+    )

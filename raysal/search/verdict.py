@@ -2,12 +2,26 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
+
+
+def interval_text(c: dict) -> str:
+    """ "2.33× [1.90, 2.80]" (a ratio) or "−0.004 [−0.030, +0.020]" (a difference); the point alone without bounds."""
+    finite = math.isfinite(c["lo"]) and math.isfinite(c["hi"])
+    if c["kind"] == "ratio":
+        return f"{c['estimate']:.2f}×" + (f" [{c['lo']:.2f}, {c['hi']:.2f}]" if finite else " [no interval]")
+    return f"{c['estimate']:+.3f}" + (f" [{c['lo']:+.3f}, {c['hi']:+.3f}]" if finite else " [no interval]")
+
+
+def _lm_text(c: dict) -> str:
+    return f"{c['estimate'] - 1:+.1%} [{c['lo'] - 1:+.1%}, {c['hi'] - 1:+.1%}]"
 
 
 def verdict(summary: dict[str, Any]) -> str | None:
     """One sentence for the console, the report and ``summary.json``: the best trial's objective as a multiple of
-    the control's, its val/lm_loss against the control's (and the limit), its guards. None without a control."""
+    the control's, its val/lm_loss against the control's (and the limit), its guards — each with its paired 95 %
+    interval when the trials kept per-item records (``summary["paired"]``). None without a control."""
     rows = {r["trial_id"]: r for r in summary.get("rows", [])}
     control = rows.get(summary.get("control") or "")
     if control is None:
@@ -20,6 +34,9 @@ def verdict(summary: dict[str, Any]) -> str | None:
     if best is control:
         return (f"the LM-only control {control['trial_id']} is best ({metric} {c:.4g}): no aligned trial gained "
                 "over it within the LM tolerance and the guards")  # fmt: skip
+    paired = (summary.get("paired") or {}).get(best["trial_id"])
+    if paired:
+        return _paired_verdict(summary, best, control, paired)
     b = best["metrics"][metric]
     gain = f"{b / c:.2f}× the control's" if c and c > 0 else f"against the control's {c:.4g}"
     words = [f"best trial {best['trial_id']} reaches {metric} {b:.4g}, {gain} ({c:.4g})"]
@@ -30,15 +47,48 @@ def verdict(summary: dict[str, Any]) -> str | None:
                      + (f" (limit {limit / lm_c - 1:+.1%})" if limit else ""))  # fmt: skip
     if summary.get("guards"):
         words.append(f"passing its {len(summary['guards'])} guard(s)")
-    return ", ".join(words)
+    return ", ".join(words) + " (point estimates: no per-item records to pair)"
+
+
+def _paired_verdict(summary: dict, best: dict, control: dict, paired: dict[str, dict]) -> str:
+    metric = summary["metric"]
+    obj = paired.get(metric)
+    b, c = best["metrics"][metric], control["metrics"].get(metric)
+    if obj is None:
+        words = [f"best trial {best['trial_id']} reaches {metric} {b:.4g} (the control {c:.4g}; no paired interval)"]
+    else:
+        than = "the control's" if obj["kind"] == "ratio" else "against the control's"
+        words = [f"best trial {best['trial_id']} reaches {metric} {b:.4g}, {interval_text(obj)} {than} ({c:.4g}) "
+                 f"on {obj['images']} paired images (95 % intervals)"]  # fmt: skip
+    lm = paired.get("val/lm_loss")
+    if lm is not None:
+        lm_c = control["metrics"].get("val/lm_loss")
+        limit = summary.get("lm_limit")
+        words.append(f"val/lm_loss {_lm_text(lm)} against the control"
+                     + (f" (limit {limit / lm_c - 1:+.1%})" if limit and lm_c else ""))  # fmt: skip
+    for g, spec in (summary.get("guards") or {}).items():
+        if g in paired:
+            words.append(f"{g} {interval_text(paired[g])}, within the {spec['max_loss']:g} margin")
+    alike = summary.get("indistinguishable") or []
+    if alike:
+        words.append(f"indistinguishable from {', '.join(alike)} (their intervals overlap)")
+    return "; ".join(words)
 
 
 def guard_lines(summary: dict) -> list[str]:
-    """One console line per guard: what the control scored, the limit, the trials that failed it."""
+    """One console line per guard: what the control scored, the margin (paired) or limit (point), the trials that
+    failed it."""
     out = []
+    paired = summary.get("rule") == "paired"
     for metric, g in (summary.get("guards") or {}).items():
         failed = sorted(t for t, names in (summary.get("failed_guards") or {}).items() if metric in names)
+        by = ", ".join(failed) if failed else "no trial"
+        if paired:
+            worse = "worse" if g["mode"] == "max" else "higher"
+            out.append(f"guard {metric} (non-inferiority: {worse} than the control by at most {g['max_loss']:g}, "
+                       f"on the paired 95 % interval's bound): control {g['control']:.4g}; failed by {by}")  # fmt: skip
+            continue
         worse = "may fall by at most" if g["mode"] == "max" else "may rise by at most"
         out.append(f"guard {metric} ({worse} {g['max_loss']:g}): control {g['control']:.4g}, limit "
-                   f"{g['limit']:.4g}; failed by {', '.join(failed) if failed else 'no trial'}")  # fmt: skip
+                   f"{g['limit']:.4g}; failed by {by}")  # fmt: skip
     return out
