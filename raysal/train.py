@@ -19,6 +19,7 @@ from omegaconf import DictConfig
 
 from raysal.orchestration.train import preflight as checks  # checks.preflight: one name tests replace
 from raysal.orchestration.train.compose import CONFIG_DIR, compose_cfg
+from raysal.orchestration.train.confirm import confirm
 from raysal.orchestration.train.errors import print_user_error
 from raysal.orchestration.train.fail_reason import clear_reason, read_reason
 from raysal.orchestration.train.outage import fit_through_outages
@@ -61,6 +62,15 @@ def run(spec: RunSpec, sizes: DataSizes) -> dict:
         key, exported = export_best(best, run_dir, best_metrics)  # best_adapter (LoRA) or best_model (full)
         summary[key] = exported
         summary["best"] = {metric: best_metrics.get(metric), "step": best_metrics.get("train/step")}
+        confirmation = confirm(spec, best)  # on images the best checkpoint was not chosen on
+        if confirmation is not None:
+            summary["confirmation"] = {k: confirmation[k] for k in ("checkpoint", "step", "images", "metrics")}
+            got = confirmation["metrics"].get(metric, float("nan"))
+            print(
+                f"raysal: confirmation hold-out ({confirmation['images']} images the run never trained or chose "
+                f"on): {metric}={got:.4g} (selection {best_metrics.get(metric, float('nan')):.4g})",
+                flush=True,
+            )
     w = (
         sync_hint(run_dir)  # rank 0 copies its W&B files into the run folder
         if resolve_mode(spec.wandb["mode"]) == "offline"

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import pyarrow.parquet as pq
 
-from raysal.data.holdout import in_holdout
+from raysal.data.holdout import Holdout, as_holdout
 from raysal.data.sample import Sample
 from raysal.data.shards import read_manifest, row_to_sample, shard_paths
 from raysal.metrics.pope import PopeBuild, Question, build_pope, questions_by_image
@@ -42,9 +42,13 @@ class PopeSet:
         }
 
 
-def select_pope(shard_dir: str, split: str, *, holdout: float = 0.0, images: int = 64, seed: int = 0) -> PopeSet:
+def select_pope(
+    shard_dir: str, split: str, *, holdout: float | Holdout = 0.0, images: int = 64, seed: int = 0
+) -> PopeSet:
     """Up to ``images`` validation images with ≥ 3 distinct thing categories (the lowest ids) and their
-    questions. ``holdout`` > 0: only ids inside the hold-out (the validation part of a training split)."""
+    questions. ``holdout``: the ids it keeps (a `Holdout`; a bare fraction > 0: only ids inside the selection
+    hold-out, the validation part of a training split)."""
+    keep = as_holdout(holdout)
     categories = {int(c["id"]): c for c in read_manifest(shard_dir).get("categories", [])}
     if not categories:
         raise ValueError(f"{shard_dir}: the shard manifest lists no categories: POPE cannot name the things")
@@ -55,7 +59,7 @@ def select_pope(shard_dir: str, split: str, *, holdout: float = 0.0, images: int
         table = pq.read_table(f, filesystem=fs, columns=["image_id", "category_ids"])
         for image_id, cats in zip(table.column("image_id").to_pylist(), table.column("category_ids").to_pylist(),
                                   strict=True):  # fmt: skip
-            if holdout <= 0 or in_holdout(image_id, holdout):
+            if keep.keeps(image_id):
                 candidates.append((int(image_id), [int(c) for c in cats]))
                 where[int(image_id)] = f
     build = build_pope(candidates, categories, seed=seed, max_images=images)

@@ -37,6 +37,7 @@ from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
     get_state_dict,
+    set_model_state_dict,
     set_state_dict,
 )
 
@@ -150,6 +151,30 @@ def save_full_model(model: torch.nn.Module, dest: Path) -> None:
     cfg = json.loads((dest / "config.json").read_text())
     cfg["architectures"] = [base.__name__]
     (dest / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
+def load_weights(path: Path | str, model: torch.nn.Module) -> int:
+    """A checkpoint's trained weights into an unsharded ``model`` built as the run built it (an evaluation of a
+    saved model: no optimizer, no scheduler, one process) → the step it was saved at. A sharded (FSDP)
+    checkpoint's ``sharded/`` is read into the plain model (DCP reshards on load)."""
+    file = Path(path) / STATE
+    if not file.exists():
+        raise FileNotFoundError(f"{file}: not a raysal checkpoint (no {STATE})")
+    state = torch.load(file, map_location="cpu", weights_only=False)
+    if state.get("sharded"):
+        options = StateDictOptions(ignore_frozen_params=True, strict=False)
+        model_sd = get_model_state_dict(model, options=options)
+        dcp.load({"model": model_sd}, checkpoint_id=str(Path(path) / SHARDED))
+        set_model_state_dict(model, model_sd, options=options)
+    else:
+        params = dict(model.named_parameters())
+        missing = sorted(set(state["trainable"]) - set(params))
+        if missing:
+            raise KeyError(f"{file}: checkpoint has parameters the model lacks (different LoRA config?): {missing[:3]}")
+        with torch.no_grad():
+            for name, value in state["trainable"].items():
+                params[name].copy_(value)
+    return int(state["progress"]["step"])
 
 
 def load_checkpoint(

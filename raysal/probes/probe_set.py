@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from raysal.data.holdout import holdout_fraction_of, in_holdout
+from raysal.data.holdout import Holdout, as_holdout, holdout_fraction_of
 from raysal.data.sample import Sample
 from raysal.data.shards import row_to_sample, shard_paths
 
@@ -44,20 +44,21 @@ def select_probes(
     shard_dir: str | Path,
     split: str,
     *,
-    holdout: float = 0.0,
+    holdout: float | Holdout = 0.0,
     images: int = 4,
     phrases: int = 4,
 ) -> list[Probe]:
     """Up to ``images`` validation images with at least one grounded phrase, each with its first ``phrases``
-    phrases (caption order, one per distinct region). ``holdout`` > 0: only ids inside the hold-out (the
-    validation part of a training split)."""
+    phrases (caption order, one per distinct region). ``holdout``: the ids it keeps (a `Holdout`; a bare fraction
+    > 0: only ids inside the selection hold-out, the validation part of a training split)."""
+    keep = as_holdout(holdout)
     fs, files = shard_paths(shard_dir, split)  # a local folder or a URI: read through its filesystem
     if not files:
         raise ValueError(f"{shard_dir}: split {split!r} has no shard files")
     ids: list[tuple[float, int, str]] = []
     for f in files:
         for image_id in pq.read_table(f, filesystem=fs, columns=["image_id"]).column("image_id").to_pylist():
-            if holdout <= 0 or in_holdout(image_id, holdout):
+            if keep.keeps(image_id):
                 ids.append((holdout_fraction_of(image_id), int(image_id), f))
     ids.sort()  # by hash, then id: independent of file order and shard size
     out: list[Probe] = []

@@ -13,6 +13,7 @@ import torch
 
 from raysal.batch import PixelNorm, to_device
 from raysal.data.decode import decode_row
+from raysal.data.holdout import holdout_for
 from raysal.data.ray_dataset import coconut_dataset
 from raysal.model.build import load_processor
 from raysal.orchestration.train.assets import ensure_data, ensure_model
@@ -67,17 +68,16 @@ def run_datasets(
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # the same order every epoch: exact resume
     ctx.enable_progress_bars = False  # one bar per operator per worker drowns the run summary
-    same = data["train_split"] == data["val_split"]
-    holdout = float(data.get("val_holdout") or 0.0)
     cpus = DataCPUs.split(float(data["encode_cpus"]), encode_actors)
     common = {
         "decode": False,
-        "holdout": holdout if same else 0.0,
         "num_cpus_per_read": cpus.read,
         "prepare": functools.partial(ensure_data, data),
     }
-    train = coconut_dataset(data["shards"], data["train_split"], part="train", **common)
-    val = coconut_dataset(data["shards"], data["val_split"], part="val", limit=data.get("val_max_images"), **common)
+    train = coconut_dataset(data["shards"], data["train_split"], part="train", holdout=holdout_for(data, "train"),
+                            **common)  # fmt: skip
+    val = coconut_dataset(data["shards"], data["val_split"], part="val", holdout=holdout_for(data, "select"),
+                          limit=data.get("val_max_images"), **common)  # fmt: skip
     kwargs = {
         "fn_constructor_kwargs": {"processor_path": processor_path, "prompt": data["prompt"], "model": model},
         "batch_size": 8,

@@ -19,7 +19,7 @@ from raysal.attention.capture import enable_capture
 from raysal.attention.head_scores import HEADS_FIGURE, heads_file, heads_folder, score_heads
 from raysal.batch import PixelNorm
 from raysal.data.decode import decode_row
-from raysal.data.holdout import in_holdout
+from raysal.data.holdout import holdout_for
 from raysal.data.shards import shard_paths
 from raysal.model.build import load_model, load_processor, model_info
 from raysal.orchestration.train import preflight as checks  # checks.preflight: one name tests replace
@@ -29,14 +29,14 @@ from raysal.preprocess.batches import batch_factory, encode_row
 
 
 def validation_samples(data: dict[str, Any], processor: Any, n: int) -> list[dict]:
-    """The first ``n`` validation samples, encoded: the split, or the hold-out of the training split."""
-    same = data["train_split"] == data["val_split"]
-    holdout = float(data.get("val_holdout") or 0.0)
+    """The first ``n`` selection samples, encoded: the validation split, or the hold-out of the training split
+    (never the confirmation hold-out)."""
+    keep = holdout_for(data, "select")
     out: list[dict] = []
     fs, files = shard_paths(data["shards"], data["val_split"])  # a local folder or a URI
     for f in files:
         for row in pq.read_table(f, filesystem=fs).to_pylist():
-            if same and not in_holdout(int(row["image_id"]), holdout):
+            if not keep.keeps(int(row["image_id"])):
                 continue
             out.append(encode_row(decode_row(row), processor, data["prompt"]))
             if len(out) == n:

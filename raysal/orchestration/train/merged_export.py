@@ -30,7 +30,7 @@ from peft import PeftModel
 from transformers import AutoModelForImageTextToText
 
 from raysal import storage
-from raysal.data.holdout import in_holdout, validation_holdout
+from raysal.data.holdout import holdout_for
 from raysal.data.shards import shard_paths
 from raysal.loop.checkpoint import ADAPTER, MODEL
 from raysal.model.build import load_model, load_processor
@@ -72,14 +72,14 @@ def best_checkpoint(run_dir: str, metric: str, mode: str) -> tuple[Any, dict[str
 
 
 def train_image_ids(data: dict[str, Any]) -> list[int]:
-    """Every image id the run's training data holds: the training split, less the hold-out when it validates on
-    the same split."""
-    holdout = validation_holdout(data)
+    """Every image id the run's training data holds: the training split, less the selection and confirmation
+    hold-outs when it validates on the same split."""
+    keep = holdout_for(data, "train")
     fs, files = shard_paths(data["shards"], data["train_split"])
     ids: set[int] = set()
     for f in files:
         for i in pq.read_table(f, filesystem=fs, columns=["image_id"]).column("image_id").to_pylist():
-            if holdout <= 0 or not in_holdout(i, holdout):
+            if keep.keeps(i):
                 ids.add(int(i))
     return sorted(ids)
 

@@ -23,7 +23,7 @@ from transformers import AutoConfig
 from raysal import storage
 from raysal.attention.selection import resolve_heads, resolve_layers, resolve_selection
 from raysal.criteria.protocol import AttentionSelection, LayerSelection
-from raysal.data.holdout import in_holdout
+from raysal.data.holdout import holdout_for
 from raysal.data.shards import MANIFEST, SCHEMA
 from raysal.model.build import SUPPORTED
 from raysal.orchestration.train.assets import ensure_data, ensure_model
@@ -45,6 +45,7 @@ class DataSizes:
     val_images: int  # the validation split, or the hold-out of the training split
     eval_images: int  # what each evaluation covers: val_images capped at data.val_max_images
     holdout: float | None  # the fraction held out when the splits coincide
+    confirm_images: int = 0  # the confirmation hold-out (data.confirm_holdout): never trained or selected on
 
     def describe(self) -> str:
         val = (
@@ -53,7 +54,8 @@ class DataSizes:
             else f"{self.val_split} = {self.val_images} images"
         )
         train = f"train {self.train_split} = {self.train_images} images"
-        return f"data: {train}; validation {val}; evaluating {self.eval_images}"
+        confirm = f"; confirmation {self.confirm_images}" if self.confirm_images else ""
+        return f"data: {train}; validation {val}; evaluating {self.eval_images}{confirm}"
 
 
 def check_writable(location: str, key: str) -> None:
@@ -202,15 +204,19 @@ def check_data(data: dict[str, Any], num_workers: int) -> DataSizes:
             f"data.val_split={val_split!r} equals data.train_split: set data.val_holdout > 0 to hold out validation "
             "images, or point data.val_split at a split of its own"
         )
-    if same:
-        ids = _image_ids(shards, train_files)
-        n_val = sum(in_holdout(i, holdout) for i in ids)
-        n_train = len(ids) - n_val
-    else:
-        n_train = len(_image_ids(shards, train_files))
-        n_val = len(_image_ids(shards, _split_files(shards, manifest, val_split)))
+    confirm = float(data.get("confirm_holdout") or 0.0)
+    if same and holdout + confirm >= 1:
+        raise ConfigError(f"data.val_holdout={holdout:g} + data.confirm_holdout={confirm:g} >= 1: nothing is left "
+                          f"to train on in split {train_split!r}")  # fmt: skip
+    ids = _image_ids(shards, train_files)
+    val_ids = ids if same else _image_ids(shards, _split_files(shards, manifest, val_split))
+    train_keep, select, confirming = (holdout_for(data, p) for p in ("train", "select", "confirm"))
+    n_train = sum(map(train_keep.keeps, ids))
+    n_val = sum(map(select.keeps, val_ids))
+    n_confirm = sum(map(confirming.keeps, val_ids)) if confirm > 0 else 0
     cap = data.get("val_max_images")
-    sizes = DataSizes(train_split, val_split, n_train, n_val, min(n_val, cap or n_val), holdout if same else None)
+    sizes = DataSizes(train_split, val_split, n_train, n_val, min(n_val, cap or n_val), holdout if same else None,
+                      n_confirm)  # fmt: skip
     if sizes.eval_images < data["val_min_images"]:
         where = (
             f"data.val_holdout={holdout:g} holds out {n_val} of the {len(ids)} images of split {train_split!r}"

@@ -215,6 +215,7 @@ def check_values(c: dict) -> None:
         raise ConfigError("scaling.gpus_per_worker=0 with scaling.use_gpu=true: a GPU worker needs a GPU share")
     _number(c, "data.encode_cpus", float, low=0, low_open=True)
     _number(c, "data.val_holdout", float, low=0, high=1, high_open=True)
+    _number(c, "data.confirm_holdout", float, low=0, high=1, high_open=True)
     _number(c, "data.val_max_images", int, low=1, optional=True)
     _number(c, "data.val_min_images", int, low=1)
     _choice(c, "model.padding_side", ("left", "right"))

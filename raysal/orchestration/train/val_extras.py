@@ -13,8 +13,8 @@ import torch
 
 from raysal import storage
 from raysal.attention.capture import CapturePlan
-from raysal.data.holdout import validation_holdout
-from raysal.data.pope_set import select_pope
+from raysal.data.holdout import Holdout, holdout_for
+from raysal.data.pope_set import PopeSet, select_pope
 from raysal.loop.fit import ExtraEval
 from raysal.loop.pope_eval import pope_scores
 from raysal.loop.readout_eval import readout_scores
@@ -32,28 +32,23 @@ ALL_PHRASES = 1_000_000  # every grounded phrase of a readout image
 
 
 def val_extras(
-    spec: RunSpec, processor: Any, device: torch.device, *, sharded: bool, lockstep: bool, write: bool
+    spec: RunSpec,
+    processor: Any,
+    device: torch.device,
+    *,
+    sharded: bool,
+    lockstep: bool,
+    write: bool,
+    part: str = "select",
 ) -> ExtraEval | None:
     """The hook `raysal.loop.fit.fit` calls after each evaluation, or None when both are off (``trainer.pope.images``
-    and ``trainer.readout.images`` 0). ``write``: this rank records the sets in the run folder."""
+    and ``trainer.readout.images`` 0). ``write``: this rank records the sets in the run folder. ``part``: the
+    images asked about, "select" (the validation metrics a search ranks on) or "confirm" (the confirmation
+    hold-out, `raysal.orchestration.train.confirm`)."""
     d, t = spec.data, spec.config["trainer"]
     run_dir = spec.run_dir
-    holdout, pope = validation_holdout(d), None
-    if t["pope"]["images"]:
-        try:
-            yes_no_token_ids(processor.tokenizer)
-        except ValueError as e:
-            raise ValueError(f"trainer.pope: {e} (trainer.pope.images=0 turns POPE off)") from None
-        pope = select_pope(d["shards"], d["val_split"], holdout=holdout, images=t["pope"]["images"])
-        if not pope.images:
-            why = f"no validation image has 3 distinct things (of {pope.build.n_kept})"
-            if spec.objective["metric"].startswith("val/pope/"):  # an objective the run could never report
-                raise ValueError(f"trainer.pope: {why}: trainer.objective.metric={spec.objective['metric']!r} "
-                                 "is never reported")  # fmt: skip
-            log.warning("trainer.pope: %s: the run reports no val/pope", why)
-            pope = None
-        elif write:
-            storage.write_json(storage.join(run_dir, POPE_FILE), pope.describe())
+    holdout = holdout_for(d, part)
+    pope = pope_set(spec, processor, holdout, write) if t["pope"]["images"] else None
     readout = None
     if t["readout"]["images"]:
         readout = select_probes(d["shards"], d["val_split"], holdout=holdout, images=t["readout"]["images"],
@@ -84,3 +79,24 @@ def val_extras(
         return out
 
     return extra
+
+
+def pope_set(spec: RunSpec, processor: Any, holdout: Holdout, write: bool) -> PopeSet | None:
+    """The POPE questions of ``holdout``'s images (None, said, when no image has 3 distinct things); ``write``:
+    recorded in the run folder."""
+    d, t = spec.data, spec.config["trainer"]
+    try:
+        yes_no_token_ids(processor.tokenizer)
+    except ValueError as e:
+        raise ValueError(f"trainer.pope: {e} (trainer.pope.images=0 turns POPE off)") from None
+    pope = select_pope(d["shards"], d["val_split"], holdout=holdout, images=t["pope"]["images"])
+    if not pope.images:
+        why = f"no validation image has 3 distinct things (of {pope.build.n_kept})"
+        if spec.objective["metric"].startswith("val/pope/"):  # an objective the run could never report
+            raise ValueError(f"trainer.pope: {why}: trainer.objective.metric={spec.objective['metric']!r} "
+                             "is never reported")  # fmt: skip
+        log.warning("trainer.pope: %s: the run reports no val/pope", why)
+        return None
+    if write:
+        storage.write_json(storage.join(spec.run_dir, POPE_FILE), pope.describe())
+    return pope

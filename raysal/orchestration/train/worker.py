@@ -23,7 +23,7 @@ from raysal import storage
 from raysal.attention.capture import CapturePlan
 from raysal.batch import PixelNorm
 from raysal.criteria.protocol import AttachesModules
-from raysal.data.holdout import validation_holdout
+from raysal.data.holdout import holdout_for
 from raysal.loop.checkpoint import load_history
 from raysal.loop.divergence import DivergedError
 from raysal.loop.fit import AfterEval, Report, fit
@@ -77,7 +77,7 @@ def probe_hook(
     n, d = spec.config["trainer"]["probes"], spec.data
     if not n["images"]:
         return None
-    probes = select_probes(d["shards"], d["val_split"], holdout=validation_holdout(d), images=n["images"],
+    probes = select_probes(d["shards"], d["val_split"], holdout=holdout_for(d, "select"), images=n["images"],
                            phrases=n["phrases"])  # fmt: skip
     if not probes:
         log.warning("no validation image has a grounded phrase: the run shows no probe heatmaps")
