@@ -46,3 +46,19 @@ def test_a_paired_winner_is_said_with_its_intervals():
         "intervals); val/lm_loss +1.0% [+0.4%, +1.6%] against the control (limit +2.0%); val/pope/adversarial/f1 "
         "-0.004 [-0.030, +0.020], within the 0.1 margin; indistinguishable from b (their intervals overlap)"
     )
+
+
+def test_the_confirmation_figures_follow_the_selection_figures():
+    s = _summary("a")
+    s["confirmation"] = {
+        "images": 9,
+        "best": {"trial_id": "a", "metrics": {"val/amr": 2.0}},
+        "paired": {"val/amr": {"kind": "ratio", "estimate": 1.8, "lo": 1.2, "hi": 2.6, "images": 9},
+                   "val/lm_loss": {"kind": "ratio", "estimate": 1.0, "lo": 0.99, "hi": 1.02, "images": 9}},
+    }  # fmt: skip
+    assert verdict(s).endswith(
+        "; confirmed on 9 images never chosen on: val/amr 1.80× [1.20, 2.60] the control's; val/lm_loss +0.0% "
+        "[-1.0%, +2.0%]"
+    )
+    s["confirmation"]["paired"] = {}
+    assert verdict(s).endswith("; confirmed on 9 images never chosen on: val/amr 2")

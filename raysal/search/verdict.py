@@ -36,7 +36,7 @@ def verdict(summary: dict[str, Any]) -> str | None:
                 "over it within the LM tolerance and the guards")  # fmt: skip
     paired = (summary.get("paired") or {}).get(best["trial_id"])
     if paired:
-        return _paired_verdict(summary, best, control, paired)
+        return _paired_verdict(summary, best, control, paired) + confirmation_text(summary)
     b = best["metrics"][metric]
     gain = f"{b / c:.2f}× the control's" if c and c > 0 else f"against the control's {c:.4g}"
     words = [f"best trial {best['trial_id']} reaches {metric} {b:.4g}, {gain} ({c:.4g})"]
@@ -47,7 +47,26 @@ def verdict(summary: dict[str, Any]) -> str | None:
                      + (f" (limit {limit / lm_c - 1:+.1%})" if limit else ""))  # fmt: skip
     if summary.get("guards"):
         words.append(f"passing its {len(summary['guards'])} guard(s)")
-    return ", ".join(words) + " (point estimates: no per-item records to pair)"
+    return ", ".join(words) + " (point estimates: no per-item records to pair)" + confirmation_text(summary)
+
+
+def confirmation_text(summary: dict) -> str:
+    """ "; confirmed on 9 images never chosen on: val/amr 2.10× [1.60, 2.70] the control's; ..." — the best trial
+    against the control on the confirmation hold-out (`summary["confirmation"]`), or its value alone."""
+    conf = summary.get("confirmation") or {}
+    best = conf.get("best")
+    if not best:
+        return ""
+    metric = summary["metric"]
+    head = f"; confirmed on {conf['images']} images never chosen on: "
+    paired = conf.get("paired") or {}
+    if metric not in paired:
+        return head + f"{metric} {best['metrics'].get(metric, math.nan):.4g}"
+    words = [f"{metric} {interval_text(paired[metric])} the control's"]
+    if "val/lm_loss" in paired:
+        words.append(f"val/lm_loss {_lm_text(paired['val/lm_loss'])}")
+    words += [f"{g} {interval_text(paired[g])}" for g in (summary.get("guards") or {}) if g in paired]
+    return head + "; ".join(words)
 
 
 def _paired_verdict(summary: dict, best: dict, control: dict, paired: dict[str, dict]) -> str:

@@ -19,6 +19,7 @@ from raysal import storage
 from raysal.orchestration.train.errors import ConfigError, print_user_error
 from raysal.orchestration.train.spec import RunSpec
 from raysal.orchestration.train.wandb_run import resolve_mode, sync_hint
+from raysal.orchestration.tune.confirmation import confirm_search
 from raysal.orchestration.tune.heads_table import ensure_heads_table
 from raysal.orchestration.tune.janitor import leaked_placement_groups, removed_count
 from raysal.orchestration.tune.places import SearchPlaces, SearchStateError, restorable, search_places
@@ -56,7 +57,7 @@ def run_search(spec: SearchSpec, base: list[str], run_spec: RunSpec, resume: str
     grid = run_tuner(tuner, spec, places, restore)
     if grid is None:
         return 130
-    return finish(grid, spec, base, run_spec, places, wandb_mode, t0)
+    return finish(grid, spec, base, run_spec, places, wandb_mode, t0, pins)
 
 
 def set_search_environment(wandb_mode: str) -> None:
@@ -68,9 +69,10 @@ def set_search_environment(wandb_mode: str) -> None:
 
 
 def finish(grid: Any, spec: SearchSpec, base: list[str], run_spec: RunSpec, places: SearchPlaces, wandb_mode: str,
-           t0: float) -> int:  # fmt: skip
+           t0: float, pins: tuple[str, ...] = ()) -> int:  # fmt: skip
     """summary.json, the study and the report, all in the search folder; the console's last line."""
     summary = summarise(grid, spec, base, places.search_dir)
+    summary["confirmation"] = confirm_search(grid, summary, spec, base, run_spec, places.search_dir, pins)
     summary["verdict"] = verdict(summary)
     summary["leaked_placement_groups"] = leaked_placement_groups()
     summary["placement_groups_removed"] = removed_count(places.search_dir)  # by the janitor: Ray Train left them
