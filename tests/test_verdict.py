@@ -62,3 +62,31 @@ def test_the_confirmation_figures_follow_the_selection_figures():
     )
     s["confirmation"]["paired"] = {}
     assert verdict(s).endswith("; confirmed on 9 images never chosen on: val/amr 2")
+
+
+def test_the_search_summary_run_keeps_the_comparisons_with_their_intervals(tmp_path):
+    """What W&B will show: the summary run's summary, read back from the offline run file."""
+    from wandb_records import read_run
+
+    from raysal.orchestration.train.wandb_run import log_search_summary
+    from raysal.search.verdict import summary_values
+
+    s = _summary("a")
+    s["paired"] = {"a": {"val/amr": {"kind": "ratio", "estimate": 4.0, "lo": 3.1, "hi": 5.2, "images": 19}}}
+    s["confirmation"] = {
+        "images": 9,
+        "best": {"metrics": {}},
+        "paired": {
+            "val/pope/adversarial/fpr": {"kind": "difference", "estimate": 0.01, "lo": -0.02, "hi": 0.04, "images": 9}
+        },
+    }
+    s["verdict"] = verdict(s)
+    values = summary_values(s)
+    log_search_summary({}, project="p", entity=None, group="g", mode="offline", directory=tmp_path / "w",
+                       mirror_to=str(tmp_path / "search"), values=values)  # fmt: skip
+    (run_file,) = (tmp_path / "search" / "wandb").glob("offline-run-*-g-summary/run-*.wandb")
+    summary = read_run(run_file)["summary"]
+    assert summary["best/trial_id"] == "a" and summary["verdict"] == s["verdict"]
+    assert (summary["val/amr_vs_control"], summary["val/amr_vs_control_lo"], summary["val/amr_vs_control_hi"]) == (
+        4.0, 3.1, 5.2)  # fmt: skip
+    assert summary["confirm/val/pope/adversarial/fpr_vs_control_hi"] == 0.04

@@ -42,8 +42,9 @@ def _payloads(data: bytes):
 
 
 def read_run(path: Path | str) -> dict:
-    """{"group": str, "history": [row dicts], "config": {key: value}} of one offline run file."""
-    out: dict = {"group": None, "history": [], "config": {}}
+    """{"group": str, "history": [row dicts], "config": {key: value}, "summary": {key: value}} of one offline run
+    file (the summary: the last value each key was set to)."""
+    out: dict = {"group": None, "history": [], "config": {}, "summary": {}}
     for payload in _payloads(Path(path).read_bytes()):
         rec = wandb_internal_pb2.Record()
         rec.ParseFromString(payload)
@@ -51,6 +52,10 @@ def read_run(path: Path | str) -> dict:
         if kind == "history":
             out["history"].append(
                 {(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in rec.history.item}
+            )
+        elif kind == "summary":
+            out["summary"].update(
+                {(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in rec.summary.update}
             )
         elif kind == "run":
             out["group"] = rec.run.run_group

@@ -94,6 +94,25 @@ def _paired_verdict(summary: dict, best: dict, control: dict, paired: dict[str, 
     return "; ".join(words)
 
 
+def summary_values(summary: dict) -> dict[str, float | str]:
+    """What the search's W&B summary run keeps beside its report: the best trial, the verdict, and each paired
+    comparison of the best with the control — ``val/amr_vs_control`` with ``_lo`` and ``_hi`` (a ratio, or a
+    difference for metrics compared by difference), the confirmation's under ``confirm/``."""
+    out: dict[str, float | str] = {}
+    best = (summary.get("best") or {}).get("trial_id")
+    if best:
+        out["best/trial_id"] = best
+    if summary.get("verdict"):
+        out["verdict"] = summary["verdict"]
+    sources = [("", ((summary.get("paired") or {}).get(best) or {}) if best else {}),
+               ("confirm/", (summary.get("confirmation") or {}).get("paired") or {})]  # fmt: skip
+    for prefix, paired in sources:
+        for metric, c in paired.items():
+            key = f"{prefix}{metric}_vs_control"
+            out.update({key: c["estimate"], f"{key}_lo": c["lo"], f"{key}_hi": c["hi"]})
+    return out
+
+
 def guard_lines(summary: dict) -> list[str]:
     """One console line per guard: what the control scored, the margin (paired) or limit (point), the trials that
     failed it."""

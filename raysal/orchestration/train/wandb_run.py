@@ -87,19 +87,23 @@ def mirror_wandb(local_dir: str | Path, run_id: str, location: str) -> int:
 
 def log_search_summary(
     figures: dict[str, bytes], *, project: str, entity: str | None, group: str, mode: str, directory: str | Path,
-    mirror_to: str, tags: list[str] | None = None,
+    mirror_to: str, tags: list[str] | None = None, values: dict[str, Any] | None = None,
 ) -> None:  # fmt: skip
     """The search report's figures as one W&B run in the search's group (id ``<search>-summary``: re-logging
-    resumes it), written in the local ``directory`` and mirrored to the search folder ``mirror_to``."""
+    resumes it), written in the local ``directory`` and mirrored to the search folder ``mirror_to``; ``values``
+    go to its summary (the best trial, the verdict, the comparisons with the control and their intervals)."""
     import wandb  # heavy, and only in the process that logs
 
-    if mode == "disabled" or not figures:
+    if mode == "disabled" or not (figures or values):
         return
     run = wandb.init(
         project=project, entity=entity, group=group, name=f"{group}-summary", id=run_id(f"{group}-summary"),
         job_type="summary", resume="allow", mode=mode, dir=str(directory), tags=tags, reinit="finish_previous",
     )  # fmt: skip
-    run.log({f"report/{name}": wandb.Image(np.asarray(Image.open(io.BytesIO(png)).convert("RGB")))
-             for name, png in figures.items()})  # fmt: skip
+    if figures:
+        run.log({f"report/{name}": wandb.Image(np.asarray(Image.open(io.BytesIO(png)).convert("RGB")))
+                 for name, png in figures.items()})  # fmt: skip
+    if values:
+        run.summary.update(values)
     run.finish()
     mirror_wandb(directory, run_id(f"{group}-summary"), mirror_to)

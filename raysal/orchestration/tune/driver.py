@@ -27,7 +27,7 @@ from raysal.orchestration.tune.summary import report, summarise
 from raysal.orchestration.tune.trial import make_trainable, search_pins
 from raysal.orchestration.tune.tuner import connect_ray, new_tuner, restore_tuner, run_tuner
 from raysal.search.space import SearchSpec
-from raysal.search.verdict import guard_lines, verdict
+from raysal.search.verdict import guard_lines, summary_values, verdict
 
 log = logging.getLogger("raysal.tune")
 
@@ -86,7 +86,7 @@ def finish(grid: Any, spec: SearchSpec, base: list[str], run_spec: RunSpec, plac
         print(f"raysal: {line}")
     if summary["verdict"]:
         print(f"raysal: {summary['verdict']}", flush=True)
-    report(places.search_dir, run_spec, wandb_mode, places.local_dir, spec.name)
+    report(places.search_dir, run_spec, wandb_mode, places.local_dir, spec.name, summary_values(summary))
     best = summary.get("best")
     w = sync_hint(places.search_dir) if wandb_mode == "offline" else ""
     print(
