@@ -127,3 +127,33 @@ def test_no_lead_picture_when_the_control_is_best(search):
     report = build_report(str(search))
     assert "lead" not in report.figures and "probes" in report.figures
     assert not (search / "report" / "lead.png").exists()
+
+
+def test_both_planes_draw_each_trials_paired_intervals(monkeypatch):
+    """Issue 30: every trial compared paired with the control gets 95 % interval bars on both planes, in the
+    metric's own units (a ratio's bounds times the control's value, a difference's plus it)."""
+    import matplotlib.axes
+
+    from raysal.search import report_figures as rf
+
+    drawn = []
+    real = matplotlib.axes.Axes.errorbar
+    monkeypatch.setattr(matplotlib.axes.Axes, "errorbar", lambda self, *a, **k: drawn.append((a, k)) or real(
+        self, *a, **k))  # fmt: skip
+    rows = [{"trial_id": "c", "control": True, "metrics": {"val/amr": 1.5, "val/lm_loss": 0.75,
+                                                           "val/pope/adversarial/fpr": 0.1}},
+            {"trial_id": "a", "control": False, "metrics": {"val/amr": 3.0, "val/lm_loss": 0.76,
+                                                            "val/pope/adversarial/fpr": 0.12}}]  # fmt: skip
+    paired = {"a": {"val/amr": {"kind": "ratio", "control": 1.5, "estimate": 2.0, "lo": 1.5, "hi": 2.5},
+                    "val/lm_loss": {"kind": "ratio", "control": 0.75, "estimate": 1.0133, "lo": 1.0, "hi": 1.03},
+                    "val/pope/adversarial/fpr": {"kind": "difference", "control": 0.1, "estimate": 0.02,
+                                                 "lo": -0.01, "hi": 0.05}}}  # fmt: skip
+    assert rf.value_interval(paired["a"]["val/amr"]) == (2.25, 3.75)
+    assert rf.value_interval(paired["a"]["val/pope/adversarial/fpr"]) == pytest.approx((0.09, 0.15))
+    assert rf.value_interval({"kind": "ratio", "control": 1.0, "lo": float("nan"), "hi": 2.0}) is None
+    assert rf.grounding_language_plane(rows, "val/amr", "max", 0.765, "a", paired=paired)[:4] == b"\x89PNG"
+    assert rf.grounding_hallucination_plane(rows, "val/amr", "max", 0.23, "a", paired=paired)[:4] == b"\x89PNG"
+    assert len(drawn) == 2  # one trial, one bar set per plane; the control has none
+    _, k = drawn[1]
+    assert k["yerr"] == [[pytest.approx(0.75)], [pytest.approx(0.75)]]
+    assert k["xerr"] == [[pytest.approx(0.03)], [pytest.approx(0.03)]]

@@ -46,6 +46,27 @@ def _plane_png(fig: Any, ax: Any, xlabel: str, metric: str, mode: str, against: 
     return _png(fig)
 
 
+def value_interval(c: dict | None) -> tuple[float, float] | None:
+    """A paired comparison (`raysal.metrics.paired.Comparison.as_dict`) as an interval in the metric's own units on
+    the paired images: the control's value × the ratio's bounds, or + the difference's; None without bounds."""
+    if not c or not (math.isfinite(c["lo"]) and math.isfinite(c["hi"])):
+        return None
+    if c["kind"] == "ratio":
+        return c["control"] * c["lo"], c["control"] * c["hi"]
+    return c["control"] + c["lo"], c["control"] + c["hi"]
+
+
+def _error_bars(ax: Any, x: float, y: float, cx: dict | None, cy: dict | None) -> None:
+    """A trial's paired 95 % intervals as error bars around its point (the bars of each axis, where it has one)."""
+    ix, iy = value_interval(cx), value_interval(cy)
+    if ix is None and iy is None:
+        return
+    xerr = [[max(x - ix[0], 0.0)], [max(ix[1] - x, 0.0)]] if ix else None
+    yerr = [[max(y - iy[0], 0.0)], [max(iy[1] - y, 0.0)]] if iy else None
+    ax.errorbar([x], [y], xerr=xerr, yerr=yerr, fmt="none", ecolor="#bbb", elinewidth=1, capsize=2, zorder=1,
+                label="95 % interval (paired with the control)")  # fmt: skip
+
+
 def pareto_front(points: list[tuple[float, float]], maximise: bool) -> list[int]:
     """Indices of the points no other point beats on both axes (x = LM loss, lower better; y = the objective),
     sorted by x."""
@@ -63,10 +84,12 @@ def pareto_front(points: list[tuple[float, float]], maximise: bool) -> list[int]
 
 
 def grounding_language_plane(
-    rows: list[dict[str, Any]], metric: str, mode: str, lm_limit: float | None, best: str | None
-) -> bytes | None:
+    rows: list[dict[str, Any]], metric: str, mode: str, lm_limit: float | None, best: str | None,
+    paired: dict[str, dict] | None = None,
+) -> bytes | None:  # fmt: skip
     """The objective against val/lm_loss, one point per trial: Pareto front, the control, the LM tolerance band
-    (trials right of the limit pay for grounding with language and cannot be chosen best)."""
+    (trials right of the limit pay for grounding with language and cannot be chosen best); ``paired``: each
+    trial's comparisons with the control, drawn as 95 % interval bars on both axes."""
     pts = [(r["metrics"][LM], r["metrics"][metric], r) for r in rows if LM in r["metrics"] and metric in r["metrics"]]
     pts = [p for p in pts if math.isfinite(p[0]) and math.isfinite(p[1])]
     if not pts:
@@ -82,6 +105,8 @@ def grounding_language_plane(
         if r["control"]:
             ax.scatter([x], [y], marker="*", s=220, color="#d62728", zorder=3, label="LM-only control")
         else:
+            mine = (paired or {}).get(r["trial_id"], {})
+            _error_bars(ax, x, y, mine.get(LM), mine.get(metric))
             ax.scatter([x], [y], s=36, color="#1f77b4", zorder=2)
         if r["trial_id"] == best:
             ax.scatter([x], [y], s=260, facecolors="none", edgecolors="k", lw=1.5, zorder=4, label="best")
@@ -96,7 +121,7 @@ HALLUCINATION = "val/pope/adversarial/fpr"
 
 def grounding_hallucination_plane(
     rows: list[dict[str, Any]], metric: str, mode: str, fpr_limit: float | None, best: str | None,
-    x: str = HALLUCINATION,
+    x: str = HALLUCINATION, paired: dict[str, dict] | None = None,
 ) -> bytes | None:  # fmt: skip
     """The objective against POPE's hallucination rate (the false-positive rate on adversarial negatives: "yes" to
     an object that is not there), one point per trial, the control as a star; ``fpr_limit``: a guard's limit (trials
@@ -113,6 +138,8 @@ def grounding_hallucination_plane(
         if r["control"]:
             ax.scatter([px], [py], marker="*", s=220, color="#d62728", zorder=3, label="LM-only control")
         else:
+            mine = (paired or {}).get(r["trial_id"], {})
+            _error_bars(ax, px, py, mine.get(x), mine.get(metric))
             ax.scatter([px], [py], s=36, color="#aaa" if failed else "#1f77b4", zorder=2,
                        label="failed a guard" if failed else "trial")  # fmt: skip
         if r["trial_id"] == best:

@@ -218,15 +218,17 @@ def build_report(search_dir: str) -> Report:
     sections.append("<h2>Trials</h2>" + _trials_table(summary))
     figure(
         "plane", "Grounding vs language", figures.grounding_language_plane(
-            summary.get("rows", []), metric, mode, summary.get("lm_limit"), best),
-        f"Each trial's final {metric} against its val/lm_loss. Trials right of the dashed line lost more than the "
-        "LM tolerance of language quality against the LM-only control (the star) and cannot be chosen best; the "
-        "grey line is the Pareto front.", "No trial reported both metrics.",
+            summary.get("rows", []), metric, mode, summary.get("lm_limit"), best, paired=summary.get("paired")),
+        f"Each trial's final {metric} against its val/lm_loss, with its 95 % intervals paired with the LM-only control "
+        "(the star) on the same images where the trials kept per-item records. Trials right of the dashed line lost "
+        "more than the LM tolerance of language quality and cannot be chosen best; the grey line is the Pareto "
+        "front.", "No trial reported both metrics.",
     )  # fmt: skip
     fpr_guard = (summary.get("guards") or {}).get(figures.HALLUCINATION)
     figure(
         "hallucination", "Grounding vs hallucination", figures.grounding_hallucination_plane(
-            summary.get("rows", []), metric, mode, fpr_guard["limit"] if fpr_guard else None, best),
+            summary.get("rows", []), metric, mode, fpr_guard["limit"] if fpr_guard else None, best,
+            paired=summary.get("paired")),
         f"Each trial's final {metric} against POPE's adversarial false-positive rate (it says yes to an object "
         "that is not in the image). The LM-only control is the star; grey trials failed a guard against it "
         f"({_guards_text(summary)}) and cannot be chosen best.", "No trial reported POPE (trainer.pope.images=0, "
