@@ -55,7 +55,7 @@ def world(tmp_path_factory) -> dict[str, Path]:
     return {"base": base, "cache": base / "cache", "space": space}
 
 
-def _train(*args: str, data: tuple[str, ...] = ("data.synthetic.images=24",)) -> Callable:
+def _train(*args: str, data: tuple[str, ...] = ("data.synthetic.images=24", "data.confirm_holdout=0")) -> Callable:
     return lambda w: ("train", ["experiment=demo", f"storage_path={w['base']}/runs",
                                 *(a.format(**w) for a in (*data, *args))])  # fmt: skip
 
@@ -67,7 +67,8 @@ def _coconut(*args: str) -> Callable:
 
 def _tune(space: str, *args: str) -> Callable:
     return lambda w: ("tune", [space.format(**w), "experiment=demo", "data.synthetic.images=24",
-                               f"storage_path={w['base']}/runs", *(a.format(**w) for a in args)])  # fmt: skip
+                               "data.confirm_holdout=0", f"storage_path={w['base']}/runs",
+                               *(a.format(**w) for a in args)])  # fmt: skip
 
 
 CASES: dict[str, Callable[[dict], tuple[str, list[str]]]] = {

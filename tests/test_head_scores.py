@@ -86,7 +86,12 @@ def test_heads_entry_point_writes_the_ranked_table_and_figure(storage_root, cach
     from raysal.search.override_text import format_override
 
     monkeypatch.setenv("RAYSAL_CACHE", str(cache))
-    base = ["experiment=demo", "data.synthetic.images=24", format_override("storage_path", storage_root)]
+    base = [
+        "experiment=demo",
+        "data.synthetic.images=24",
+        "data.confirm_holdout=0",
+        format_override("storage_path", storage_root),
+    ]
     args = [*base, "finder.samples=4"]
     assert heads.main(args) == 0
     folder = storage.join(storage_root, "heads", "llava")
@@ -142,7 +147,7 @@ def test_localization_preset_resolves_from_the_finders_table(tmp_path, cache, mo
     from raysal.orchestration.train.spec import spec_from_cfg
 
     monkeypatch.setenv("RAYSAL_CACHE", str(cache))
-    base = ["experiment=demo", "data.synthetic.images=24", f"storage_path={tmp_path}"]
+    base = ["experiment=demo", "data.synthetic.images=24", "data.confirm_holdout=0", f"storage_path={tmp_path}"]
     preset = ["criteria.align.heads=localization", "criteria.align.top_k=3"]
     with pytest.raises(ValueError, match=r"criteria\.align\.heads=localization: .*run `python -m raysal\.heads`"):
         spec_from_cfg(compose_cfg([*base, *preset]))

@@ -21,6 +21,7 @@ from raysal.metrics.localization import (
     readout_mask,
     smooth_cells,
 )
+from raysal.metrics.records import ItemRecords
 
 
 def _cells(gh: int, gw: int, blocks: list[tuple[int, int, int, int, float]], fill: float = 0.0) -> np.ndarray:
@@ -260,7 +261,7 @@ def test_the_readout_encodes_once_not_at_each_evaluation(tiny_llava, small_shard
     model.set_attn_implementation({"text_config": CAPTURE_IMPL})
     tc = model.config.text_config
     protocol = CapturePlan(tuple(range(tc.num_hidden_layers)), tuple(range(tc.num_attention_heads)), 0)
-    first = extra(model, protocol, contextlib.nullcontext())
-    second = extra(model, protocol, contextlib.nullcontext())
+    first = extra(model, protocol, contextlib.nullcontext(), ItemRecords())
+    second = extra(model, protocol, contextlib.nullcontext(), ItemRecords())
     assert len(encoded) == n  # nothing encoded at the evaluations
     assert first["rec_phrases"] > 0 and first == second

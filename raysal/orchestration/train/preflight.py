@@ -223,9 +223,11 @@ def check_data(data: dict[str, Any], num_workers: int) -> DataSizes:
             if same
             else f"data.val_split={val_split!r} has {n_val} images"
         )
+        taken = f" once data.confirm_holdout={confirm:g} took {n_confirm} for confirmation" if n_confirm else ""
         raise ConfigError(
-            f"{where} in {shards}, fewer than data.val_min_images={data['val_min_images']}: raise "
-            f"data.val_holdout, point data.val_split at a larger split, or lower data.val_min_images"
+            f"{where}{taken} in {shards}, fewer than data.val_min_images={data['val_min_images']}: raise "
+            f"data.val_holdout, point data.val_split at a larger split, lower data.val_min_images"
+            + (" or data.confirm_holdout" if n_confirm else "")
         )
     if sizes.eval_images < num_workers:  # each worker evaluates its own part of the validation set
         raise ConfigError(
