@@ -92,3 +92,29 @@ def test_a_saved_checkpoint_is_evaluated_on_the_confirmation_images(cache, tmp_p
     path0 = save_checkpoint(tmp_path / "checkpoint_000000", model, opt, sched, Progress(step=0))
     base = evaluate_checkpoint(spec, ray.train.Checkpoint(str(path0)))
     assert base["metrics"]["val/lm_loss"] != got["metrics"]["val/lm_loss"]
+
+
+def test_a_checkpoint_is_confirmed_once_and_again_only_when_it_changes(tmp_path, storage_root):
+    """What a resumed search does at its end: the same checkpoint's confirmation is read back from the run folder
+    (local, file:// or S3), not evaluated again; another checkpoint is evaluated; confirm_holdout 0 is off."""
+    from types import SimpleNamespace
+
+    from raysal import storage
+    from raysal.orchestration.train.confirm import CONFIRM_FILE, confirm
+
+    calls = []
+
+    def run(spec, ckpt):
+        calls.append(ckpt.path)
+        return {"checkpoint": storage.name(ckpt.path), "step": 3, "images": 2, "metrics": {"val/amr": 1.5},
+                "records": {}}  # fmt: skip
+
+    spec = SimpleNamespace(data={"confirm_holdout": 0.5}, run_dir=storage.join(storage_root, "trial"))
+    first = SimpleNamespace(path="bucket/trial/checkpoint_000004")
+    assert confirm(spec, first, run=run)["metrics"] == {"val/amr": 1.5}
+    assert confirm(spec, first, run=run)["checkpoint"] == "checkpoint_000004" and len(calls) == 1
+    assert storage.read_json(storage.join(spec.run_dir, CONFIRM_FILE))["step"] == 3
+    confirm(spec, SimpleNamespace(path="bucket/trial/checkpoint_000006"), run=run)
+    assert len(calls) == 2
+    spec.data["confirm_holdout"] = 0.0
+    assert confirm(spec, first, run=run) is None and len(calls) == 2

@@ -18,6 +18,7 @@ import contextlib
 import json
 import logging
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -103,10 +104,18 @@ def evaluate_checkpoint(spec: RunSpec, checkpoint: Any) -> dict[str, Any]:
             "records": json.loads(records.to_json())}  # fmt: skip
 
 
-def confirm(spec: RunSpec, checkpoint: Any) -> dict[str, Any] | None:
+def on_ray(spec: RunSpec, checkpoint: Any) -> dict[str, Any]:
+    """`evaluate_checkpoint` as a Ray task with one Train worker's resources (CPUs, and a GPU when it trains on one)."""
+    s = spec.scaling
+    task = ray.remote(num_cpus=s["cpus_per_worker"], num_gpus=s["gpus_per_worker"] if s["use_gpu"] else 0,
+                      max_retries=2)(evaluate_checkpoint)  # fmt: skip
+    return ray.get(task.remote(spec, checkpoint))
+
+
+def confirm(spec: RunSpec, checkpoint: Any, *, run: Callable[[RunSpec, Any], dict] = on_ray) -> dict[str, Any] | None:
     """``checkpoint`` of the run ``spec`` on the confirmation hold-out, evaluated once (``<run>/confirmation.json``
     kept and reused for the same checkpoint) → what `evaluate_checkpoint` returns; None when
-    ``data.confirm_holdout`` is 0. The evaluation runs as a Ray task with one Train worker's resources."""
+    ``data.confirm_holdout`` is 0. ``run``: how the evaluation runs (`on_ray`)."""
     if confirm_fraction(spec.data) <= 0:
         return None
     path = storage.join(spec.run_dir, CONFIRM_FILE)
@@ -115,10 +124,7 @@ def confirm(spec: RunSpec, checkpoint: Any) -> dict[str, Any] | None:
         kept = storage.read_json(path)
         if kept.get("checkpoint") == name:
             return kept
-    s = spec.scaling
-    task = ray.remote(num_cpus=s["cpus_per_worker"], num_gpus=s["gpus_per_worker"] if s["use_gpu"] else 0,
-                      max_retries=2)(evaluate_checkpoint)  # fmt: skip
-    result = ray.get(task.remote(spec, checkpoint))
+    result = run(spec, checkpoint)
     storage.write_json(path, result)
     return result
 
