@@ -202,10 +202,14 @@ def test_a_planted_hallucinating_trial_is_excluded_with_its_interval(tmp_path, m
                                                **pope_metrics_of(records.pope)}.items()}  # fmt: skip
         metrics.update({"val/amr": {"c": 1.5, "same": 1.6, "yes": 3.0}[trial], "trial_id": trial})
         grid.append(SimpleNamespace(metrics=metrics, config={CONTROL_KEY: True} if trial == "c" else {"x": 1},
-                                    error=None, path=str(tmp_path / "trials" / trial),
-                                    checkpoint=SimpleNamespace(path=str(folder))))  # fmt: skip
-    no_checkpoint = SimpleNamespace(get_best_checkpoint=lambda *a: None)
-    monkeypatch.setattr(ray.train.Result, "from_path", staticmethod(lambda path: no_checkpoint))  # nothing to export
+                                    error=None, path=str(tmp_path / "trials" / trial)))  # fmt: skip
+
+    def train_run(path):  # each trial's Train run: its latest checkpoint, nothing exported
+        trial = path.rstrip("/").rsplit("/", 1)[-1]
+        folder = tmp_path / "trials" / trial / "checkpoint_000003"
+        return SimpleNamespace(get_best_checkpoint=lambda *a: None, checkpoint=SimpleNamespace(path=str(folder)))
+
+    monkeypatch.setattr(ray.train.Result, "from_path", staticmethod(train_run))
     summary = summary_mod.summarise(grid, spec, [], str(tmp_path))
     assert summary["rule"] == "paired" and set(summary["failed_guards"]) == {"yes"}
     assert "val/pope/adversarial/fpr" in summary["failed_guards"]["yes"]

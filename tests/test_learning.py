@@ -64,7 +64,9 @@ def test_on_the_demo_base_alignment_doubles_amr_within_the_lm_tolerance(demo_bas
     (criteria.yaml's lm_tolerance). Measured: 2.62× at +0.56 % (seed 1), 2.86× at +0.51 % (seed 2)."""
     from raysal.data.shards import write_shards
 
-    generate(tmp_path / "root", images=96, seed=data_seed, max_side=320)  # demo-like data (19 validation images), another seed
+    generate(
+        tmp_path / "root", images=96, seed=data_seed, max_side=320
+    )  # demo-like data (19 validation images), another seed
     write_shards(tmp_path / "root", tmp_path / "shards")
     cfg = FitConfig(max_steps=24, lr=3e-3, warmup_steps=4, eval_every=24, seed=0, bf16=False)
     lm = lora_fit(demo_base, tmp_path / "shards", [LMCriterion()], cfg)

@@ -49,12 +49,6 @@ def _trial_id(result: Any) -> str:
     return (result.metrics or {}).get("trial_id") or storage.name(result.path)  # trial folders: named by trial id
 
 
-def _checkpoint_name(result: Any) -> str | None:
-    """The folder of the trial's latest checkpoint: the one saved after the evaluation its metrics come from."""
-    ckpt = getattr(result, "checkpoint", None)
-    return storage.name(ckpt.path) if ckpt is not None else None
-
-
 def collect_trials(result_grid: Any, spec: SearchSpec, base: list[str], search_dir: str) -> tuple[list, list]:
     """→ (rows: the trials that reported the objective, failed: those that failed, with their reasons). A failed
     trial (diverged, stalled, errored) is never ranked, whatever it reported before."""
@@ -68,20 +62,25 @@ def collect_trials(result_grid: Any, spec: SearchSpec, base: list[str], search_d
             reason = read_reason(storage.join(search_dir, "trials", trial_id)) or first_line(str(r.error))
             failed.append({"trial_id": trial_id, "reason": reason, "replay": replay})
         elif metric in metrics:
-            rows.append({"trial_id": trial_id, "metrics": metrics, "config": r.config, "replay": replay,
-                         "checkpoint": _checkpoint_name(r)})  # fmt: skip
+            rows.append({"trial_id": trial_id, "metrics": metrics, "config": r.config, "replay": replay})
     return rows, failed
 
 
 def trial_records(rows: list[dict], search_dir: str) -> dict[str, ItemRecords]:
-    """{trial_id: the per-item records of the evaluation its reported metrics come from (its latest checkpoint's
-    ``eval_records.json``)}, read through the storage layer. A trial whose records are missing, or do not
-    reproduce its reported LM loss, is left out and said: it is judged as having no paired comparison."""
+    """{trial_id: the per-item records of the evaluation its reported metrics come from (the latest checkpoint of
+    its Train run, ``eval_records.json``)}, read through the storage layer. A trial whose records are missing, or
+    do not reproduce its reported LM loss, is left out and said: it is judged as having no paired comparison."""
     out: dict[str, ItemRecords] = {}
     for row in rows:
-        if not row.get("checkpoint"):
+        run_dir = storage.join(search_dir, "trials", row["trial_id"])
+        try:
+            latest = ray.train.Result.from_path(run_dir).checkpoint
+        except Exception as e:  # no Train run snapshot: nothing to pair
+            log.warning("trial %s: no Train run to read its evaluation records from (%s)", row["trial_id"], e)
             continue
-        path = storage.join(search_dir, "trials", row["trial_id"], row["checkpoint"], RECORDS_FILE)
+        if latest is None:
+            continue
+        path = storage.join(run_dir, storage.name(latest.path), RECORDS_FILE)
         try:
             if not storage.exists(path):
                 continue  # evaluations from before records were kept
