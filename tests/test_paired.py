@@ -101,3 +101,19 @@ def test_only_shared_images_are_compared_and_none_is_an_error():
         compare(a, b, "val/rec_acc50")
     with pytest.raises(ValueError, match="not computed from per-item records"):
         compare(a, b, "val/pope/random/n")
+
+
+def test_a_metric_undefined_on_a_few_resamples_keeps_its_interval_and_on_many_has_none():
+    """FPR needs an absent thing: with absent things asked about on 2 of 3 images, 1/27 of the resamples draw none
+    (the interval is over the others); with them on 1 image of 3, 8/27 do (no interval: the trial cannot pass)."""
+
+    def pope(negative_images):
+        r = ItemRecords()
+        r.add("pope", [{"image_id": i, "setting": "adversarial", "label": lab, "p_yes": 0.2, "mass": 1.0}
+                       for i in range(3) for lab in ([True, False] if i in negative_images else [True])])  # fmt: skip
+        return r
+
+    ok = compare(pope({0, 1}), pope({0, 1}), "val/pope/adversarial/fpr")
+    assert (ok.lo, ok.hi) == (0.0, 0.0)
+    none = compare(pope({0}), pope({0}), "val/pope/adversarial/fpr")
+    assert math.isnan(none.lo) and math.isnan(none.hi) and none.estimate == 0.0

@@ -27,6 +27,7 @@ from raysal.metrics.records import ItemRecords
 RESAMPLES = 2000
 LEVEL = 0.95
 SEED = 0
+DEFINED = 0.9  # the least fraction of resamples on which the statistic must be defined for an interval
 RATIO = frozenset({"amr", "lm_loss"})  # compared as trial / control
 POPE_METRICS = ("accuracy", "precision", "recall", "f1", "yes_ratio", "fpr", "auroc", "mass")
 _IMAGE_METRICS = ("lm_loss", "amr", "ap", "nss", "pointing")
@@ -41,7 +42,7 @@ class Comparison:
     trial: float  # the trial's value on the paired images
     control: float  # the control's value on the paired images
     estimate: float  # trial / control or trial − control
-    lo: float  # the interval's bounds (LEVEL), NaN where the metric is undefined on too many resamples
+    lo: float  # the interval's bounds (LEVEL), NaN where the metric is undefined on > 10 % of the resamples
     hi: float
     images: int  # images both evaluations have
 
@@ -173,7 +174,9 @@ def compare(
     boot = stat[1:]
     finite = boot[np.isfinite(boot)]
     tail = (1 - level) / 2
-    if len(finite) < 0.99 * len(boot) or not len(finite):  # undefined on many resamples: no honest interval
+    # a resample can leave a metric undefined (no absent thing drawn: no FPR): the interval is taken over the
+    # resamples where it is defined, as long as they are the great majority; otherwise there is no honest interval
+    if len(finite) < DEFINED * len(boot) or not len(finite):
         lo = hi = math.nan
     else:
         lo, hi = (float(x) for x in np.quantile(finite, [tail, 1 - tail]))
