@@ -82,7 +82,16 @@ def test_search_on_the_coconut_defaults_adapter_wandb_and_no_key_on_disk(tmp_pat
     pope = ("val/pope/adversarial/f1", "val/pope/adversarial/fpr")
     assert set(summary["guards"]) == set(pope) and summary["guards"][pope[1]]["mode"] == "min"
     assert all(set(r["guards"]) == set(pope) for r in summary["rows"]), summary["rows"]  # each trial's verdicts
-    assert "raysal: guard val/pope/adversarial/fpr (may rise by at most 0.01): control" in res.stdout
+    assert ("raysal: guard val/pope/adversarial/fpr (non-inferiority: higher than the control by at most 0.01, on the "
+            "paired 95 % interval's bound): control") in res.stdout  # fmt: skip
+    # issue 30: every trial compared paired with the control on the records its checkpoint kept, and the best
+    # confirmed on the confirmation band of the single split (data.confirm_holdout: 0.01), never trained or chosen on
+    assert summary["rule"] == "paired" and set(summary["paired"]) == {r["trial_id"] for r in summary["rows"]}
+    conf = summary["confirmation"]
+    assert conf["best"]["trial_id"] == summary["best"]["trial_id"] and conf["images"] > 0
+    assert "confirmed on" in summary["verdict"], summary["verdict"]
+    if summary["best"]["trial_id"] != summary["control"]:
+        assert "95 % intervals" in summary["verdict"], summary["verdict"]
     assert "python -m raysal.train" in summary["table"] and summary["best"]["replay"].startswith(
         "python -m raysal.train"
     )

@@ -33,7 +33,7 @@ def verdict(summary: dict[str, Any]) -> str | None:
     c = control["metrics"].get(metric)
     if best is control:
         return (f"the LM-only control {control['trial_id']} is best ({metric} {c:.4g}): no aligned trial gained "
-                "over it within the LM tolerance and the guards")  # fmt: skip
+                "over it within the LM tolerance and the guards" + confirmation_text(summary))  # fmt: skip
     paired = (summary.get("paired") or {}).get(best["trial_id"])
     if paired:
         return _paired_verdict(summary, best, control, paired) + confirmation_text(summary)
