@@ -153,27 +153,36 @@ def save_full_model(model: torch.nn.Module, dest: Path) -> None:
     (dest / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
+def _read_state(path: Path | str) -> tuple[Path, dict]:
+    file = Path(path) / STATE
+    if not file.exists():
+        raise FileNotFoundError(f"{file}: not a raysal checkpoint (no {STATE})")
+    return file, torch.load(file, map_location="cpu", weights_only=False)
+
+
+def _copy_trainable(file: Path, state: dict, model: torch.nn.Module) -> None:
+    """An unsharded checkpoint's trainable parameters into ``model`` (the same names)."""
+    params = dict(model.named_parameters())
+    missing = sorted(set(state["trainable"]) - set(params))
+    if missing:
+        raise KeyError(f"{file}: checkpoint has parameters the model lacks (different LoRA config?): {missing[:3]}")
+    with torch.no_grad():
+        for name, value in state["trainable"].items():
+            params[name].copy_(value)
+
+
 def load_weights(path: Path | str, model: torch.nn.Module) -> int:
     """A checkpoint's trained weights into an unsharded ``model`` built as the run built it (an evaluation of a
     saved model: no optimizer, no scheduler, one process) → the step it was saved at. A sharded (FSDP)
     checkpoint's ``sharded/`` is read into the plain model (DCP reshards on load)."""
-    file = Path(path) / STATE
-    if not file.exists():
-        raise FileNotFoundError(f"{file}: not a raysal checkpoint (no {STATE})")
-    state = torch.load(file, map_location="cpu", weights_only=False)
+    file, state = _read_state(path)
     if state.get("sharded"):
         options = StateDictOptions(ignore_frozen_params=True, strict=False)
         model_sd = get_model_state_dict(model, options=options)
         dcp.load({"model": model_sd}, checkpoint_id=str(Path(path) / SHARDED))
         set_model_state_dict(model, model_sd, options=options)
     else:
-        params = dict(model.named_parameters())
-        missing = sorted(set(state["trainable"]) - set(params))
-        if missing:
-            raise KeyError(f"{file}: checkpoint has parameters the model lacks (different LoRA config?): {missing[:3]}")
-        with torch.no_grad():
-            for name, value in state["trainable"].items():
-                params[name].copy_(value)
+        _copy_trainable(file, state, model)
     return int(state["progress"]["step"])
 
 
@@ -184,10 +193,7 @@ def load_checkpoint(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
 ) -> Progress:
     """Every rank calls this with the same checkpoint (a sharded model: collective)."""
-    file = Path(path) / STATE
-    if not file.exists():
-        raise FileNotFoundError(f"{file}: not a raysal checkpoint (no {STATE})")
-    state = torch.load(file, map_location="cpu", weights_only=False)
+    file, state = _read_state(path)
     sharded = bool(state.get("sharded"))
     if sharded != is_sharded(model):
         have, want = ("sharded (FSDP)", "unsharded") if sharded else ("unsharded", "sharded (FSDP)")
@@ -199,13 +205,7 @@ def load_checkpoint(
         set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd,
                        options=StateDictOptions(ignore_frozen_params=True, strict=False))  # fmt: skip
     else:
-        params = dict(model.named_parameters())
-        missing = sorted(set(state["trainable"]) - set(params))
-        if missing:
-            raise KeyError(f"{file}: checkpoint has parameters the model lacks (different LoRA config?): {missing[:3]}")
-        with torch.no_grad():
-            for name, value in state["trainable"].items():
-                params[name].copy_(value)
+        _copy_trainable(file, state, model)
         optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     _set_rng_state(state["rng"])
