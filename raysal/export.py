@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from raysal import storage
 from raysal.orchestration.train.merged_export import ExportError, export
 
 
@@ -22,8 +23,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="where the merged folder(s) go (local path or URI)")
     args = parser.parse_args(argv)
 
-    try:
-        done = export(args.source, args.out)
+    try:  # relative paths are the user's working directory's, whatever Ray reads them with
+        done = export(storage.absolute(args.source), storage.absolute(args.out))
     except (ExportError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -26,6 +26,7 @@ def main(argv: list[str] | None = None) -> int:
         print(__doc__)
         return 0 if args and args[0] in ("-h", "--help") else 2
 
+    args[0] = storage.absolute(args[0])  # once: a relative folder is the working directory's
     try:
         report = build_report(args[0])
     except ReportError as e:

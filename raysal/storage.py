@@ -28,8 +28,16 @@ log = logging.getLogger(__name__)
 
 
 def is_uri(path: str) -> bool:
-    """A location with a scheme (``s3://``, ``file://``): only `filesystem` and `absolute_storage` need to know."""
+    """A location with a scheme (``s3://``, ``file://``): only `filesystem` and `absolute` need to know."""
     return "://" in str(path)
+
+
+def absolute(path: str) -> str:
+    """A location every process reads the same: a local path made absolute (``~`` expanded) against the working
+    directory of the entry point that was given it — Ray Train's ``Result.from_path`` and Ray's workers need that;
+    a URI as it is. Entry points call this once on what the user typed."""
+    path = str(path)
+    return path if is_uri(path) else str(Path(path).expanduser().resolve())
 
 
 def filesystem(path: str) -> tuple[pyarrow.fs.FileSystem, str]:

@@ -23,9 +23,12 @@ def files_containing(folder: Path, needle: str) -> list[Path]:
     return [p for p in folder.rglob("*") if p.is_file() and not p.is_symlink() and data in p.read_bytes()]
 
 
-def run(cmd: list[str], cache: Path, timeout: int = 600, extra_env: dict | None = None) -> subprocess.CompletedProcess:
+def run(
+    cmd: list[str], cache: Path, timeout: int = 600, extra_env: dict | None = None, cwd: Path | None = None
+) -> subprocess.CompletedProcess:
     env = {**ENV, "RAYSAL_CACHE": str(cache), **(extra_env or {})}
-    return subprocess.run([sys.executable, "-m", *cmd], capture_output=True, text=True, timeout=timeout, env=env)
+    return subprocess.run([sys.executable, "-m", *cmd], capture_output=True, text=True, timeout=timeout, env=env,
+                          cwd=cwd)  # fmt: skip
 
 
 def wandb_runs(folder: Path) -> list[dict]:

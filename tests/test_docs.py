@@ -99,7 +99,7 @@ def _repo_paths(argv: tuple[str, ...]) -> list[str]:
     return names
 
 
-def _python_target(argv: tuple[str, ...]) -> tuple[str, str, list[str]] | None:
+def python_target(argv: tuple[str, ...]) -> tuple[str, str, list[str]] | None:
     """``python -m mod args`` → ("module", mod, args); ``python scripts/x.py args`` → ("script", path, args)."""
     if not argv or argv[0] not in ("python", "python3"):
         return None
@@ -116,7 +116,7 @@ def check(cmd: Command, monkeypatch: pytest.MonkeyPatch) -> str:
     if argv[:3] == ("ray", "job", "submit") and "--" in argv:
         inner = Command(cmd.page, argv[argv.index("--") + 1 :], cmd.marker)
         return check(inner, monkeypatch)
-    target = _python_target(argv)
+    target = python_target(argv)
     if target is None or target[:2] == ("module", "venv"):
         assert cmd.marker, f"{cmd}: not a command the docs test can check: mark its block <!-- commands: reason -->"
         return "marked"
@@ -226,7 +226,7 @@ def test_every_fenced_command_of_the_docs_is_checked(no_ray, monkeypatch, summar
             try:
                 how = check(cmd, m)
             except Exception as e:  # every failure is reported with its command
-                if expect_fail and _python_target(cmd.argv):
+                if expect_fail and python_target(cmd.argv):
                     how = "refused as expected"
                 else:
                     failures.append(f"{cmd}: {type(e).__name__}: {str(e).strip()[:400]}")

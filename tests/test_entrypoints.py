@@ -10,6 +10,7 @@ import pytest
 from cluster_fixture import KEYS
 from entrypoint_runs import FAKE_KEY, HOLDOUT, SMALL, files_containing, run, space_file, wandb_runs
 from peft import PeftModel
+from test_docs import commands, python_target
 
 from raysal.model.build import load_model
 
@@ -43,6 +44,24 @@ def test_train_run_checkpoints_metrics_and_offline_wandb(tmp_path, cache):
     assert [h["train/step"] for h in first["history"]] == [2, 4]
     # resumed at step 4: the checkpoint's rows are re-logged first (W&B keeps the steps a run has), then step 6
     assert [h["train/step"] for h in second["history"]] == [2, 4, 6]
+
+
+RUN_FOR_REAL = ("raysal.report", "raysal.export")  # the commands a user runs on a finished search
+
+
+def run_documented_commands(cwd: Path, cache: Path, *, uri: str) -> list[tuple[str, ...]]:
+    """Run every fenced ``python -m raysal.report|export`` command of the docs in ``cwd`` (where ``runs/criteria`` is
+    a finished search): a placeholder bucket location is replaced by ``uri``; each must exit 0."""
+    ran = []
+    for cmd in commands():
+        target = python_target(cmd.argv)
+        if target is None or target[1] not in RUN_FOR_REAL or (cmd.marker or "").startswith("expected to fail"):
+            continue
+        args = [uri if a.startswith("s3://") else a for a in target[2]]
+        res = run([target[1], *args], cache, cwd=cwd, extra_env={"WANDB_MODE": "offline"})
+        assert res.returncode == 0, f"{cmd}: exit {res.returncode}\n{res.stderr[-3000:]}"
+        ran.append((target[1], *args))
+    return ran
 
 
 @pytest.mark.integration
@@ -119,16 +138,24 @@ def test_search_on_the_coconut_defaults_adapter_wandb_and_no_key_on_disk(tmp_pat
     replay = summary["best"]["replay"].split()[3:]
     assert compose_cfg(replay).optim.lr > 0
 
-    # the winner and the control, as folders transformers loads alone (their logits: tests/test_export.py)
-    exported = run(["raysal.export", folder.as_uri(), "--out", str(tmp_path / "export")], cache)
+    # every documented report/export command, run for real from a folder where runs/criteria is this search: the
+    # relative path as written, an s3:// location as this search's file:// URI; the export once more by absolute path
+    # (the winner and the control as folders transformers loads alone; their logits: tests/test_export.py)
+    user = tmp_path / "user"
+    (user / "runs").mkdir(parents=True)
+    (user / "runs" / "criteria").symlink_to(folder, target_is_directory=True)
+    ran = run_documented_commands(user, cache, uri=folder.as_uri())
+    assert {"raysal.report", "raysal.export"} <= {c[0] for c in ran}, ran
+    exported = run(["raysal.export", str(folder), "--out", str(tmp_path / "export")], cache)
     assert exported.returncode == 0, exported.stderr[-3000:]
     assert f"raysal: exported control (trial {summary['control']})" in exported.stdout
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    for name in ("best", "control"):
-        AutoModelForImageTextToText.from_pretrained(tmp_path / "export" / name)
-        assert AutoProcessor.from_pretrained(tmp_path / "export" / name).chat_template
-        assert (tmp_path / "export" / name / "train_image_ids.txt").read_text().split()
+    for out in (tmp_path / "export", user / "exports" / "criteria"):
+        for name in ("best", "control"):
+            AutoModelForImageTextToText.from_pretrained(out / name)
+            assert AutoProcessor.from_pretrained(out / name).chat_template
+            assert (out / name / "train_image_ids.txt").read_text().split()
 
     # the same search again: finished, nothing trains, and the heads table is reused, not made again
     before = table.stat().st_mtime_ns

@@ -133,6 +133,28 @@ def test_a_restored_searcher_reopens_the_study_where_this_driver_keeps_it(spec, 
     assert optuna.load_study(study_name="st", storage=f"sqlite:///{moved / 'optuna.db'}").trials[0].value == 1.2
 
 
+def test_intermediate_values_are_keyed_by_train_step_and_the_last_evaluation_is_told(spec, tmp_path):
+    """Optuna's view (pruners, optuna-dashboard's intermediate-value plot) has the same x-axis as W&B and the report:
+    ``train/step``, not Tune's iteration; an evaluation that reaches only the completion is told too; a resumed
+    trial's re-reported step once."""
+    pytest.importorskip("ray")
+    from raysal.orchestration.tune.optuna_search import ReasonedOptunaSearch
+    from raysal.search.sampling import define_by_run
+
+    store = study_store(str(tmp_path / "s"), "iv", None, str(tmp_path))
+    settle_study(open_study("iv", store.url, spec), set(), want_control=False, fresh=True)
+    searcher = ReasonedOptunaSearch(space=define_by_run(spec), metric="val/amr", mode="max",
+                                    storage=optuna.storages.RDBStorage(store.url), study_name="iv",
+                                    trials_dir=str(tmp_path / "trials"), store=store)  # fmt: skip
+    searcher.suggest("t1")
+    for it, (step, amr) in enumerate([(200, 1.0), (400, 1.5), (400, 1.5)], 1):  # the last: re-reported on resume
+        searcher.on_trial_result("t1", {"val/amr": amr, "train/step": step, "training_iteration": it})
+    searcher.on_trial_result("t1", {"train/loss": 3.0, "train/step": 500, "training_iteration": 4})  # no evaluation
+    searcher.on_trial_complete("t1", {"val/amr": 2.0, "train/step": 600, "training_iteration": 5})
+    trial = optuna.load_study(study_name="iv", storage=store.url).trials[0]
+    assert trial.intermediate_values == {200: 1.0, 400: 1.5, 600: 2.0} and trial.value == 2.0
+
+
 def test_redact_hides_the_password():
     assert redact("postgresql://u:secret@h:5432/db") == "postgresql://u:***@h:5432/db"
     assert redact("sqlite:////x/optuna.db") == "sqlite:////x/optuna.db"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from hydra.utils import instantiate
@@ -19,7 +18,6 @@ from raysal.loop.step import validate_criteria
 from raysal.metrics.pope import METRICS, SETTINGS
 from raysal.model.build import lora_target_regex, resolve_dtype
 from raysal.orchestration.train.errors import ConfigError
-from raysal.storage import is_uri
 
 log = logging.getLogger(__name__)
 _LORA_ONLY = frozenset({"rank", "alpha", "dropout", "targets", "vision"})
@@ -56,11 +54,6 @@ class RunSpec:
         """The run folder, ``<storage_path>/<name>`` (a local path or a URI): Ray Train's checkpoints, the probes,
         run_config.json, fail_reason.txt; the heartbeat's key."""
         return storage.join(self.storage_path, self.name)
-
-
-def absolute_storage(path: str) -> str:
-    """Ray needs absolute local paths; URIs (s3://, gs://) pass through."""
-    return path if is_uri(path) else str(Path(path).expanduser().resolve())
 
 
 def _get(c: dict, key: str) -> Any:
@@ -255,7 +248,7 @@ def plain_config(cfg: DictConfig) -> dict[str, Any]:
     c = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(c, dict)
     if isinstance(c.get("finder"), dict) and c["finder"].get("out"):
-        c["finder"]["out"] = absolute_storage(str(c["finder"]["out"]))
+        c["finder"]["out"] = storage.absolute(str(c["finder"]["out"]))
     return c
 
 
@@ -333,7 +326,7 @@ def spec_from_cfg(cfg: DictConfig) -> RunSpec:
     check_objective(c, criteria)
     return RunSpec(
         name=str(c["name"]),
-        storage_path=absolute_storage(str(c["storage_path"])),
+        storage_path=storage.absolute(str(c["storage_path"])),
         seed=int(c["seed"]),
         model=c["model"],
         lora=c["lora"],

@@ -19,6 +19,7 @@ from raysal.orchestration.tune import study_store
 from raysal.search.control import settle_study
 
 log = logging.getLogger(__name__)
+STEP = "train/step"  # the x-axis of every intermediate value
 
 
 class ReasonedOptunaSearch(OptunaSearch):
@@ -43,9 +44,22 @@ class ReasonedOptunaSearch(OptunaSearch):
         self._publish()
         return config
 
+    def _report(self, trial_id: str, result: dict) -> bool:
+        """The objective as the trial's intermediate value at its ``train/step`` (Ray's searcher keys it by Tune's
+        iteration: 1, 2, 3 — not the x-axis of W&B, the report or a pruner's ``max_t``); once per step. The step
+        of a resumed trial's re-reported evaluation is already there: told once."""
+        if (isinstance(self.metric, list) or trial_id in self._completed_trials or trial_id not in self._ot_trials
+                or "fail_reason" in result or self.metric not in result or STEP not in result):  # fmt: skip
+            return False
+        ot = self._ot_trials[trial_id]
+        step, value = int(result[STEP]), float(result[self.metric])
+        if step in self._ot_study._storage.get_trial(ot._trial_id).intermediate_values:
+            return False
+        ot.report(value, step)
+        return True
+
     def on_trial_result(self, trial_id: str, result: dict) -> None:
-        if "fail_reason" not in result and all(m in result for m in self._metrics()):
-            super().on_trial_result(trial_id, result)
+        if self._report(trial_id, result):
             self._publish()
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
@@ -57,6 +71,8 @@ class ReasonedOptunaSearch(OptunaSearch):
             if error:
                 reason = read_reason(storage.join(self.trials_dir, trial_id)) or "failed (see the trial's error.txt)"
                 ot.set_user_attr("fail_reason", reason)
+            if result and not error:  # the last evaluation, when Tune hands it to the completion only
+                self._report(trial_id, result)
             for key, value in (result or {}).items():  # every validation metric, for the report (importance
                 if key.startswith(("val/", "train/step")) and isinstance(value, int | float):  # of val/lm_loss)
                     ot.set_user_attr(key, float(value))
