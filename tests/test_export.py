@@ -12,6 +12,7 @@ import torch
 
 from raysal import storage
 from raysal.model.build import apply_lora, load_model, load_processor
+from raysal.model.chat_template import accept_string_content
 from raysal.orchestration.train.merged_export import RUN_CONFIG, TRAIN_IDS, ExportError, export_one, train_image_ids
 
 
@@ -53,7 +54,7 @@ def test_the_merged_folder_loads_alone_and_computes_base_plus_adapter(arch, requ
 
     merged = AutoModelForImageTextToText.from_pretrained(out, dtype=torch.float32).eval()
     processor = AutoProcessor.from_pretrained(out)
-    assert processor.chat_template == load_processor(str(model_dir)).chat_template
+    assert processor.chat_template == accept_string_content(load_processor(str(model_dir)).chat_template)
     batch = _inputs(processor)
     with torch.no_grad():
         want = peft_model.eval()(**batch, use_cache=False).logits
@@ -70,6 +71,55 @@ def test_the_merged_folder_loads_alone_and_computes_base_plus_adapter(arch, requ
     assert ids == sorted(ids) and 0 < len(ids) < len(everything) and set(ids) < set(everything)  # hold-out left out
     info = json.loads((tmp_path / "export" / "raysal_export.json").read_text())
     assert info["trial_id"] == "t1" and info["metrics"] == {"val/amr": 1.5} and info["base"] == str(model_dir)
+
+
+@pytest.mark.parametrize("arch", ["llava", "llava_next"])
+def test_the_exported_folder_answers_as_lmms_eval_llava_hf_asks(arch, request, tmp_path, small_shards):
+    """lmms-eval's ``llava_hf`` classes (simple and chat; the chat class inherits ``loglikelihood``) load the folder
+    with ``AutoProcessor`` and render the *tokenizer's* template on string content ``"<image>\n{question}"``; the
+    chat class's ``generate_until`` renders the processor's on parts. Built here as they build them (transformers
+    alone): the image and the question reach the model, the log-likelihood of a continuation and a generation
+    work, and string and part contents give the prompt the model was trained with."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    model_dir = request.getfixturevalue("tiny_llava" if arch == "llava" else "tiny_next")
+    run, ckpt, _ = _run_folder(tmp_path, model_dir, small_shards)
+    out = tmp_path / "export"
+    export_one(str(run), str(ckpt), {}, str(out), trial_id="t1")
+    model = AutoModelForImageTextToText.from_pretrained(out, dtype=torch.float32).eval()
+    processor = AutoProcessor.from_pretrained(out)
+    processor.tokenizer.padding_side = "left"  # as lmms-eval sets it
+    tokenizer = processor.tokenizer
+    assert tokenizer.chat_template, "lmms-eval would fall back to its Vicuna template, not the model's"
+    image = (np.random.default_rng(0).random((90, 160, 3)) * 255).astype(np.uint8)
+    question = "Is there a circle in the image?"
+
+    # simple class: string content, the tokenizer's template; loglikelihood masks the prompt's tokens
+    messages = [{"role": "user", "content": f"<image>\n{question}"}, {"role": "assistant", "content": "Yes"}]
+    prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+    whole = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
+    parts = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    assert prompt == processor.apply_chat_template(parts, tokenize=False, add_generation_prompt=True)
+    assert question in prompt and whole.startswith(prompt) and "Yes" in whole[len(prompt) :]
+    inputs = processor(text=[whole], images=[image], return_tensors="pt")
+    n_image = int((inputs["input_ids"] == model.config.image_token_id).sum())
+    assert n_image > 0, "the image reached the model"
+    labels = inputs["input_ids"].clone()
+    # lmms-eval measures the context with the processor and no image: transformers 5 refuses that for every LLaVA
+    # checkpoint (hub ones too: "<image> tokens in the text but no images"), older versions tokenize it unexpanded,
+    # which is what the tokenizer does
+    context = tokenizer(text=[prompt], return_tensors="pt")["input_ids"]
+    labels[:, : context.shape[1]] = -100
+    with torch.inference_mode():
+        loss = model(**inputs, labels=labels).loss
+    assert torch.isfinite(loss) and (labels != -100).sum() >= 1
+
+    # generate_until (both classes): the rendered prompt with the image, greedy decoding
+    inputs = processor(text=[prompt], images=[image], return_tensors="pt")
+    with torch.inference_mode():
+        ids = model.generate(**inputs, max_new_tokens=4, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert ids.shape[1] > inputs["input_ids"].shape[1]
+    assert isinstance(processor.batch_decode(ids[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)[0], str)
 
 
 def test_an_align_connector_is_refused_with_the_reason(tiny_llava, tmp_path, small_shards):

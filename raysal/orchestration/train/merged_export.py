@@ -34,6 +34,7 @@ from raysal.data.holdout import holdout_for
 from raysal.data.shards import shard_paths
 from raysal.loop.checkpoint import ADAPTER, MODEL
 from raysal.model.build import load_model, load_processor
+from raysal.model.chat_template import accept_string_content
 from raysal.orchestration.train.checkpoint_fetch import fetch_folder, folders
 
 log = logging.getLogger(__name__)
@@ -117,7 +118,12 @@ def export_one(run_dir: str, checkpoint: Any, metrics: dict[str, float], out: st
         model = merged_model(config, checkpoint, work)
         folder = work / "merged"
         model.save_pretrained(folder)
-        load_processor(config["model"]["name_or_path"]).save_pretrained(folder)
+        processor = load_processor(config["model"]["name_or_path"])
+        # evaluation harnesses (lmms-eval's llava_hf) render string contents with the tokenizer's template
+        processor.chat_template = accept_string_content(processor.chat_template)
+        processor.tokenizer.chat_template = accept_string_content(processor.tokenizer.chat_template or
+                                                                  processor.chat_template)  # fmt: skip
+        processor.save_pretrained(folder)
         (folder / TRAIN_IDS).write_text("".join(f"{i}\n" for i in train_image_ids(config["data"])))
         info = {"run": run_dir, "trial_id": trial_id, "checkpoint": _label(checkpoint),
                 "base": config["model"]["name_or_path"], "metrics": metrics}  # fmt: skip
