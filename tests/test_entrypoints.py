@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -44,6 +46,29 @@ def test_train_run_checkpoints_metrics_and_offline_wandb(tmp_path, cache):
     assert [h["train/step"] for h in first["history"]] == [2, 4]
     # resumed at step 4: the checkpoint's rows are re-logged first (W&B keeps the steps a run has), then step 6
     assert [h["train/step"] for h in second["history"]] == [2, 4, 6]
+
+
+def check_wandb_sweep(runs: list[dict], summary_run: dict, summary: dict) -> None:
+    """The trials' W&B runs as one comparable sweep, read back from the offline run files (W&B's own records):
+    named and identified by the trial id; the whole run config under override names, the control's too; no Ray
+    bookkeeping; train/step every metric's x-axis, the objective's summary its best; the summary run's table."""
+    by_id = {r["id"]: r for r in runs}
+    assert set(by_id) == {r["trial_id"] for r in summary["rows"]}, set(by_id)
+    for trial_id, r in by_id.items():
+        assert r["name"] == trial_id, r["name"]
+        config = r["config"]
+        assert {"optim.lr", "lora.rank", "trainer.max_steps", "criterion@criteria.align"} <= set(config), sorted(config)
+        assert not {"date", "hostname", "node_ip", "pid", "trial_log_path", "raysal_control"} & set(config)
+        assert not [k for k in config if "|" in k], "no Optuna-internal parameter names"
+        assert r["metrics"]["*"]["step_metric"] == "train/step" and "max" in r["metrics"]["val/amr"]["summary"]
+        assert "min" in r["metrics"]["val/lm_loss"]["summary"]
+        control = trial_id == summary["control"]
+        assert ("control" in r["tags"]) == control, r["tags"]
+        assert (config["criterion@criteria.align"] is None) == control, config["criterion@criteria.align"]
+    table = [h for h in summary_run["history"] if h.get("trials/_type") == "table-file"]
+    assert table and table[-1]["trials/nrows"] == len(summary["rows"]), table
+    assert summary_run["summary"]["best/trial_id"] == summary["best"]["trial_id"]
+    assert summary_run["summary"]["verdict"] == summary["verdict"]
 
 
 RUN_FOR_REAL = ("raysal.report", "raysal.export")  # the commands a user runs on a finished search
@@ -124,6 +149,15 @@ def test_search_on_the_coconut_defaults_adapter_wandb_and_no_key_on_disk(tmp_pat
     assert {"report/plane/_type", "report/hallucination/_type", "report/probes/_type"} <= set(
         report_runs[0]["history"][0]
     )
+    check_wandb_sweep(runs, report_runs[0], summary)
+    assert "Exception ignored" not in res.stderr, res.stderr[-3000:]
+    # what `wandb sync` needs is inside the search's wandb/ folder: W&B's own CLI reads every run there
+    staged = [p for p in (folder / "wandb").glob("artifacts-*/artifacts/staging/*") if p.is_file()]
+    assert staged, "the tables' staged artifact files are beside the runs"
+    synced = subprocess.run([str(Path(sys.executable).parent / "wandb"), "sync", "--dry-run",
+                             *map(str, sorted((folder / "wandb").glob("offline-run-*")))],
+                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert synced.returncode == 0, synced.stdout[-2000:] + synced.stderr[-2000:]
     for r in runs:  # every trial evaluated the hold-out the driver printed, and shows its probe heatmaps
         assert {h["val/images"] for h in r["history"] if "val/images" in h} == {n}
         evaluated = [h for h in r["history"] if "val/images" in h]

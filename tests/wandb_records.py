@@ -42,9 +42,11 @@ def _payloads(data: bytes):
 
 
 def read_run(path: Path | str) -> dict:
-    """{"group": str, "history": [row dicts], "config": {key: value}, "summary": {key: value}} of one offline run
-    file (the summary: the last value each key was set to)."""
-    out: dict = {"group": None, "history": [], "config": {}, "summary": {}}
+    """{"group", "id", "name", "tags", "history": [row dicts], "config": {key: value}, "summary": {key: value},
+    "metrics": {name: {"step_metric", "summary"}}} of one offline run file (the summary: the last value each key was
+    set to; "metrics": the ``define_metric`` declarations)."""
+    out: dict = {"group": None, "id": None, "name": None, "tags": [], "history": [], "config": {}, "summary": {},
+                 "metrics": {}}  # fmt: skip
     for payload in _payloads(Path(path).read_bytes()):
         rec = wandb_internal_pb2.Record()
         rec.ParseFromString(payload)
@@ -57,7 +59,12 @@ def read_run(path: Path | str) -> dict:
             out["summary"].update(
                 {(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in rec.summary.update}
             )
+        elif kind == "metric":
+            m = rec.metric
+            summary = [k for k in ("min", "max", "mean", "last", "best") if getattr(m.summary, k, False)]
+            out["metrics"][m.name or m.glob_name] = {"step_metric": m.step_metric, "summary": summary}
         elif kind == "run":
             out["group"] = rec.run.run_group
+            out["id"], out["name"], out["tags"] = rec.run.run_id, rec.run.display_name, list(rec.run.tags)
             out["config"].update({u.key: json.loads(u.value_json) for u in rec.run.config.update})
     return out

@@ -113,6 +113,42 @@ def summary_values(summary: dict) -> dict[str, float | str]:
     return out
 
 
+def trial_roles(summary: dict) -> dict[str, list[str]]:
+    """{trial_id: its W&B tags}: ``control``, ``best``, ``excluded:lm_loss`` (beyond the LM tolerance) and
+    ``excluded:<guard metric>`` for each guard it failed."""
+    best = (summary.get("best") or {}).get("trial_id")
+    roles: dict[str, list[str]] = {}
+    for r in summary.get("rows") or []:
+        t = r["trial_id"]
+        tags = ["control"] if r.get("control") else []
+        tags += ["best"] if t == best else []
+        tags += ["excluded:val/lm_loss"] if t in (summary.get("excluded_by_lm_tolerance") or []) else []
+        tags += [f"excluded:{g}" for g in (summary.get("failed_guards") or {}).get(t, [])]
+        roles[t] = tags
+    return roles
+
+
+def trials_table(summary: dict) -> tuple[list[str], list[list]]:
+    """(columns, rows) of the search's trials for a W&B table: the trial id, its roles, each ranked metric with the
+    paired comparison with the control (estimate, 95 % bounds) where there is one, and the replay command."""
+    rows = summary.get("rows") or []
+    metrics = list(dict.fromkeys([summary["metric"], "val/lm_loss", *(summary.get("guards") or {})]))
+    columns = ["trial_id", "roles"]
+    for m in metrics:
+        columns += [m, f"{m}_vs_control", f"{m}_vs_control_lo", f"{m}_vs_control_hi"]
+    columns.append("replay")
+    roles = trial_roles(summary)
+    data = []
+    for r in rows:
+        paired = (summary.get("paired") or {}).get(r["trial_id"]) or {}
+        line: list = [r["trial_id"], " ".join(roles.get(r["trial_id"], []))]
+        for m in metrics:
+            c = paired.get(m) or {}
+            line += [r["metrics"].get(m), c.get("estimate"), c.get("lo"), c.get("hi")]
+        data.append([*line, r.get("replay")])
+    return columns, data
+
+
 def guard_lines(summary: dict) -> list[str]:
     """One console line per guard: what the control scored, the margin (paired) or limit (point), the trials that
     failed it."""

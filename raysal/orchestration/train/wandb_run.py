@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -88,22 +90,45 @@ def mirror_wandb(local_dir: str | Path, run_id: str, location: str) -> int:
 def log_search_summary(
     figures: dict[str, bytes], *, project: str, entity: str | None, group: str, mode: str, directory: str | Path,
     mirror_to: str, tags: list[str] | None = None, values: dict[str, Any] | None = None,
+    table: tuple[list[str], list[list]] | None = None,
 ) -> None:  # fmt: skip
     """The search report's figures as one W&B run in the search's group (id ``<search>-summary``: re-logging
     resumes it), written in the local ``directory`` and mirrored to the search folder ``mirror_to``; ``values``
-    go to its summary (the best trial, the verdict, the comparisons with the control and their intervals)."""
+    go to its summary (the best trial, the verdict, the comparisons with the control and their intervals),
+    ``table`` (columns, rows) is logged as the ``trials`` table. Its staged artifacts stay beside the run
+    (``<directory>/wandb/artifacts-<id>``, mirrored with it): `wandb sync` of the search's ``wandb/`` has them."""
     import wandb  # heavy, and only in the process that logs
 
-    if mode == "disabled" or not (figures or values):
+    if mode == "disabled" or not (figures or values or table):
         return
-    run = wandb.init(
-        project=project, entity=entity, group=group, name=f"{group}-summary", id=run_id(f"{group}-summary"),
-        job_type="summary", resume="allow", mode=mode, dir=str(directory), tags=tags, reinit="finish_previous",
-    )  # fmt: skip
-    if figures:
-        run.log({f"report/{name}": wandb.Image(np.asarray(Image.open(io.BytesIO(png)).convert("RGB")))
-                 for name, png in figures.items()})  # fmt: skip
-    if values:
-        run.summary.update(values)
-    run.finish()
-    mirror_wandb(directory, run_id(f"{group}-summary"), mirror_to)
+    rid = run_id(f"{group}-summary")
+    with staged_in(Path(directory) / "wandb" / f"artifacts-{rid}"):
+        run = wandb.init(
+            project=project, entity=entity, group=group, name=f"{group}-summary", id=rid, job_type="summary",
+            resume="allow", mode=mode, dir=str(directory), tags=tags, reinit="finish_previous",
+        )  # fmt: skip
+        logged: dict[str, Any] = {f"report/{name}": wandb.Image(np.asarray(Image.open(io.BytesIO(png)).convert("RGB")))
+                                  for name, png in (figures or {}).items()}  # fmt: skip
+        if table is not None:
+            logged["trials"] = wandb.Table(columns=table[0], data=table[1])
+        if logged:
+            run.log(logged)
+        if values:
+            run.summary.update(values)
+        run.finish()
+    mirror_wandb(directory, rid, mirror_to)
+
+
+@contextlib.contextmanager
+def staged_in(folder: Path) -> Iterator[None]:
+    """W&B stages artifact files (tables, images of a table) under ``WANDB_DATA_DIR``, by default in the home
+    folder: outside the run's folder, so an offline run copied elsewhere and synced lacked them."""
+    old = os.environ.get("WANDB_DATA_DIR")
+    os.environ["WANDB_DATA_DIR"] = str(folder)
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("WANDB_DATA_DIR", None)
+        else:
+            os.environ["WANDB_DATA_DIR"] = old

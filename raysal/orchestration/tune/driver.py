@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 import time
+from functools import partial
 from typing import Any
 
 from raysal import storage
@@ -26,8 +27,9 @@ from raysal.orchestration.tune.places import SearchPlaces, SearchStateError, res
 from raysal.orchestration.tune.summary import report, summarise
 from raysal.orchestration.tune.trial import make_trainable, search_pins
 from raysal.orchestration.tune.tuner import connect_ray, new_tuner, restore_tuner, run_tuner
+from raysal.orchestration.tune.wandb_config import trial_wandb_config
 from raysal.search.space import SearchSpec
-from raysal.search.verdict import guard_lines, summary_values, verdict
+from raysal.search.verdict import guard_lines, summary_values, trials_table, verdict
 
 log = logging.getLogger("raysal.tune")
 
@@ -51,7 +53,9 @@ def run_search(spec: SearchSpec, base: list[str], run_spec: RunSpec, resume: str
         if restore:
             tuner = restore_tuner(places, trainable)
         else:
-            tuner = new_tuner(spec, run_spec, places, trainable, wandb_mode, verbose)
+            describe = partial(trial_wandb_config, base=base, control=spec.control.overrides if spec.control else (),
+                               trials_dir=places.trials_dir, pins=pins)  # fmt: skip
+            tuner = new_tuner(spec, run_spec, places, trainable, wandb_mode, verbose, describe)
     except (SearchStateError, ConfigError) as e:  # one `error:` line, exit 2, no trial started
         return print_user_error(e)
     grid = run_tuner(tuner, spec, places, restore)
@@ -86,7 +90,15 @@ def finish(grid: Any, spec: SearchSpec, base: list[str], run_spec: RunSpec, plac
         print(f"raysal: {line}")
     if summary["verdict"]:
         print(f"raysal: {summary['verdict']}", flush=True)
-    report(places.search_dir, run_spec, wandb_mode, places.local_dir, spec.name, summary_values(summary))
+    report(
+        places.search_dir,
+        run_spec,
+        wandb_mode,
+        places.local_dir,
+        spec.name,
+        summary_values(summary),
+        trials_table(summary),
+    )
     best = summary.get("best")
     w = sync_hint(places.search_dir) if wandb_mode == "offline" else ""
     print(

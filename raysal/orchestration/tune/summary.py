@@ -184,8 +184,10 @@ def export_best_trial(best: dict, search_dir: str, metric: str, mode: str) -> di
     return out
 
 
-def report(search_dir: str, run_spec: RunSpec, wandb_mode: str, wandb_local: Path, name: str,
-           values: dict[str, Any] | None = None) -> None:  # fmt: skip
+def report(
+    search_dir: str, run_spec: RunSpec, wandb_mode: str, wandb_local: Path, name: str,
+    values: dict[str, Any] | None = None, table: tuple[list[str], list[list]] | None = None,
+) -> None:  # fmt: skip
     """report.html + the W&B summary run; a finished search stays finished if its report fails (said, not hidden).
     ``wandb_local``: the driver's local folder for W&B files (mirrored into the search folder)."""
     try:
@@ -194,6 +196,6 @@ def report(search_dir: str, run_spec: RunSpec, wandb_mode: str, wandb_local: Pat
         w = run_spec.wandb
         log_search_summary(report.figures, project=w["project"], entity=w.get("entity"), group=name, mode=wandb_mode,
                            directory=wandb_local, mirror_to=search_dir, tags=w.get("tags") or None,
-                           values=values)  # fmt: skip
+                           values=values, table=table)  # fmt: skip
     except Exception as e:
         log.warning("the search report could not be written (python -m raysal.report %s retries): %s", search_dir, e)

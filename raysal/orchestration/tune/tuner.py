@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -96,9 +97,20 @@ def make_scheduler(spec: SearchSpec) -> Any:
                             grace_period=s.grace_period, reduction_factor=s.reduction_factor)  # fmt: skip
 
 
-def make_callbacks(spec: SearchSpec, run_spec: RunSpec, places: SearchPlaces, wandb_mode: str) -> list:
+def summary_modes(spec: SearchSpec) -> dict[str, str]:
+    """The metrics whose best value a trial's W&B summary keeps: the objectives, the LM loss and the guards."""
+    modes = {o.metric: o.mode for o in spec.objectives}
+    modes.setdefault("val/lm_loss", "min")
+    for g in spec.control.guards if spec.control else ():
+        modes.setdefault(g.metric, g.mode)
+    return modes
+
+
+def make_callbacks(spec: SearchSpec, run_spec: RunSpec, places: SearchPlaces, wandb_mode: str,
+                   describe: Callable[..., tuple[dict, list[str]]] | None = None) -> list:  # fmt: skip
     """Raysal's console lines, the placement-group janitor (removes the Train placement group of an ended trial
-    if Ray Train did not: see placement_groups.py) and W&B (one run per trial)."""
+    if Ray Train did not: see placement_groups.py) and W&B (one run per trial; ``describe``: its config and tags,
+    `raysal.orchestration.tune.wandb_config`)."""
     s = spec.scheduler
     callbacks: list = [
         PlacementGroupJanitor(places.trials_dir, places.search_dir),
@@ -109,6 +121,8 @@ def make_callbacks(spec: SearchSpec, run_spec: RunSpec, places: SearchPlaces, wa
             SearchWandbCallback(
                 trials_dir=places.trials_dir,
                 mirror_to=places.search_dir,
+                describe=describe,
+                summary_modes=summary_modes(spec),
                 project=run_spec.wandb["project"],
                 entity=run_spec.wandb.get("entity"),
                 group=spec.name,
@@ -121,7 +135,7 @@ def make_callbacks(spec: SearchSpec, run_spec: RunSpec, places: SearchPlaces, wa
 
 
 def new_tuner(spec: SearchSpec, run_spec: RunSpec, places: SearchPlaces, trainable: Any, wandb_mode: str,
-              verbose: bool) -> Any:  # fmt: skip
+              verbose: bool, describe: Callable[..., tuple[dict, list[str]]] | None = None) -> Any:  # fmt: skip
     """A search that starts: the study (kept if the search folder has one), the control queued first, the
     searcher, the scheduler and the callbacks. Raises `ConfigError` when the cluster cannot say how many trials
     it holds (`_max_concurrent`), before the study is touched."""
@@ -154,7 +168,7 @@ def new_tuner(spec: SearchSpec, run_spec: RunSpec, places: SearchPlaces, trainab
             name=spec.name,
             verbose=2 if verbose else 0,  # 0: no status tables (raysal prints a line per trial event)
             storage_path=run_spec.storage_path,
-            callbacks=make_callbacks(spec, run_spec, places, wandb_mode),
+            callbacks=make_callbacks(spec, run_spec, places, wandb_mode, describe),
             failure_config=tune.FailureConfig(max_failures=0),  # retries happen inside the trial (Ray Train)
             sync_config=tune.SyncConfig(sync_period=STATE_SYNC_S),
         ),

@@ -16,6 +16,13 @@ W&B writes into ``dir`` on the driver's disk (the logging actors run on the driv
 trial's W&B folder to ``<search>/wandb/`` at every evaluation and when the trial ends (`mirror_wandb`), so the search
 folder on storage holds them after a lost head.
 
+A trial's run is named after its trial id, and its config is the whole run config it trained with under the
+override names a user types (`raysal.orchestration.tune.wandb_config`), not Tune's searcher config, with no Ray
+bookkeeping keys (``date``, ``hostname``, ``pid``…): the search is one comparable sweep; the control is tagged
+``control``. Every metric's x-axis is ``train/step`` (``define_metric``), the objective and guarded metrics keep
+their best value as the run's summary. Artifacts (the probe table) are staged inside the run's folder set
+(``<dir>/wandb/artifacts-<id>``), not in ``~/.local/share/wandb``: `wandb sync` of the search's ``wandb/`` finds them.
+
 Steps are ``train/step`` (not Tune's ``training_iteration``): the same x-axis as a single run's W&B run, and the
 same after a resume. A restored trial (driver killed, search run again) resumes its W&B run and first re-logs the
 rows of its Train run's latest checkpoint (``history.jsonl``) that the run lacks: rows a kill took before W&B wrote
@@ -27,7 +34,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import urllib.error
+from collections.abc import Callable
 from typing import Any
 
 import pyarrow.fs
@@ -45,6 +54,7 @@ _KEY_ARG = "raysal_wandb_api_key"
 _HISTORY_ARG = "raysal_history"
 _RUN_DIR_ARG = "raysal_run_dir"
 _MIRROR_ARG = "raysal_mirror_to"
+_MODES_ARG = "raysal_summary_modes"
 
 
 class _SearchWandbLoggingActor(_WandbLoggingActor):
@@ -53,6 +63,7 @@ class _SearchWandbLoggingActor(_WandbLoggingActor):
         self._history = kwargs.pop(_HISTORY_ARG, [])
         self._run_dir = kwargs.pop(_RUN_DIR_ARG, None)  # the trial's Train run: its probe heatmaps
         self._mirror_to = kwargs.pop(_MIRROR_ARG, None)  # the search folder: W&B files are copied to its wandb/
+        self._modes = kwargs.pop(_MODES_ARG, {})  # metric → "max"/"min": the run summary keeps that best value
         if key:
             os.environ[WANDB_ENV_VAR] = key  # this actor process only; never a file
         super().__init__(*args, **kwargs)
@@ -78,9 +89,11 @@ class _SearchWandbLoggingActor(_WandbLoggingActor):
     def run(self) -> None:
         # Ray's loop (`_WandbLoggingActor.run`), with train/step as the W&B step and the history re-logged first
         os.environ["WANDB_START_METHOD"] = "thread"
+        if self.kwargs.get("dir") and self.kwargs.get("id"):  # staged artifacts beside the run, mirrored with it
+            os.environ["WANDB_DATA_DIR"] = os.path.join(self.kwargs["dir"], "wandb", f"artifacts-{self.kwargs['id']}")
         try:
             run = self._wandb.init(*self.args, **self.kwargs)
-            run.config.trial_log_path = self._logdir
+            define_metrics(run, self._modes)
             relog(run, self._history)
             while True:
                 kind, content = self.queue.get()
@@ -89,12 +102,11 @@ class _SearchWandbLoggingActor(_WandbLoggingActor):
                 if kind == _QueueItem.CHECKPOINT:
                     self._handle_checkpoint(content)
                     continue
-                log, config_update = self._handle_result(content)
+                log, _ = self._handle_result(content)  # the config is the run's, set once: no Ray bookkeeping
                 step = int(log[STEP]) if STEP in log else None
                 if step is not None and self._run_dir:  # the heatmaps rank 0 wrote before this report
                     log.update(self._probe_media(step))
                 try:
-                    self._wandb.config.update(config_update, allow_val_change=True)
                     self._wandb.log(log, step=step)
                 except urllib.error.HTTPError as e:  # as Ray does: a few missing points must not end the trial
                     logger.warning("failed to log a result to W&B: %s", e)
@@ -104,6 +116,14 @@ class _SearchWandbLoggingActor(_WandbLoggingActor):
         finally:
             wandb.teardown()  # wait until W&B has written everything: Ray kills this actor right after
             self._mirror()
+
+
+def define_metrics(run: Any, modes: dict[str, str]) -> None:
+    """``train/step`` as every metric's x-axis; the summary of each metric in ``modes`` its best value."""
+    run.define_metric(STEP)
+    run.define_metric("*", step_metric=STEP)
+    for metric, mode in modes.items():
+        run.define_metric(metric, step_metric=STEP, summary=mode)
 
 
 def checkpoint_history(run_dir: str) -> list[dict[str, Any]]:
@@ -126,11 +146,23 @@ class SearchWandbCallback(WandbLoggerCallback):
 
     _logger_actor_cls = _SearchWandbLoggingActor
 
-    def __init__(self, *, trials_dir: str, mirror_to: str, **kwargs: Any) -> None:
+    def __init__(
+        self, *, trials_dir: str, mirror_to: str, describe: Callable[..., tuple[dict, list[str]]] | None = None,
+        summary_modes: dict[str, str] | None = None, **kwargs: Any,
+    ) -> None:  # fmt: skip
         # reinit: W&B deprecated Ray's boolean; resume: a restored trial continues its W&B run
         super().__init__(**{"resume": "allow", "reinit": "finish_previous", **kwargs})
         self.trials_dir = trials_dir
         self.mirror_to = mirror_to  # the search folder on storage; W&B writes on the driver's disk (``dir``)
+        self.describe = describe  # (Tune config, trial_id=) → (the run's W&B config, its tags): `wandb_config`
+        self.summary_modes = summary_modes or {}
+
+    def __del__(self) -> None:
+        # Ray's __del__ asks `ray.is_initialized()`: at interpreter exit the module is gone already, and a
+        # traceback ended every search ("Exception ignored in ... __del__"); the actors were stopped at the
+        # experiment's end (`on_experiment_end`) by then
+        if not sys.is_finalizing():
+            super().__del__()
 
     def _start_logging_actor(self, trial: Any, exclude_results: list[str], **wandb_init_kwargs: Any) -> None:
         key = os.environ.pop(WANDB_ENV_VAR, None)  # Ray copies it into a logged runtime_env when it sees it
@@ -140,6 +172,12 @@ class SearchWandbCallback(WandbLoggerCallback):
             wandb_init_kwargs[_HISTORY_ARG] = checkpoint_history(storage.join(self.trials_dir, trial.trial_id))
             wandb_init_kwargs[_RUN_DIR_ARG] = storage.join(self.trials_dir, trial.trial_id)
             wandb_init_kwargs[_MIRROR_ARG] = self.mirror_to
+            wandb_init_kwargs[_MODES_ARG] = self.summary_modes
+            wandb_init_kwargs["name"] = trial.trial_id  # the id a user reads everywhere (console, report, Optuna)
+            if self.describe is not None:
+                config, tags = self.describe(trial.config, trial_id=trial.trial_id)
+                wandb_init_kwargs["config"] = config
+                wandb_init_kwargs["tags"] = [*(wandb_init_kwargs.get("tags") or []), *tags] or None
             super()._start_logging_actor(trial, exclude_results, **wandb_init_kwargs)
         finally:
             if key is not None:

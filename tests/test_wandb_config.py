@@ -1,0 +1,59 @@
+"""A trial's W&B config: the whole run config under the override names a user types, one key per quantity whatever
+branch of the space sampled it, the control with its real values, no Ray or Train-run bookkeeping."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import optuna
+import pytest
+from entrypoint_runs import space_file
+
+from raysal.orchestration.tune.wandb_config import flat_config, trial_wandb_config
+from raysal.search.optuna_params import CONTROL_KEY
+from raysal.search.sampling import define_by_run
+from raysal.search.space_file import load_search_space
+
+BASE = ["experiment=demo", "trainer.max_steps=6"]
+
+
+def _params(tmp_path: Path, option: str) -> dict:
+    """Optuna's params of a trial of the test space that picked ``option`` (what Tune hands the trainable)."""
+    spec = load_search_space(space_file(tmp_path, 1, "wb"))
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(50):
+        trial = study.ask()
+        define_by_run(spec)(trial)
+        if trial.params["criterion@criteria.align"] == option:
+            return trial.params
+    raise AssertionError(f"no trial picked {option}")
+
+
+def test_flat_config_joins_keys_and_keeps_lists():
+    assert flat_config({"optim": {"lr": 1e-3, "betas": [0.9, 0.99]}, "a": {}}) == {
+        "optim.lr": 1e-3, "optim.betas": [0.9, 0.99], "a": {}
+    }  # fmt: skip
+
+
+def test_a_sampled_weight_is_one_key_whatever_branch_and_the_base_values_are_there(tmp_path):
+    params = _params(tmp_path, "kl")
+    assert any("|" in k for k in params), params  # Optuna's own names are per branch
+    config, tags = trial_wandb_config(params, trial_id="abc12345", base=BASE, control=(), trials_dir=str(tmp_path))
+    assert tags == []
+    assert config["criterion@criteria.align"] == "kl"
+    weight = next(v for k, v in params.items() if k.endswith("|criteria.align.weight"))
+    assert config["criteria.align.weight"] == pytest.approx(weight)
+    assert config["optim.lr"] == pytest.approx(params["optim.lr"])
+    assert config["trainer.max_steps"] == 6 and config["lora.rank"] > 0  # the base config's values, not sampled
+    assert not [k for k in config if "|" in k or "=" in k], "no Optuna-internal names"
+    bookkeeping = {"date", "hostname", "node_ip", "pid", "trial_log_path", "name", "storage_path"}
+    assert not bookkeeping & set(config) and not [k for k in config if k.startswith("wandb.")]
+
+
+def test_the_control_has_its_real_values_and_its_tag(tmp_path):
+    config, tags = trial_wandb_config({CONTROL_KEY: True}, trial_id="c0", base=BASE,
+                                      control=("~criterion@criteria.align",), trials_dir=str(tmp_path))  # fmt: skip
+    assert tags == ["control"]
+    assert config["criterion@criteria.align"] is None  # removed: the LM-only control
+    assert "criteria.align.weight" not in config and "criteria.align._target_" not in config
+    assert config["optim.lr"] > 0 and config["lora.rank"] > 0 and config["trainer.max_steps"] == 6
