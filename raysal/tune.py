@@ -2,9 +2,10 @@
 
 Each trial is a Tune function that composes the run config from the file's base overrides + the CLI overrides +
 the sampled parameters, and runs a Ray Train `TorchTrainer` (Train V2: ``Tuner(TorchTrainer)`` is not allowed)
-with ``TuneReportCallback``. Optuna (TPE, define-by-run for conditional spaces) samples into a persistent SQLite
-study; ASHA stops weak trials on the worker-reported step. At the end: a table of the top trials with replay
-commands, the best trial's best checkpoint exported as a peft adapter + ``best.json``, and ``report.html``.
+whose reports reach Tune with their checkpoints (`raysal.orchestration.tune.trial_reports`). Optuna (TPE,
+define-by-run for conditional spaces) samples into a persistent SQLite study; ASHA stops weak trials on the
+worker-reported step. At the end: a table of the top trials with replay commands, the best trial's best checkpoint
+exported as a peft adapter + ``best.json``, and ``report.html``.
 The driver is `raysal.orchestration.tune.driver`; this is its command line.
 
 The console shows one line per trial event (started, evaluated, stopped early, failed, finished); ``-v`` adds Ray's

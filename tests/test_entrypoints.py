@@ -12,7 +12,7 @@ import pytest
 from cluster_fixture import KEYS
 from entrypoint_runs import FAKE_KEY, HOLDOUT, SMALL, files_containing, run, space_file, wandb_runs
 from peft import PeftModel
-from test_docs import commands, python_target
+from test_docs import commands, fenced_blocks, python_target
 
 from raysal.model.build import load_model
 
@@ -69,6 +69,50 @@ def check_wandb_sweep(runs: list[dict], summary_run: dict, summary: dict) -> Non
     assert table and table[-1]["trials/nrows"] == len(summary["rows"]), table
     assert summary_run["summary"]["best/trial_id"] == summary["best"]["trial_id"]
     assert summary_run["summary"]["verdict"] == summary["verdict"]
+
+
+def check_tune_and_optuna(folder: Path, summary: dict) -> None:
+    """Ray Tune's and Optuna's own APIs on the finished search (its folder as a file:// URI, as on S3): every trial
+    has a Tune checkpoint, the best's is the Train run's best; intermediate values at train/step; no fail reason
+    left in a finished trial."""
+    import optuna
+    import ray.tune
+
+    analysis = ray.tune.ExperimentAnalysis(folder.as_uri())
+    grid = ray.tune.ResultGrid(analysis)
+    assert len(grid) == summary["trials"] and all(r.checkpoint is not None for r in grid), [r.path for r in grid]
+    best = next(t for t in analysis.trials if t.trial_id == summary["best"]["trial_id"])
+    checkpoint = analysis.get_best_checkpoint(best, metric="val/amr", mode="max")
+    assert checkpoint is not None
+    with checkpoint.as_directory() as local:
+        assert {"adapter", "state.pt", "eval_records.json"} <= {p.name for p in Path(local).iterdir()}
+    assert grid.get_best_result("val/amr", "max").checkpoint is not None
+    for trial in summary["rows"]:
+        assert not (folder / "trials" / trial["trial_id"] / "fail_reason.txt").exists(), trial["trial_id"]
+    study = optuna.load_study(study_name=summary["search"], storage=f"sqlite:///{folder / 'optuna.db'}")
+    for t in study.trials:
+        steps = set(t.intermediate_values)
+        assert steps and steps <= {2, 4, 6} and max(steps) == t.user_attrs["train/step"], (t.number, steps)
+
+
+def run_notebook_snippet(cwd: Path) -> dict:
+    """docs/notebook.md's Python block, exactly, run in ``cwd`` (where runs/criteria is a finished search) in a fresh
+    interpreter → what it computed."""
+    block = next(b for lang, b, _ in fenced_blocks(Path(__file__).parents[1] / "docs" / "notebook.md")
+                 if lang == "python")  # fmt: skip
+    script = cwd / "notebook.py"
+    # the block as written, its print kept as a value, and what it computed printed last
+    body = block.replace("    print(sorted(os.listdir(folder)))", "    files = sorted(os.listdir(folder))")
+    assert body != block, "the snippet lists the checkpoint's files"
+    script.write_text(
+        body + "\nprint('RESULT', json.dumps({'checkpoint_files': files, 'importances': list(importances)}))\n"
+    )
+    res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=cwd)
+    assert res.returncode == 0, res.stderr[-3000:]
+    line = next(x for x in res.stdout.splitlines() if x.startswith("RESULT "))
+    out = json.loads(line[len("RESULT ") :])
+    out["checkpoint_files"] = set(out["checkpoint_files"])
+    return out
 
 
 RUN_FOR_REAL = ("raysal.report", "raysal.export")  # the commands a user runs on a finished search
@@ -180,6 +224,10 @@ def test_search_on_the_coconut_defaults_adapter_wandb_and_no_key_on_disk(tmp_pat
     (user / "runs" / "criteria").symlink_to(folder, target_is_directory=True)
     ran = run_documented_commands(user, cache, uri=folder.as_uri())
     assert {"raysal.report", "raysal.export"} <= {c[0] for c in ran}, ran
+    check_tune_and_optuna(folder, summary)
+    notebook = run_notebook_snippet(user)
+    assert notebook["checkpoint_files"] >= {"adapter", "state.pt", "eval_records.json"}, notebook
+    assert notebook["importances"], "Optuna's importance sees the sampled parameters"
     exported = run(["raysal.export", str(folder), "--out", str(tmp_path / "export")], cache)
     assert exported.returncode == 0, exported.stderr[-3000:]
     assert f"raysal: exported control (trial {summary['control']})" in exported.stdout

@@ -10,7 +10,7 @@ import optuna
 import pytest
 from search_space_files import EXAMPLE, check_active, minimal, write
 
-from raysal.search.optuna_params import params_to_overrides
+from raysal.search.optuna_params import decode_option, params_to_overrides
 from raysal.search.sampling import define_by_run, sample
 from raysal.search.space import (
     SearchSpec,
@@ -142,3 +142,34 @@ def test_sqlite_study_resumes(spec: SearchSpec, tmp_path: Path) -> None:
         assert stored.params == params  # lists stay JSON text, fixed values and None survive the storage
         assert params_to_overrides(stored.params) == overrides
     check_active(spec, sample(again.ask(), spec))  # same distributions: the resumed study keeps sampling
+
+
+def test_the_control_records_its_values_as_fixed_parameters(spec: SearchSpec) -> None:
+    """The LM-only control is enqueued with the values its config has for the space's top-level parameters (those
+    the distributions contain): Optuna records them as its params, so the intersection search space (dashboards,
+    importance) includes the control; its Tune config says it is the control."""
+    from raysal.search.optuna_params import CONTROL_KEY
+    from raysal.search.sampling import fixed_values
+
+    values = {"optim.lr": 2e-4, "lora.rank": 16, "criteria.align.layers": [-2, -1], "criterion@criteria.align": None,
+              "optim.weight_decay": 0.0}  # fmt: skip
+    fixed = fixed_values(spec.space, values)
+    assert fixed["optim.lr"] == 2e-4 and fixed["lora.rank"] == 16
+    assert decode_option(fixed["criteria.align.layers"]) == [-2, -1]
+    assert "criterion@criteria.align" not in fixed and "optim.weight_decay" not in fixed  # absent, or not a param
+    assert "lora.rank" not in fixed_values(spec.space, {"lora.rank": 32})  # outside the choices: not recorded
+    assert "optim.lr" not in fixed_values(spec.space, {"optim.lr": 1.0})  # outside the range
+
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=0))
+    study.enqueue_trial(fixed, user_attrs={CONTROL_KEY: True})
+    trial = study.ask()
+    assert define_by_run(spec, fixed)(trial) == {CONTROL_KEY: True}
+    assert trial.params == fixed  # categorical values as Optuna stores them (a list option as JSON text)
+    assert params_to_overrides({**trial.params, CONTROL_KEY: True}) == {}  # the control trains base + control
+    study.tell(trial, 1.0)
+    other = study.ask()
+    define_by_run(spec, fixed)(other)
+    study.tell(other, 2.0)
+    from optuna.search_space import intersection_search_space
+
+    assert {"optim.lr", "lora.rank"} <= set(intersection_search_space(study.get_trials()))

@@ -57,3 +57,11 @@ def test_the_control_has_its_real_values_and_its_tag(tmp_path):
     assert config["criterion@criteria.align"] is None  # removed: the LM-only control
     assert "criteria.align.weight" not in config and "criteria.align._target_" not in config
     assert config["optim.lr"] > 0 and config["lora.rank"] > 0 and config["trainer.max_steps"] == 6
+
+
+def test_the_control_values_leave_out_what_its_overrides_removed():
+    from raysal.orchestration.tune.wandb_config import control_values
+
+    values = control_values(BASE, ("~criterion@criteria.align",))
+    assert values["optim.lr"] > 0 and values["lora.rank"] > 0 and values["criterion@criteria.align"] is None
+    assert not [k for k in values if k.startswith("criteria.align.")], "no settings of the criterion it lacks"

@@ -42,14 +42,17 @@ def open_study(study_name: str, storage: optuna.storages.BaseStorage | str, spec
 LOST = "lost with the search driver before Tune recorded it; sampled again"
 
 
-def settle_study(study: optuna.Study, known: set[int], *, want_control: bool, fresh: bool) -> dict[str, int]:
+def settle_study(
+    study: optuna.Study, known: set[int], *, want_control: bool, fresh: bool, control_params: dict | None = None
+) -> dict[str, int]:
     """Make the study agree with the Tune experiment that is about to run.
 
     ``known``: the study's trial ids (``_trial_id``) that the Tune experiment knows (none on a fresh start). A
     RUNNING trial Tune does not know was created by a driver that died before Tune saved its state: nobody will
     ever finish it, so it is marked FAIL with the reason. The control is one trial across restarts: a fresh start
     queues it (unless it is queued already), a restore queues it again only if the lost trial was the control (a
-    finished control, or one Tune knows, stays the control). → counts of what was done."""
+    finished control, or one Tune knows, stays the control); ``control_params``: its values as fixed parameters
+    (`raysal.search.sampling.fixed_values`). → counts of what was done."""
     storage = study._storage
     trials = study.get_trials(deepcopy=False)
     lost = [t for t in trials if t.state == TrialState.RUNNING and t._trial_id not in known]
@@ -60,7 +63,7 @@ def settle_study(study: optuna.Study, known: set[int], *, want_control: bool, fr
     lost_control = any(t.user_attrs.get(CONTROL_KEY) for t in lost)
     enqueue = want_control and not queued and (fresh or lost_control)
     if enqueue:
-        study.enqueue_trial({}, user_attrs={CONTROL_KEY: True})
+        study.enqueue_trial(dict(control_params or {}), user_attrs={CONTROL_KEY: True})
     return {"lost": len(lost), "control_enqueued": int(enqueue)}
 
 

@@ -46,6 +46,50 @@ def _sample_into(trial: Any, space: Space, requires: tuple[tuple[str, Any], ...]
         out[p.key] = value
 
 
+def _contains(d: Any, value: Any) -> bool:
+    if isinstance(d, Choice):
+        return encode_option(value) in [encode_option(o.value) for o in d.options]
+    if isinstance(d, Fixed):
+        return encode_option(value) == encode_option(d.value)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    if isinstance(d, Uniform | LogUniform):
+        return d.low <= value <= d.high
+    return d.low <= value <= d.high and float(value).is_integer() and (value - d.low) % d.step == 0
+
+
+def fixed_values(space: Space, values: dict[str, Any]) -> dict[str, Any]:
+    """{Optuna name: value as Optuna stores it} for the space's top-level parameters whose value in ``values``
+    ({override key: value}, e.g. the control's config) their distribution contains: what the LM-only control is
+    enqueued with, so that the study's plots and importance evaluators see it among the trials."""
+    out: dict[str, Any] = {}
+    for p in space.params:
+        if p.key in values and values[p.key] is not None and _contains(p.dist, values[p.key]):
+            v = values[p.key]
+            out[param_name((), p.key)] = encode_option(v) if isinstance(p.dist, Choice | Fixed) else v
+    return out
+
+
+def _suggest_fixed(trial: Any, space: Space, fixed: dict[str, Any]) -> None:
+    """Suggest the top-level parameters ``fixed`` names on the control: Optuna returns the enqueued values and
+    records them as the trial's parameters."""
+    for p in space.params:
+        name = param_name((), p.key)
+        if name not in fixed:
+            continue
+        d = p.dist
+        if isinstance(d, Choice):
+            trial.suggest_categorical(name, [encode_option(o.value) for o in d.options])
+        elif isinstance(d, Fixed):
+            trial.suggest_categorical(name, [encode_option(d.value)])
+        elif isinstance(d, Uniform):
+            trial.suggest_float(name, d.low, d.high)
+        elif isinstance(d, LogUniform):
+            trial.suggest_float(name, d.low, d.high, log=True)
+        else:
+            trial.suggest_int(name, d.low, d.high, step=d.step, log=d.log)
+
+
 @dataclass(frozen=True)
 class DefineByRun:
     """The `space=` of `ray.tune.search.optuna.OptunaSearch`: picklable (a module-level class holding frozen data).
@@ -57,13 +101,16 @@ class DefineByRun:
     """
 
     space: Space
+    control: tuple[tuple[str, Any], ...] = ()  # the control's fixed parameters (`fixed_values`)
 
     def __call__(self, trial: optuna.Trial) -> dict[str, bool] | None:
-        if trial.user_attrs.get(CONTROL_KEY):  # the enqueued LM-only control: no parameter is sampled
+        if trial.user_attrs.get(CONTROL_KEY):  # the enqueued LM-only control: nothing sampled, its values recorded
+            _suggest_fixed(trial, self.space, dict(self.control))
             return {CONTROL_KEY: True}
         sample(trial, self.space)
         return None
 
 
-def define_by_run(spec: SearchSpec) -> DefineByRun:
-    return DefineByRun(spec.space)
+def define_by_run(spec: SearchSpec, control: dict[str, Any] | None = None) -> DefineByRun:
+    """``control``: the control's fixed parameters (`fixed_values`), recorded on it when it runs."""
+    return DefineByRun(spec.space, tuple(sorted((control or {}).items())))

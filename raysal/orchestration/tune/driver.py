@@ -49,13 +49,15 @@ def run_search(spec: SearchSpec, base: list[str], run_spec: RunSpec, resume: str
         if resume == "true" and not restore:
             raise SearchStateError(f"resume=true but there is no search to restore in {places.search_dir}")
         ensure_heads_table(spec, base, run_spec, pins)
-        trainable = make_trainable(base, spec.control.overrides if spec.control else (), places.trials_dir, pins)
+        first = spec.objectives[0]  # the one Tune keeps each trial's best checkpoint by
+        trainable = make_trainable(base, spec.control.overrides if spec.control else (), places.trials_dir, pins,
+                                   (first.metric, first.mode))  # fmt: skip
         if restore:
             tuner = restore_tuner(places, trainable)
         else:
             describe = partial(trial_wandb_config, base=base, control=spec.control.overrides if spec.control else (),
                                trials_dir=places.trials_dir, pins=pins)  # fmt: skip
-            tuner = new_tuner(spec, run_spec, places, trainable, wandb_mode, verbose, describe)
+            tuner = new_tuner(spec, run_spec, places, trainable, wandb_mode, verbose, describe, base)
     except (SearchStateError, ConfigError) as e:  # one `error:` line, exit 2, no trial started
         return print_user_error(e)
     grid = run_tuner(tuner, spec, places, restore)

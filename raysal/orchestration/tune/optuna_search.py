@@ -112,6 +112,7 @@ class ReasonedOptunaSearch(OptunaSearch):
         # trials the dead driver created after Tune last saved its state: failed with the reason; the control
         # queued again if it was one of them
         known = {t._trial_id for t in self._ot_trials.values()}
-        settled = settle_study(self._ot_study, known, want_control=True, fresh=False)
+        settled = settle_study(self._ot_study, known, want_control=True, fresh=False,
+                               control_params=dict(getattr(self._space, "control", ())))  # fmt: skip
         if settled["lost"]:
             log.warning("%d trial(s) of the study were lost with the previous driver: marked FAIL", settled["lost"])

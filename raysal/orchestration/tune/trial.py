@@ -12,7 +12,6 @@ from typing import Any
 import ray
 import ray.tune
 from ray import tune
-from ray.tune.integration.ray_train import TuneReportCallback
 
 from raysal import storage
 from raysal.orchestration.train.compose import compose_cfg
@@ -24,6 +23,7 @@ from raysal.orchestration.train.stale_checkpoints import remove_stale_checkpoint
 from raysal.orchestration.train.trainer import build_trainer
 from raysal.orchestration.tune.stall import StallWatchdog
 from raysal.orchestration.tune.summary import trial_overrides
+from raysal.orchestration.tune.trial_reports import relay_reports
 from raysal.search.override_text import format_override
 
 DRIVER_RESOURCE = "TRAIN_DRIVER"  # custom resource of the head node (cluster.yaml): trial drivers run there
@@ -60,7 +60,13 @@ def search_pins(run_spec: RunSpec) -> tuple[str, ...]:
 
 
 def run_trial(
-    config: dict[str, Any], *, base: list[str], control: tuple[str, ...], trials_dir: str, pins: tuple[str, ...] = ()
+    config: dict[str, Any],
+    *,
+    base: list[str],
+    control: tuple[str, ...],
+    trials_dir: str,
+    pins: tuple[str, ...] = (),
+    objective: tuple[str, str] = ("val/amr", "max"),
 ) -> None:
     """The Tune trainable: one Train run per trial, named after the Tune trial id (stable across restore).
 
@@ -69,7 +75,8 @@ def run_trial(
     (`raysal.orchestration.train.outage`); what reaches here is a real failure: its reason goes to the run folder
     (`raysal.orchestration.train.fail_reason`) and the trial raises, so Tune marks it ERROR and Optuna FAIL. The stall
     watchdog ends a trial whose workers run without reporting (``trainer.stall_timeout_s``) or never run
-    (``trainer.wait_timeout_s``) the same way."""
+    (``trainer.wait_timeout_s``) the same way. Its reports reach Tune with their checkpoints
+    (`raysal.orchestration.tune.trial_reports`; ``objective``: (metric, mode), which checkpoint is the best)."""
     trial_id = ray.tune.get_context().get_trial_id()
     spec = spec_from_cfg(compose_cfg(trial_run_overrides(base, config, control, trial_id, trials_dir, pins)))
     run_dir = storage.join(trials_dir, trial_id)
@@ -84,7 +91,8 @@ def run_trial(
     )
     try:
         with watchdog:
-            fit_through_outages(lambda: build_trainer(spec, callbacks=[TuneReportCallback()]).fit(), run_dir)
+            relay_reports(lambda callbacks: fit_through_outages(
+                lambda: build_trainer(spec, callbacks=callbacks).fit(), run_dir), *objective)  # fmt: skip
     except Exception as e:
         cause = e.__cause__ or e
         write_reason(run_dir, f"failed: {type(cause).__name__}: {' '.join(str(cause).split())[:500]}")
@@ -98,9 +106,12 @@ def trial_dirname(trial: Any) -> str:
     return trial.trial_id  # the default packs every sampled value into the folder name
 
 
-def make_trainable(base: list[str], control: tuple[str, ...], trials_dir: str, pins: tuple[str, ...]) -> Any:
+def make_trainable(
+    base: list[str], control: tuple[str, ...], trials_dir: str, pins: tuple[str, ...],
+    objective: tuple[str, str] = ("val/amr", "max"),
+) -> Any:  # fmt: skip
 
     return tune.with_resources(
-        partial(run_trial, base=base, control=control, trials_dir=trials_dir, pins=pins),
+        partial(run_trial, base=base, control=control, trials_dir=trials_dir, pins=pins, objective=objective),
         {"CPU": 0, DRIVER_RESOURCE: 1} if DRIVER_RESOURCE in ray.cluster_resources() else {"CPU": 0},
     )

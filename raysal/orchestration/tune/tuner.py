@@ -30,8 +30,9 @@ from raysal.orchestration.tune.places import SearchPlaces, SearchStateError
 from raysal.orchestration.tune.progress import ProgressLines
 from raysal.orchestration.tune.trial import DRIVER_RESOURCE, trial_dirname
 from raysal.orchestration.tune.wandb_callback import SearchWandbCallback
+from raysal.orchestration.tune.wandb_config import control_values
 from raysal.search.control import open_study, settle_study
-from raysal.search.sampling import define_by_run
+from raysal.search.sampling import define_by_run, fixed_values
 from raysal.search.space import SearchSpec
 
 log = logging.getLogger("raysal.tune")
@@ -135,7 +136,8 @@ def make_callbacks(spec: SearchSpec, run_spec: RunSpec, places: SearchPlaces, wa
 
 
 def new_tuner(spec: SearchSpec, run_spec: RunSpec, places: SearchPlaces, trainable: Any, wandb_mode: str,
-              verbose: bool, describe: Callable[..., tuple[dict, list[str]]] | None = None) -> Any:  # fmt: skip
+              verbose: bool, describe: Callable[..., tuple[dict, list[str]]] | None = None,
+              base: list[str] | None = None) -> Any:  # fmt: skip
     """A search that starts: the study (kept if the search folder has one), the control queued first, the
     searcher, the scheduler and the callbacks. Raises `ConfigError` when the cluster cannot say how many trials
     it holds (`_max_concurrent`), before the study is touched."""
@@ -144,17 +146,20 @@ def new_tuner(spec: SearchSpec, run_spec: RunSpec, places: SearchPlaces, trainab
         places.study.discard_working_copy()  # the search folder has no study: a copy here is an older search's
     places.study.fetch()
     study_module.active = places.study
+    # the control's values as fixed parameters of its study trial: the dashboards and importance see it
+    control = fixed_values(spec.space, control_values(base or [], spec.control.overrides)) if spec.control else {}
     settled = settle_study(open_study(spec.name, places.study.url, spec), set(), want_control=spec.control is not None,
-                           fresh=True)  # fmt: skip
+                           fresh=True, control_params=control)  # fmt: skip
     if settled["lost"]:
         log.warning("%d trial(s) of the study were left running by an earlier driver: marked FAIL", settled["lost"])
     if settled["control_enqueued"]:
         log.info("control trial enqueued first: %s", " ".join(spec.control.overrides))
     searcher = ReasonedOptunaSearch(
-        space=define_by_run(spec), metric=spec.metric, mode=spec.mode,
+        space=define_by_run(spec, control), metric=spec.metric, mode=spec.mode,
         sampler=optuna.samplers.TPESampler(seed=spec.seed), storage=optuna.storages.RDBStorage(places.study.url),
         study_name=spec.name, trials_dir=places.trials_dir, store=places.study,
     )  # fmt: skip
+    first = spec.objectives[0]
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
@@ -171,6 +176,10 @@ def new_tuner(spec: SearchSpec, run_spec: RunSpec, places: SearchPlaces, trainab
             callbacks=make_callbacks(spec, run_spec, places, wandb_mode, describe),
             failure_config=tune.FailureConfig(max_failures=0),  # retries happen inside the trial (Ray Train)
             sync_config=tune.SyncConfig(sync_period=STATE_SYNC_S),
+            # Tune's copy of each trial's best checkpoint (`trial_reports`): what its own API returns
+            checkpoint_config=tune.CheckpointConfig(
+                num_to_keep=1, checkpoint_score_attribute=first.metric, checkpoint_score_order=first.mode
+            ),
         ),
     )
 

@@ -62,6 +62,15 @@ def trial_run_config(overrides: list[str], choice_overrides: list[str]) -> dict[
     return {**flat, **_choices(choice_overrides, flat)}
 
 
+def control_values(base: list[str], control: tuple[str, ...]) -> dict[str, Any]:
+    """{override key: value} of the LM-only control's run config, less what its overrides removed (``~group@pkg``:
+    the settings left under ``pkg`` train nothing): the values its study trial records (`fixed_values`)."""
+    overrides = [*base, *control]
+    config = trial_run_config(overrides, overrides)
+    removed = [o[1:].rsplit("@", 1)[-1] for o in control if o.startswith("~")]
+    return {k: v for k, v in config.items() if not any(k == r or k.startswith(f"{r}.") for r in removed)}
+
+
 def trial_wandb_config(
     trial_config: Mapping[str, Any], *, trial_id: str, base: list[str], control: tuple[str, ...], trials_dir: str,
     pins: tuple[str, ...] = (),
