@@ -61,6 +61,11 @@ def test_lora_only_control_and_bad_values():
         spec_from_cfg(compose_cfg(["trainer.objective.mode=up"]))
     with pytest.raises(ValueError, match="max_steps"):
         spec_from_cfg(compose_cfg(["trainer.max_steps=0"]))
+    shared = ["scaling.num_workers=2", "scaling.use_gpu=true"]
+    with pytest.raises(ValueError, match=r"scaling.gpus_per_worker: 0.5 GPU per worker with 2 workers .*NCCL"):
+        spec_from_cfg(compose_cfg([*shared, "scaling.gpus_per_worker=0.5"]))  # two ranks may share a GPU
+    assert spec_from_cfg(compose_cfg([*shared, "scaling.gpus_per_worker=0.6"])).scaling["gpus_per_worker"] == 0.6
+    assert spec_from_cfg(compose_cfg(["scaling.use_gpu=true", "scaling.gpus_per_worker=0.25"]))  # one worker: fine
 
 
 def test_full_finetuning_and_sharding_strategy():

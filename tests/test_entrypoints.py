@@ -52,8 +52,10 @@ def check_wandb_sweep(runs: list[dict], summary_run: dict, summary: dict) -> Non
     """The trials' W&B runs as one comparable sweep, read back from the offline run files (W&B's own records):
     named and identified by the trial id; the whole run config under override names, the control's too; no Ray
     bookkeeping; train/step every metric's x-axis, the objective's summary its best; the summary run's table."""
-    by_id = {r["id"]: r for r in runs}
+    by_id = {r["id"]: r for r in runs if r["history"]}  # the run that logged; its tags once judged: another file
     assert set(by_id) == {r["trial_id"] for r in summary["rows"]}, set(by_id)
+    judged = {t: {tag for r in runs if r["id"] == t for tag in r["tags"]} for t in by_id}
+    assert "best" in judged[summary["best"]["trial_id"]], judged
     for trial_id, r in by_id.items():
         assert r["name"] == trial_id, r["name"]
         config = r["config"]
@@ -71,14 +73,14 @@ def check_wandb_sweep(runs: list[dict], summary_run: dict, summary: dict) -> Non
     assert summary_run["summary"]["verdict"] == summary["verdict"]
 
 
-def check_tune_and_optuna(folder: Path, summary: dict) -> None:
+def check_tune_and_optuna(folder: Path, summary: dict, location: str | None = None) -> None:
     """Ray Tune's and Optuna's own APIs on the finished search (its folder as a file:// URI, as on S3): every trial
     has a Tune checkpoint, the best's is the Train run's best; intermediate values at train/step; no fail reason
-    left in a finished trial."""
+    left in a finished trial. ``location``: how Tune is given the folder (default: its file:// URI)."""
     import optuna
     import ray.tune
 
-    analysis = ray.tune.ExperimentAnalysis(folder.as_uri())
+    analysis = ray.tune.ExperimentAnalysis(location or folder.as_uri())
     grid = ray.tune.ResultGrid(analysis)
     assert len(grid) == summary["trials"] and all(r.checkpoint is not None for r in grid), [r.path for r in grid]
     best = next(t for t in analysis.trials if t.trial_id == summary["best"]["trial_id"])
@@ -87,9 +89,13 @@ def check_tune_and_optuna(folder: Path, summary: dict) -> None:
     with checkpoint.as_directory() as local:
         assert {"adapter", "state.pt", "eval_records.json"} <= {p.name for p in Path(local).iterdir()}
     assert grid.get_best_result("val/amr", "max").checkpoint is not None
+    control = next(t for t in analysis.trials if t.trial_id == summary["control"])
+    assert control.config.get("raysal_control") and "optim.lr" in control.config, control.config  # its values
     for trial in summary["rows"]:
         assert not (folder / "trials" / trial["trial_id"] / "fail_reason.txt").exists(), trial["trial_id"]
     study = optuna.load_study(study_name=summary["search"], storage=f"sqlite:///{folder / 'optuna.db'}")
+    ours = next(t for t in study.trials if t.user_attrs.get("raysal_control"))
+    assert ours.params["optim.lr"] == control.config["optim.lr"], ours.params  # plots and importance see the control
     for t in study.trials:
         steps = set(t.intermediate_values)
         assert steps and steps <= {2, 4, 6} and max(steps) == t.user_attrs["train/step"], (t.number, steps)
@@ -188,8 +194,8 @@ def test_search_on_the_coconut_defaults_adapter_wandb_and_no_key_on_disk(tmp_pat
     assert any("lora_A" in n for n, _ in model.named_parameters())
     every = wandb_runs(folder)
     report_runs = [r for r in every if any(k.startswith("report/") for h in r["history"] for k in h)]
-    runs = [r for r in every if r not in report_runs]  # one per trial
-    assert len(runs) == 2 and len(report_runs) == 1 and {r["group"] for r in every} == {"itune"}
+    runs = [r for r in every if r not in report_runs]  # one per trial (and the best's tags, once judged)
+    assert len({r["id"] for r in runs}) == 2 and len(report_runs) == 1 and {r["group"] for r in every} == {"itune"}
     assert {"report/plane/_type", "report/hallucination/_type", "report/probes/_type"} <= set(
         report_runs[0]["history"][0]
     )
@@ -202,7 +208,7 @@ def test_search_on_the_coconut_defaults_adapter_wandb_and_no_key_on_disk(tmp_pat
                              *map(str, sorted((folder / "wandb").glob("offline-run-*")))],
                             capture_output=True, text=True, timeout=300)  # fmt: skip
     assert synced.returncode == 0, synced.stdout[-2000:] + synced.stderr[-2000:]
-    for r in runs:  # every trial evaluated the hold-out the driver printed, and shows its probe heatmaps
+    for r in [r for r in runs if r["history"]]:  # every trial evaluated the printed hold-out, shows its heatmaps
         assert {h["val/images"] for h in r["history"] if "val/images" in h} == {n}
         evaluated = [h for h in r["history"] if "val/images" in h]
         assert [h["train/step"] for h in evaluated] == [2, 4, 6]  # POPE and the readout at every evaluation

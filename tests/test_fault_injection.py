@@ -15,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from entrypoint_runs import ENV, SMALL, descendants, run, space_file
+from entrypoint_runs import ENV, SMALL, descendants, run, space_file, wandb_runs
+from test_entrypoints import check_tune_and_optuna, check_wandb_sweep
 from wandb_records import read_run
 
 from raysal.orchestration.tune.wandb_callback import checkpoint_history
@@ -77,6 +78,11 @@ def test_killed_search_resumes_without_rerunning_finished_trials(tmp_path, cache
     blue = (np.abs(shot.astype(int) - (31, 119, 180)).sum(-1) < 30).sum()  # matplotlib's points and bars
     cyan = (np.abs(shot.astype(int) - (0, 255, 255)).sum(-1) < 30).sum()  # the probe heatmaps' region outlines
     assert shot.std() > 20 and blue > 100 and cyan > 50, (shot.std(), blue, cyan)
+    # a researcher's own tools on the resumed search (local storage): W&B's records, Tune's and Optuna's APIs
+    every = wandb_runs(tmp_path / "iresume")
+    report_runs = [r for r in every if any(k.startswith("report/") for h in r["history"] for k in h)]
+    check_wandb_sweep([r for r in every if r not in report_runs], report_runs[0], summary)
+    check_tune_and_optuna(tmp_path / "iresume", summary, location=str(tmp_path / "iresume"))
 
 
 @pytest.mark.integration

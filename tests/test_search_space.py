@@ -178,6 +178,12 @@ ERROR_CASES = [
     ),
     ("in_base", minimal(base_overrides=["optim.lr=0.1"]), "space[optim.lr]", "base_overrides[0]"),
     ("name", minimal(name="a b/c"), "name", "folder-safe"),
+    (
+        "shared_gpu",  # NCCL: "Duplicate GPU detected" (ray-project/ray#48012)
+        minimal(resources={"num_workers": 2, "use_gpu": True, "cpus_per_worker": 4, "gpus_per_worker": 0.5}),
+        "resources.gpus_per_worker",
+        "two ranks of the trial on one GPU",
+    ),
 ]
 
 

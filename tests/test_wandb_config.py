@@ -65,3 +65,22 @@ def test_the_control_values_leave_out_what_its_overrides_removed():
     values = control_values(BASE, ("~criterion@criteria.align",))
     assert values["optim.lr"] > 0 and values["lora.rank"] > 0 and values["criterion@criteria.align"] is None
     assert not [k for k in values if k.startswith("criteria.align.")], "no settings of the criterion it lacks"
+
+
+def test_judged_runs_get_their_tags_in_a_file_wandb_sync_merges(tmp_path, monkeypatch):
+    """Offline, a trial's run is resumed for a moment with its final tags (best, excluded:<metric>): one more file
+    of the same run id, which `wandb sync` merges into the run."""
+    import wandb
+    from wandb_records import read_run
+
+    from raysal.orchestration.train.wandb_run import tag_runs
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    run = wandb.init(project="p", group="g", id="t1", name="t1", mode="offline", dir=str(tmp_path))
+    run.log({"train/step": 2, "val/amr": 1.0}, step=2)
+    run.finish()
+    assert tag_runs({"t1": ["best", "excluded:val/lm_loss"]}, project="p", entity=None, group="g", mode="offline",
+                    directory=tmp_path, mirror_to=str(tmp_path)) == 1  # fmt: skip
+    runs = [read_run(p) for p in sorted(tmp_path.glob("wandb/offline-run-*/run-*.wandb"))]
+    assert [r["id"] for r in runs] == ["t1", "t1"] and runs[0]["history"]
+    assert set(runs[1]["tags"]) == {"best", "excluded:val/lm_loss"} and runs[1]["group"] == "g"

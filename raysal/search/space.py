@@ -47,6 +47,16 @@ class Scheduler:
     reduction_factor: int = 3
 
 
+def shared_gpu_reason(*, gpus: float, workers: int) -> str:
+    """Why at most half a GPU per worker with several workers is refused: Ray may put two ranks of the trial on one
+    GPU, and NCCL refuses two ranks of one process group on one GPU ("Duplicate GPU detected", ray-project/ray#48012).
+    """
+    return (
+        f"{gpus:g} GPU per worker with {workers} workers lets Ray put two ranks of the trial on one GPU, which "
+        'NCCL refuses ("Duplicate GPU detected"); give each worker more than half a GPU, or use one worker'
+    )
+
+
 @dataclass(frozen=True)
 class TrialResources:
     num_workers: int = 1

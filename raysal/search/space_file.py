@@ -33,6 +33,7 @@ from raysal.search.space import (
     Uniform,
     compatible,
     key_where,
+    shared_gpu_reason,
     walk_keys,
 )
 from raysal.search.space_profiles import apply_profile
@@ -237,6 +238,8 @@ class _Parser:
             raise self.fail("resources.gpus_per_worker", "use_gpu is true but no GPU is requested")
         if not use_gpu and gpus > 0:
             raise self.fail("resources.gpus_per_worker", "GPUs requested with use_gpu: false")
+        if use_gpu and workers > 1 and gpus <= 0.5:
+            raise self.fail("resources.gpus_per_worker", shared_gpu_reason(gpus=gpus, workers=workers))
         return TrialResources(workers, use_gpu, cpus, gpus)
 
     def base_overrides(self, raw: Any, where: str = "base_overrides") -> tuple[str, ...]:

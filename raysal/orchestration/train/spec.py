@@ -18,6 +18,7 @@ from raysal.loop.step import validate_criteria
 from raysal.metrics.pope import METRICS, SETTINGS
 from raysal.model.build import lora_target_regex, resolve_dtype
 from raysal.orchestration.train.errors import ConfigError
+from raysal.search.space import shared_gpu_reason
 
 log = logging.getLogger(__name__)
 _LORA_ONLY = frozenset({"rank", "alpha", "dropout", "targets", "vision"})
@@ -206,6 +207,9 @@ def check_values(c: dict) -> None:
     _number(c, "scaling.gpus_per_worker", float, low=0)
     if _get(c, "scaling.use_gpu") and not _get(c, "scaling.gpus_per_worker"):
         raise ConfigError("scaling.gpus_per_worker=0 with scaling.use_gpu=true: a GPU worker needs a GPU share")
+    workers, gpus = _get(c, "scaling.num_workers"), _get(c, "scaling.gpus_per_worker")
+    if _get(c, "scaling.use_gpu") and workers > 1 and gpus <= 0.5:
+        raise ConfigError(f"scaling.gpus_per_worker: {shared_gpu_reason(gpus=gpus, workers=workers)}")
     _number(c, "data.encode_cpus", float, low=0, low_open=True)
     _number(c, "data.val_holdout", float, low=0, high=1, high_open=True)
     _number(c, "data.confirm_holdout", float, low=0, high=1, high_open=True)

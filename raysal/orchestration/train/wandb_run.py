@@ -119,6 +119,34 @@ def log_search_summary(
     mirror_wandb(directory, rid, mirror_to)
 
 
+def tag_runs(
+    tags: dict[str, list[str]], *, project: str, entity: str | None, group: str, mode: str, directory: str | Path,
+    mirror_to: str,
+) -> int:  # fmt: skip
+    """Set each trial run's tags once the search has judged it (``best``, ``excluded:<metric>``: known only at
+    the end). Online through W&B's public API; offline by resuming the run for a moment (a new offline file of the
+    same id, which `wandb sync` merges), mirrored to the search folder. → runs tagged."""
+    import wandb  # heavy, and only in the process that logs
+
+    if mode == "disabled" or not tags:
+        return 0
+    if mode == "online":
+        api = wandb.Api()
+        for run_id_, run_tags in tags.items():
+            run = api.run(f"{entity or api.default_entity}/{project}/{run_id(run_id_)}")
+            run.tags = sorted(set(run.tags) | set(run_tags))
+            run.update()
+        return len(tags)
+    for trial_id, run_tags in tags.items():
+        rid = run_id(trial_id)
+        with staged_in(Path(directory) / "wandb" / f"artifacts-{rid}"):
+            run = wandb.init(project=project, entity=entity, group=group, id=rid, name=trial_id, resume="allow",
+                             mode=mode, dir=str(directory), tags=run_tags, reinit="finish_previous")  # fmt: skip
+            run.finish()
+        mirror_wandb(directory, rid, mirror_to)
+    return len(tags)
+
+
 @contextlib.contextmanager
 def staged_in(folder: Path) -> Iterator[None]:
     """W&B stages artifact files (tables, images of a table) under ``WANDB_DATA_DIR``, by default in the home

@@ -19,7 +19,7 @@ from typing import Any
 from raysal import storage
 from raysal.orchestration.train.errors import ConfigError, print_user_error
 from raysal.orchestration.train.spec import RunSpec
-from raysal.orchestration.train.wandb_run import resolve_mode, sync_hint
+from raysal.orchestration.train.wandb_run import resolve_mode, sync_hint, tag_runs
 from raysal.orchestration.tune.confirmation import confirm_search
 from raysal.orchestration.tune.heads_table import ensure_heads_table
 from raysal.orchestration.tune.janitor import leaked_placement_groups, removed_count
@@ -29,7 +29,7 @@ from raysal.orchestration.tune.trial import make_trainable, search_pins
 from raysal.orchestration.tune.tuner import connect_ray, new_tuner, restore_tuner, run_tuner
 from raysal.orchestration.tune.wandb_config import trial_wandb_config
 from raysal.search.space import SearchSpec
-from raysal.search.verdict import guard_lines, summary_values, trials_table, verdict
+from raysal.search.verdict import guard_lines, summary_values, trial_roles, trials_table, verdict
 
 log = logging.getLogger("raysal.tune")
 
@@ -74,6 +74,19 @@ def set_search_environment(wandb_mode: str) -> None:
         os.environ["WANDB_MODE"] = "offline"  # Ray's callback insists on an API key unless W&B itself is offline
 
 
+def tag_judged_runs(summary: dict, run_spec: RunSpec, wandb_mode: str, places: SearchPlaces) -> None:
+    """The best trial's and the excluded trials' W&B runs get their tags (the control has its own from the start);
+    a failure is said, the search is not failed for it."""
+    w = run_spec.wandb
+    judged = {t: [*(w.get("tags") or []), *roles] for t, roles in trial_roles(summary).items()
+              if any(r != "control" for r in roles)}  # fmt: skip
+    try:
+        tag_runs(judged, project=w["project"], entity=w.get("entity"), group=summary["search"], mode=wandb_mode,
+                 directory=places.local_dir, mirror_to=places.search_dir)  # fmt: skip
+    except Exception as e:
+        log.warning("could not tag the judged trials' W&B runs (%s): %s", ", ".join(judged), e)
+
+
 def finish(grid: Any, spec: SearchSpec, base: list[str], run_spec: RunSpec, places: SearchPlaces, wandb_mode: str,
            t0: float, pins: tuple[str, ...] = ()) -> int:  # fmt: skip
     """summary.json, the study and the report, all in the search folder; the console's last line."""
@@ -92,15 +105,9 @@ def finish(grid: Any, spec: SearchSpec, base: list[str], run_spec: RunSpec, plac
         print(f"raysal: {line}")
     if summary["verdict"]:
         print(f"raysal: {summary['verdict']}", flush=True)
-    report(
-        places.search_dir,
-        run_spec,
-        wandb_mode,
-        places.local_dir,
-        spec.name,
-        summary_values(summary),
-        trials_table(summary),
-    )
+    report(places.search_dir, run_spec, wandb_mode, places.local_dir, spec.name, summary_values(summary),
+           trials_table(summary))  # fmt: skip
+    tag_judged_runs(summary, run_spec, wandb_mode, places)
     best = summary.get("best")
     w = sync_hint(places.search_dir) if wandb_mode == "offline" else ""
     print(
