@@ -177,8 +177,9 @@ def _steps(model, batch, criteria, plan, opt, autocast, device, warmup: int, rep
 
 
 # the protocol = all layers x all heads, no grad; pope_image: POPE's questions about one image (`raysal.loop.pope_eval`)
-EVAL_METHODS = ("evaluation", "evaluation_stored_maps", "pope_image")
+EVAL_METHODS = ("evaluation", "evaluation_stored_maps", "pope_image", "pope_image_full")
 POPE_QUESTIONS, POPE_TEXT_TOKENS = 12, 14  # one image's distinct questions at most (3 positives + 9 negatives)
+POPE_TEMPLATE_TOKENS = 3  # "USER:" before the image: the shared prefix is these and the image's tokens
 
 
 class _StoredMaps(AttentionCapture):
@@ -196,7 +197,10 @@ def _evals(model, batch, info, method, autocast, device, warmup: int, reps: int,
     protocol = CapturePlan(tuple(range(info.n_layers)), tuple(range(info.n_heads)), 0)
     for i in range(warmup + reps):
         t0 = time.perf_counter()
-        if method == "pope_image":  # as `answer_logits`: the answer position's logits only, no capture
+        if method == "pope_image":  # as `answer_logits`: the image's prefix once, its KV cache for every question
+            with torch.no_grad(), autocast or contextlib.nullcontext():
+                _pope_shared(model, model_inputs(batch))
+        elif method == "pope_image_full":  # before: the image once per question, a full forward each
             with torch.no_grad(), autocast or contextlib.nullcontext():
                 model(**model_inputs(batch), use_cache=False, logits_to_keep=1)
         elif method == "evaluation":
@@ -208,6 +212,20 @@ def _evals(model, batch, info, method, autocast, device, warmup: int, reps: int,
             torch.cuda.synchronize()
         if i >= warmup:
             times.append(time.perf_counter() - t0)
+
+
+def _pope_shared(model, inputs: dict) -> None:
+    """`raysal.loop.pope_eval.answer_logits` on the bench's layout: the template's and the image's tokens once (one
+    row, cached), then each question's own POPE_TEXT_TOKENS on the cache, one at a time, the cache cropped back."""
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    cut = ids.shape[1] - POPE_TEXT_TOKENS
+    images = {k: inputs[k][:1] for k in ("pixel_values", "image_sizes") if k in inputs}
+    cache = model(input_ids=ids[:1, :cut], attention_mask=mask[:1, :cut], use_cache=True, logits_to_keep=1,
+                  **images).cache  # fmt: skip
+    for i in range(len(ids)):
+        model(input_ids=ids[i : i + 1, cut:], attention_mask=mask[i : i + 1], cache=cache, use_cache=True,
+              logits_to_keep=1)  # fmt: skip
+        cache.crop(-POPE_TEXT_TOKENS)
 
 
 def profile_step(model, batch, criteria, plan, autocast) -> str:
@@ -240,8 +258,9 @@ def run_one(
         model.set_attn_implementation({"text_config": "eager"})
     else:
         enable_capture(model)
-    if method == "pope_image":  # the image once per question, a short question and the answer turn
-        preset = replace(preset, batch=POPE_QUESTIONS, prompt_tokens=POPE_TEXT_TOKENS, caption_tokens=0)
+    if method.startswith("pope_image"):  # an image's questions: the template, the image, then the question's tokens
+        preset = replace(preset, batch=POPE_QUESTIONS, prompt_tokens=POPE_TEMPLATE_TOKENS,
+                         caption_tokens=POPE_TEXT_TOKENS)  # fmt: skip
     batch, n_image = make_batch(preset, device, dtype)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else None
@@ -348,6 +367,7 @@ def main() -> int:
         ),
         # POPE: one image's 12 questions in one batch, against a training step (time) and an evaluation (memory)
         "pope_image_over_plain_time": ratio(results["pope_image"], plain, "median_s"),
+        "pope_image_full_over_plain_time": ratio(results["pope_image_full"], plain, "median_s"),  # before sharing
         "pope_image_over_evaluation_peak_mem": ratio(results["pope_image"], results["evaluation"], "peak_mem_bytes"),
     }
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({os.cpu_count()} cores)"

@@ -81,14 +81,17 @@ def predict(s: Shapes, method: str) -> dict[str, float]:
         phases = {"loss": loss + 2 * E * d * b + reduced, "layer": layer + reduced}
         return _peak(phases)
     if method == "pope_image":
-        # one image's POPE questions in one batch (B = its questions, L = image + question tokens), no grad, no
-        # capture, logits at the answer row only (`logits_to_keep`): one decoder layer's forward — its MLP
-        # (3·f + 4.3·d per token) or its attention (10.1·d) — over the image features and the merged embeddings
-        # (2·B·I·d); the vision tower (no grad) runs on the same B images and is smaller. Coefficients read off the
-        # profiler's peak on cpu-small with f doubled, then d doubled (`--validate` checks both CPU presets).
-        image = 2 * s.batch * s.image_tokens * d * b
-        phases = {"mlp": E * (3 * f + 4.3 * d) * b + image, "attention": E * 10.1 * d * b + image,
-                  "logits": s.batch * V * (b + 8)}  # fmt: skip
+        # one image's POPE questions (`raysal.loop.pope_eval.answer_logits`): the shared prefix — the template and
+        # the image, L tokens of one row — runs once into a KV cache (K and V of every layer, L·d_kv each), then
+        # each question's few tokens on it, one at a time; no grad, no capture, logits at the answer row only.
+        # The peak is the prefix's forward: one decoder layer's MLP (3·f + 4.3·d per token) or attention (10.1·d)
+        # over L tokens beside the image features and merged embeddings (2·I·d), the cache filled so far. The
+        # coefficients were read off the profiler's peak on cpu-small (`--validate` checks both CPU presets).
+        L = s.tokens
+        image = 2 * s.image_tokens * d * b
+        cache = 2 * n * L * d_kv * b
+        phases = {"mlp": L * (3 * f + 4.3 * d) * b + image + cache, "attention": L * 10.1 * d * b + image + cache,
+                  "logits": V * (b + 8) + cache}  # fmt: skip
         return _peak(phases)
     checkpoints = n * E * d * b
     layer = E * (11.2 * d + 2 * d_kv + 6 * f) * b + (2 * E * d * 4 if b < 4 else 0)
@@ -207,7 +210,8 @@ def seven_b(name: str, batch: int) -> Shapes:
 
 
 def pope_shapes(s: Shapes) -> Shapes:
-    """One POPE image's batch: its questions, each the image and a short question with the answer turn."""
+    """One POPE image: its questions (one row at a time on the image's cached prefix), each the image and a short
+    question with the answer turn."""
     return replace(s, batch=POPE_QUESTIONS, tokens=s.image_tokens + POPE_TEXT_TOKENS, grounded=0)
 
 

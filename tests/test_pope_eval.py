@@ -32,17 +32,25 @@ def tiny(request) -> tuple:
 
 
 def _plant(model, processor, answer) -> torch.utils.hooks.RemovableHandle:
-    """Add +30 to the yes or the no logit of each row, as ``answer(question_text) -> bool`` says."""
+    """Add +30 to the yes or the no logit of each row, as ``answer(question_text) -> bool`` says. A forward on a
+    cache (the questions' own tokens after the image's shared prefix) is read with that prefix before it."""
     yes, no = yes_no_token_ids(processor.tokenizer)
     asked: list[str] = []
+    prefix: list[torch.Tensor] = []
 
     def before(module, args, kwargs):
-        asked[:] = processor.tokenizer.batch_decode(kwargs["input_ids"])
+        ids = kwargs["input_ids"]
+        if kwargs.get("cache") is not None:
+            ids = torch.cat([prefix[0].expand(len(ids), -1), ids], 1)
+        else:
+            prefix[:] = [ids[:1]]
+        asked[:] = processor.tokenizer.batch_decode(ids)
 
     def after(module, args, out):
         bias = torch.zeros_like(out)
         for i, text in enumerate(asked):
-            bias[i, ..., yes if answer(text) else no] = 30.0
+            if text.rstrip().endswith(("ASSISTANT:", "[/INST]")):  # a question's last token: not the shared prefix
+                bias[i, ..., yes if answer(text) else no] = 30.0
         return out + bias
 
     return [model.register_forward_pre_hook(before, with_kwargs=True), model.lm_head.register_forward_hook(after)]
@@ -91,6 +99,33 @@ def test_a_yes_bias_and_an_oracle(tiny, small_shards, monkeypatch):
     for s in SETTINGS:
         assert oracle[f"pope/{s}/f1"] == 1.0 and oracle[f"pope/{s}/fpr"] == 0.0 and oracle[f"pope/{s}/auroc"] == 1.0
         assert oracle[f"pope/{s}/accuracy"] == 1.0
+
+
+def test_the_image_runs_once_and_the_answers_equal_one_forward_per_question(tiny, small_shards):
+    """The tokens every question of an image shares (its image tokens and the template before the question) run
+    once, their KV cache repeated over the questions: the first answer token's logits equal a full forward per
+    question (fp32, within 1e-5), for LLaVA-1.5 and NeXT; the shared part holds the image's tokens."""
+    model, processor = tiny
+    pope = select_pope(str(small_shards), "train2017", images=2)
+    item = pope.images[0]
+    texts = list(dict.fromkeys(q.text for q in item.questions))
+    image = pope_eval.decode_image(item.sample.image_bytes)
+    calls: list[int] = []
+    hook = model.register_forward_pre_hook(lambda m, a, kw: calls.append(kw["input_ids"].shape[1]), with_kwargs=True)
+    try:
+        shared = pope_eval.answer_logits(model.eval(), processor, image, texts, device="cpu")
+        full = pope_eval.answer_logits(model, processor, image, texts, device="cpu", share_prefix=False)
+    finally:
+        hook.remove()
+    assert shared.shape == full.shape == (len(texts), model.config.text_config.vocab_size)
+    assert (shared - full).abs().max() < 1e-5
+    assert (full[0] - full[1]).abs().max() > 1e-4, "the questions differ: the comparison can fail"
+    prefix, *questions, whole = calls
+    assert len(questions) == len(texts) and prefix > 576 > max(questions), calls  # the image's tokens run once
+    assert prefix + max(questions) == whole, calls  # the longest question: the batch's padded length
+    # an FSDP model's ranks run as many forwards: padded with a repeated question, the answers unchanged
+    padded = pope_eval.answer_logits(model, processor, image, texts, device="cpu", forwards=len(texts) + 2)
+    assert torch.equal(padded, shared)
 
 
 def test_a_tokenizer_without_one_token_answers_is_refused_with_the_key(small_shards):

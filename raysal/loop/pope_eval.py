@@ -1,12 +1,13 @@
 """POPE at every evaluation: the model's yes/no answers to the POPE set's questions, from its first answer token.
 
-Per image, its distinct questions go in one batch (the image once per question): the model's chat template with
-the image and the question in the user turn and the assistant turn opened (``add_generation_prompt``), right
-padded, the logits kept only at each row's last position (the first answer token), `raysal.metrics.pope.p_yes`
-from them, one record per question (`raysal.metrics.records`). Several ranks: each asks about its part of the
-images (every ``world``-th), and the records are gathered, so every rank returns the whole set's metrics; an FSDP
-model (``lockstep``) runs as many forwards on every rank, a rank with fewer images repeating one, uncounted. Plain
-PyTorch/transformers.
+Per image, its distinct questions go in one batch: the model's chat template with the image and the question in the
+user turn and the assistant turn opened (``add_generation_prompt``), right padded; the tokens every question
+shares (the image's and the template's before the question) run once and their KV cache serves each question's
+own tokens (`answer_logits`); the logits kept only at each row's last position (the first answer token),
+`raysal.metrics.pope.p_yes` from them, one record per question (`raysal.metrics.records`). Several ranks: each asks
+about its part of the images (every ``world``-th), and the records are gathered, so every rank returns the whole
+set's metrics; an FSDP model (``lockstep``) runs as many forwards on every rank, a rank with fewer images repeating
+one, uncounted. Plain PyTorch/transformers.
 """
 
 from __future__ import annotations
@@ -28,6 +29,15 @@ def _messages(question: str) -> list[dict]:
     return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
 
 
+def shared_prefix(input_ids: torch.Tensor, lengths: torch.Tensor) -> int:
+    """How many leading tokens every row has in common (the chat template's user turn up to the question: the
+    image's tokens and what precedes them), keeping at least one token of each row for the suffix."""
+    same = (input_ids == input_ids[:1]).all(0)  # (L,)
+    differs = (~same).nonzero()
+    common = int(differs[0]) if len(differs) else input_ids.shape[1]
+    return max(0, min(common, int(lengths.min()) - 1))
+
+
 @torch.no_grad()
 def answer_logits(
     model: torch.nn.Module,
@@ -37,19 +47,41 @@ def answer_logits(
     *,
     device: torch.device | str,
     autocast: contextlib.AbstractContextManager | None = None,
+    share_prefix: bool = True,
+    forwards: int = 0,
 ) -> torch.Tensor:
-    """(Q, V) float32 logits of the first answer token of each question about ``image``."""
+    """(Q, V) float32 logits of the first answer token of each question about ``image``.
+
+    ``share_prefix``: the tokens every question shares — the image's and the template's before the question — run
+    once (vision tower, projector, their attention) into a KV cache of one row; then each question's own tokens run
+    on it, one question at a time (the cache cropped back after each: memory of one row, not of Q copies); the
+    logits equal one full forward per question (to float rounding). ``forwards``: at least this many question
+    forwards (the first question repeated, uncounted): an FSDP model's ranks must run as many. False: the questions
+    in one batch, the image once per question (the path this replaced; kept to compare with)."""
     texts = [processor.apply_chat_template(_messages(q), add_generation_prompt=True, tokenize=False) for q in questions]
     enc = processor(text=texts, images=[image] * len(texts), return_tensors="pt", padding=True,
                     padding_side="right", input_data_format="channels_last")  # fmt: skip
     mask = enc["attention_mask"]  # (Q, L)
     last = mask.sum(1) - 1  # (Q,): right padded, so the last real token is the one that predicts the answer
-    keep, where = torch.unique(last, return_inverse=True)  # (K,) positions whose logits are computed at all
     inputs = {k: enc[k].to(device) for k in ("input_ids", "attention_mask", "pixel_values", "image_sizes") if k in enc}
     with autocast or contextlib.nullcontext():
-        out = model(**inputs, use_cache=False, logits_to_keep=keep.to(device))
-    logits = out.logits  # (Q, K, V)
-    return logits[torch.arange(len(texts), device=logits.device), where.to(logits.device)].float()  # (Q, V)
+        if not share_prefix:
+            keep, where = torch.unique(last, return_inverse=True)  # (K,) positions whose logits are computed at all
+            logits = model(**inputs, use_cache=False, logits_to_keep=keep.to(device)).logits  # (Q, K, V)
+            return logits[torch.arange(len(texts), device=logits.device), where.to(logits.device)].float()
+        ids, attn = inputs["input_ids"], inputs["attention_mask"]
+        prefix = shared_prefix(enc["input_ids"], mask.sum(1))
+        images = {k: v[:1] for k, v in inputs.items() if k in ("pixel_values", "image_sizes")}
+        cache = model(input_ids=ids[:1, :prefix], attention_mask=attn[:1, :prefix], use_cache=True, logits_to_keep=1,
+                      **images).cache  # fmt: skip
+        rows = []
+        for i in [*range(len(texts)), *[0] * max(0, forwards - len(texts))]:
+            end = int(last[i]) + 1
+            out = model(input_ids=ids[i : i + 1, prefix:end], attention_mask=attn[i : i + 1, :end], cache=cache,
+                        use_cache=True, logits_to_keep=1)  # fmt: skip
+            cache.crop(prefix - end)  # back to the shared part (a negative count: the tokens to drop)
+            rows.append(out.logits[0, -1])  # (V,)
+    return torch.stack(rows[: len(texts)]).float()  # (Q, V)
 
 
 def ask(
@@ -61,11 +93,13 @@ def ask(
     *,
     device: torch.device | str,
     autocast: contextlib.AbstractContextManager | None = None,
+    forwards: int = 0,
 ) -> list[dict]:
-    """Ask about one image → one record per question (`raysal.metrics.records` ``pope`` rows), setting by setting."""
+    """Ask about one image → one record per question (`raysal.metrics.records` ``pope`` rows), setting by setting.
+    ``forwards``: `answer_logits`'s (lockstep)."""
     texts = list(dict.fromkeys(q.text for q in item.questions))  # a positive is asked once for all settings
     logits = answer_logits(model, processor, decode_image(item.sample.image_bytes), texts, device=device,
-                           autocast=autocast)  # fmt: skip
+                           autocast=autocast, forwards=forwards)  # fmt: skip
     p, mass = p_yes(logits, yes_ids, no_ids)  # (Q_distinct,)
     row = {t: i for i, t in enumerate(texts)}
     p, mass = p.double().tolist(), mass.double().tolist()
@@ -96,8 +130,10 @@ def pope_scores(
     model.eval()
     rows: list[dict] = []
     try:
+        # an FSDP model's ranks run as many forwards: each image as many questions as the set's most asked image
+        most = max((len({q.text for q in item.questions}) for item in pope.images), default=0) if lockstep else 0
         for item, counted in my_part(pope.images, sharded=sharded, lockstep=lockstep):
-            answers = ask(model, processor, item, yes_ids, no_ids, device=device, autocast=autocast)
+            answers = ask(model, processor, item, yes_ids, no_ids, device=device, autocast=autocast, forwards=most)
             if counted:
                 rows += answers
     finally:
