@@ -173,3 +173,32 @@ def test_the_control_records_its_values_as_fixed_parameters(spec: SearchSpec) ->
     from optuna.search_space import intersection_search_space
 
     assert {"optim.lr", "lora.rank"} <= set(intersection_search_space(study.get_trials()))
+
+
+def test_the_search_sampler_models_the_conditional_space_jointly_with_a_liar(spec: SearchSpec) -> None:
+    """The tuner's TPE: multivariate, grouped by sub-space, a constant liar (set explicitly: Optuna's defaults
+    moved between releases); it samples the conditional space with trials asked concurrently, the control among
+    them, every trial's overrides consistent with its options, and no warning."""
+    import warnings
+
+    from raysal.orchestration.tune.tuner import make_sampler
+    from raysal.search.optuna_params import CONTROL_KEY
+    from raysal.search.sampling import fixed_values
+
+    sampler = make_sampler(0)
+    assert (sampler._multivariate, sampler._group, sampler._constant_liar) == (True, True, True)
+    study = optuna.create_study(direction="maximize", sampler=sampler)
+    fixed = fixed_values(spec.space, {"optim.lr": 2e-4, "lora.rank": 16})
+    study.enqueue_trial(fixed, user_attrs={CONTROL_KEY: True})
+    space = define_by_run(spec, fixed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for wave in range(6):  # 4 trials running at once, told when the wave ends (the liar fills the pending ones)
+            trials = [study.ask() for _ in range(4)]
+            for t in trials:
+                space(t)
+                if not t.user_attrs.get(CONTROL_KEY):
+                    check_active(spec, params_to_overrides(t.params))
+            for i, t in enumerate(trials):
+                study.tell(t, float((wave * 4 + i) % 5))
+    assert len(study.trials) == 24 and sum(1 for t in study.trials if t.user_attrs.get(CONTROL_KEY)) == 1

@@ -89,6 +89,14 @@ def restore_tuner(places: SearchPlaces, trainable: Any) -> Any:
     return tune.Tuner.restore(places.search_dir, trainable, resume_unfinished=True, resume_errored=False)
 
 
+def make_sampler(seed: int) -> optuna.samplers.TPESampler:
+    """TPE that models the parameters jointly (``multivariate``), per sub-space of the conditional space
+    (``group``: each criterion's weight, ``top_k`` under ``localization``, sampled with the choice that enables
+    them, not independently), and a constant liar so that concurrent trials do not get the same suggestion. Set
+    explicitly: the defaults differ between Optuna releases (4.x: independent, no liar; 5.x: no groups)."""
+    return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, constant_liar=True)
+
+
 def make_scheduler(spec: SearchSpec) -> Any:
 
     s = spec.scheduler
@@ -156,7 +164,7 @@ def new_tuner(spec: SearchSpec, run_spec: RunSpec, places: SearchPlaces, trainab
         log.info("control trial enqueued first: %s", " ".join(spec.control.overrides))
     searcher = ReasonedOptunaSearch(
         space=define_by_run(spec, control), metric=spec.metric, mode=spec.mode,
-        sampler=optuna.samplers.TPESampler(seed=spec.seed), storage=optuna.storages.RDBStorage(places.study.url),
+        sampler=make_sampler(spec.seed), storage=optuna.storages.RDBStorage(places.study.url),
         study_name=spec.name, trials_dir=places.trials_dir, store=places.study,
     )  # fmt: skip
     first = spec.objectives[0]
