@@ -320,7 +320,10 @@ def main() -> int:
                     help="disable gradient checkpointing (on by default, as in the 7B model configs)")  # fmt: skip
     ap.add_argument("--profile", action="store_true", help="also record each method's allocations by operator")
     ap.add_argument("--method", help=argparse.SUPPRESS)  # internal: run one method in this process
+    ap.add_argument("--batch", type=int, help="the preset's micro-batch replaced (with --method: one method)")
     args = ap.parse_args()
+    if args.batch:
+        PRESETS[args.preset] = replace(PRESETS[args.preset], batch=args.batch)
     preset = PRESETS[args.preset]
     if args.method:
         r = run_one(args.preset, args.method, args.reps, args.warmup, args.device, args.checkpointing, args.profile)

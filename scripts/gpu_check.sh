@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # The GPU check: one command the day a GPU is lent (no Ray, no registry: torch/transformers/peft/pyarrow only).
 #   scripts/gpu_check.sh            everything (~25 min on an H100)
+#   scripts/gpu_check.sh quick      the first window (expected ≤ 8 min on an H100/H200, not yet measured): the
+#                                   capture = eager bf16 test, then scripts/gpu_quick.py — LLaVA-1.5-7B plain vs
+#                                   capture (2 layers) time, memory, MFU; LoRA 7B throughput at micro-batch 1/2/4/8
 #   scripts/gpu_check.sh tests      the `gpu` tests: capture = eager in bf16 under SDPA's flash / efficient / math
 #                                   kernels (LLaVA and NeXT), NeXT-7B at batch 2 fits (step and evaluation)
 #   scripts/gpu_check.sh bench15    the LLaVA-1.5-7B preset of scripts/bench_attention.py (plain, seed eager,
@@ -21,6 +24,11 @@ part="${1:-all}"
 status=0
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu_check_device.txt"
 python -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)" | tee -a "$OUT/gpu_check_device.txt"
+if [[ "$part" == quick ]]; then
+  python -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py -k capture_equals_eager 2>&1 | tee "$OUT/gpu_tests_quick.txt" || status=1
+  python scripts/gpu_quick.py --out "$OUT" || status=1
+  exit $status
+fi
 if [[ "$part" == all || "$part" == tests ]]; then
   python -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py tests/test_grounding_metrics.py 2>&1 | tee "$OUT/gpu_tests.txt" || status=1
 fi
