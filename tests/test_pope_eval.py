@@ -14,7 +14,7 @@ import torch
 
 import raysal.loop.pope_eval as pope_eval
 import raysal.loop.readout_eval as readout_eval
-from raysal.attention.capture import CapturePlan
+from raysal.attention.capture import CapturePlan, enable_capture
 from raysal.data.pope_set import select_pope
 from raysal.data.shards import read_manifest
 from raysal.metrics.pope import SETTINGS, yes_no_token_ids
@@ -126,6 +126,14 @@ def test_the_image_runs_once_and_the_answers_equal_one_forward_per_question(tiny
     # an FSDP model's ranks run as many forwards: padded with a repeated question, the answers unchanged
     padded = pope_eval.answer_logits(model, processor, image, texts, device="cpu", forwards=len(texts) + 2)
     assert torch.equal(padded, shared)
+    # a model routed through the capture attention (as a run's model is) answers the same on the cache
+    impl = model.config.text_config._attn_implementation
+    enable_capture(model)
+    try:
+        captured = pope_eval.answer_logits(model, processor, image, texts, device="cpu")
+    finally:
+        model.set_attn_implementation({"text_config": impl})
+    assert (captured - full).abs().max() < 1e-5
 
 
 def test_a_tokenizer_without_one_token_answers_is_refused_with_the_key(small_shards):
