@@ -197,12 +197,12 @@ def _evals(model, batch, info, method, autocast, device, warmup: int, reps: int,
     protocol = CapturePlan(tuple(range(info.n_layers)), tuple(range(info.n_heads)), 0)
     for i in range(warmup + reps):
         t0 = time.perf_counter()
-        if method == "pope_image":  # as `answer_logits`: the image's prefix once, its KV cache for every question
+        if method.startswith("pope_image"):  # shared: as `answer_logits`; full: a forward per question (before)
             with torch.no_grad(), autocast or contextlib.nullcontext():
-                _pope_shared(model, model_inputs(batch))
-        elif method == "pope_image_full":  # before: the image once per question, a full forward each
-            with torch.no_grad(), autocast or contextlib.nullcontext():
-                model(**model_inputs(batch), use_cache=False, logits_to_keep=1)
+                if method == "pope_image":
+                    _pope_shared(model, model_inputs(batch))
+                else:
+                    model(**model_inputs(batch), use_cache=False, logits_to_keep=1)
         elif method == "evaluation":
             evaluate(model, [batch], protocol, device=device, autocast=autocast)
         else:
@@ -217,14 +217,13 @@ def _evals(model, batch, info, method, autocast, device, warmup: int, reps: int,
 def _pope_shared(model, inputs: dict) -> None:
     """`raysal.loop.pope_eval.answer_logits` on the bench's layout: the template's and the image's tokens once (one
     row, cached), then each question's own POPE_TEXT_TOKENS on the cache, one at a time, the cache cropped back."""
-    ids, mask = inputs["input_ids"], inputs["attention_mask"]
-    cut = ids.shape[1] - POPE_TEXT_TOKENS
+    ids, mask, cut = inputs["input_ids"], inputs["attention_mask"], inputs["input_ids"].shape[1] - POPE_TEXT_TOKENS
     images = {k: inputs[k][:1] for k in ("pixel_values", "image_sizes") if k in inputs}
     cache = model(input_ids=ids[:1, :cut], attention_mask=mask[:1, :cut], use_cache=True, logits_to_keep=1,
                   **images).cache  # fmt: skip
     for i in range(len(ids)):
-        model(input_ids=ids[i : i + 1, cut:], attention_mask=mask[i : i + 1], cache=cache, use_cache=True,
-              logits_to_keep=1)  # fmt: skip
+        row = {"input_ids": ids[i : i + 1, cut:], "attention_mask": mask[i : i + 1]}
+        model(**row, cache=cache, use_cache=True, logits_to_keep=1)
         cache.crop(-POPE_TEXT_TOKENS)
 
 
@@ -322,9 +321,7 @@ def main() -> int:
     ap.add_argument("--method", help=argparse.SUPPRESS)  # internal: run one method in this process
     ap.add_argument("--batch", type=int, help="the preset's micro-batch replaced (with --method: one method)")
     args = ap.parse_args()
-    if args.batch:
-        PRESETS[args.preset] = replace(PRESETS[args.preset], batch=args.batch)
-    preset = PRESETS[args.preset]
+    preset = PRESETS[args.preset] = replace(PRESETS[args.preset], batch=args.batch or PRESETS[args.preset].batch)
     if args.method:
         r = run_one(args.preset, args.method, args.reps, args.warmup, args.device, args.checkpointing, args.profile)
         print(json.dumps(r))
@@ -370,7 +367,7 @@ def main() -> int:
         ),
         # POPE: one image's 12 questions in one batch, against a training step (time) and an evaluation (memory)
         "pope_image_over_plain_time": ratio(results["pope_image"], plain, "median_s"),
-        "pope_image_full_over_plain_time": ratio(results["pope_image_full"], plain, "median_s"),  # before sharing
+        "pope_image_full_over_plain_time": ratio(results["pope_image_full"], plain, "median_s"),  # before
         "pope_image_over_evaluation_peak_mem": ratio(results["pope_image"], results["evaluation"], "peak_mem_bytes"),
     }
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({os.cpu_count()} cores)"
