@@ -109,34 +109,23 @@ def _wandb_steps(search: str, trial: str) -> set[int]:
     return steps
 
 
-@pytest.mark.parametrize("study_in", ["sqlite", "postgres"])
-def test_a_search_on_s3_survives_a_killed_driver_and_a_lost_head(cluster, s3_server, tmp_path, cache, study_in,
-                                                                    request):  # fmt: skip
+def test_a_search_on_s3_survives_a_killed_driver_and_a_lost_head(cluster, s3_server, tmp_path, cache):
     """The path a cluster user takes, whole: shards and the head finder's table in the bucket, a space whose trials
     align the localization heads; the driver SIGKILLed after a trial finished and while the next one has a
     checkpoint, the head lost (a new Ray, the driver's disk wiped): the same command finishes the search from the
     bucket — the finished trial kept, the interrupted one resumed from its checkpoint, the control the same trial,
     the study whole — and everything (summary, study, report with heatmaps, W&B runs) is in the bucket. Run once
-    more on another new head, it trains nothing; the report is rebuilt on a machine that never ran the search. The
-    PostgreSQL variant takes the study's path only (the study in the database, a snapshot in the folder), on the
-    demo's data and heads."""
+    more on another new head, it trains nothing; the report is rebuilt on a machine that never ran the search. (A
+    study in PostgreSQL through a killed driver: test_fault_injection.py's killed search.)"""
     root = s3_server.new_prefix()
     search = storage.join(root, "s3kill")
-    whole = study_in == "sqlite"  # the PostgreSQL variant: the study's path only (the demo's data, all heads)
-    data = _shards_on_s3(root, tmp_path) if whole else []
-    common = [*SMALL, *data, format_override("storage_path", root)]
-    heads = ""
-    if whole:
-        found = _run(["raysal.heads", *common, "finder.samples=4"], cluster, cache, tmp_path / "cwd0")
-        assert found.returncode == 0, found.stderr[-3000:]
-        assert storage.is_file(storage.join(root, "heads", "llava", "heads.json"))
-        heads = "  criteria.align.heads: {choice: [localization]}\n"
-    space = space_file(tmp_path, 1, "s3kill", space=heads)
+    common = [*SMALL, *_shards_on_s3(root, tmp_path), format_override("storage_path", root)]
+    found = _run(["raysal.heads", *common, "finder.samples=4"], cluster, cache, tmp_path / "cwd0")
+    assert found.returncode == 0, found.stderr[-3000:]
+    assert storage.is_file(storage.join(root, "heads", "llava", "heads.json"))
+    space = space_file(tmp_path, 1, "s3kill", space="  criteria.align.heads: {choice: [localization]}\n")
     cmd = ["raysal.tune", str(space), *common]
     study_at = storage.join(search, "optuna.db")
-    if study_in == "postgres":
-        study_at = request.getfixturevalue("postgres").url
-        cmd.append(f"optuna_storage={study_at}")
     log = open(tmp_path / "first.log", "w")  # noqa: SIM115 - closed below
     (tmp_path / "cwd1").mkdir()
     proc = subprocess.Popen([sys.executable, "-m", *cmd], env=_env(cluster, cache), stdout=log,
@@ -174,7 +163,7 @@ def test_a_search_on_s3_survives_a_killed_driver_and_a_lost_head(cluster, s3_ser
     summary = storage.read_json(storage.join(search, "summary.json"))
     assert summary["trials"] == 2 and summary["reported"] == 2 and not summary["failed"], summary
     assert summary["control"] and "warning" not in summary, summary
-    assert "localization" in summary["table"] or not whole, summary["table"]
+    assert "localization" in summary["table"], summary["table"]
     assert summary["best"] and storage.is_dir(storage.join(search, "best_adapter"))
     study = _study(study_at, "s3kill")
     assert [t.state.name for t in study.trials].count("COMPLETE") == 2, [(t.number, t.state) for t in study.trials]
@@ -185,9 +174,6 @@ def test_a_search_on_s3_survives_a_killed_driver_and_a_lost_head(cluster, s3_ser
         assert after[trial] == before[trial], f"finished trial {trial} was trained again"
     resumed = [t for t, c in before.items() if c and t not in finished]
     assert resumed and all(set(after[t]) - set(before[t]) for t in resumed), (before, after)
-    if study_in == "postgres":  # the folder alone is the search: a snapshot of the database's study is there too
-        assert len(_study(storage.join(search, "optuna.db"), "s3kill").trials) == len(study.trials)
-        return
 
     # everything is in the bucket: the report with the probe heatmaps, every trial's W&B run, the summary run
     page = storage.read_text(storage.join(search, "report.html"))

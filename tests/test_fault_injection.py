@@ -24,14 +24,17 @@ from raysal.orchestration.tune.wandb_callback import checkpoint_history
 
 @pytest.mark.integration
 @pytest.mark.slow  # fault injection: .ci/run runs it after the default suite
-def test_killed_search_resumes_without_rerunning_finished_trials(tmp_path, cache):
+def test_killed_search_resumes_without_rerunning_finished_trials(tmp_path, cache, postgres):
+    """With the study in a team's PostgreSQL (``optuna_storage``): the database is what the resumed driver reads;
+    the folder gets its snapshot at the end. (The study in the search folder survives a kill in test_cluster.py.)"""
     import optuna
 
     space = space_file(tmp_path, 2, "iresume")  # + the control: 3 trials
-    cmd = [sys.executable, "-m", "raysal.tune", str(space), *SMALL, f"storage_path={tmp_path}"]
+    db = postgres.url
+    common = [*SMALL, f"storage_path={tmp_path}", f"optuna_storage={db}"]
+    cmd = [sys.executable, "-m", "raysal.tune", str(space), *common]
     log = open(tmp_path / "first_run.log", "w")  # noqa: SIM115 - closed below, after the process ends
     proc = subprocess.Popen(cmd, env={**ENV, "RAYSAL_CACHE": str(cache)}, stdout=log, stderr=subprocess.STDOUT)
-    db = f"sqlite:///{tmp_path / 'iresume' / 'optuna.db'}"
     deadline = time.time() + 400
     done: list = []
     while time.time() < deadline and proc.poll() is None:
@@ -55,9 +58,10 @@ def test_killed_search_resumes_without_rerunning_finished_trials(tmp_path, cache
     trials_dir = tmp_path / "iresume" / "trials"
     before = {d.name: sorted(p.name for p in d.glob("checkpoint_[0-9]*")) for d in trials_dir.iterdir()}
 
-    res = run(["raysal.tune", str(space), *SMALL, f"storage_path={tmp_path}"], cache)
+    res = run(["raysal.tune", str(space), *common], cache)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "resuming the search" in res.stderr
+    assert "secret" not in res.stdout + res.stderr, "the database password is never printed"
     summary = json.loads((tmp_path / "iresume" / "summary.json").read_text())
     assert summary["trials"] == 3 and summary["reported"] == 3
     study = optuna.load_study(study_name="iresume", storage=db)

@@ -100,7 +100,8 @@ def test_a_guard_excludes_a_trial_from_a_searchs_summary(tmp_path, monkeypatch):
     spec = load_search_space(write(tmp_path, minimal(control=control)))
     grid = []
     for r in (row("c", 1.0, 0.80, 0.10, control=True), row("a", 3.0, 0.60, 0.10), row("b", 2.0, 0.80, 0.10)):
-        metrics = {**r["metrics"], "trial_id": r["trial_id"]}
+        cost = {"cost/train_s": 90.0, "cost/eval_s": 10.0, "cost/gpu_hours": 0.0, "cost/worker_hours": 0.025}
+        metrics = {**r["metrics"], **cost, "trial_id": r["trial_id"]}
         grid.append(
             SimpleNamespace(metrics=metrics, config=r["config"], error=None, path=str(tmp_path / r["trial_id"]))
         )
@@ -119,6 +120,10 @@ def test_a_guard_excludes_a_trial_from_a_searchs_summary(tmp_path, monkeypatch):
                              "val/pope/adversarial/fpr | step |"), header  # fmt: skip
     a = next(line for line in summary["table"].splitlines() if "| a |" in line)
     assert "| 0.6 | 0.1 |" in a, a
+    # what each trial and the search cost: a column, each row, the sum
+    assert "| 0.025 CPU worker-h (evaluation 10%) |" in a, a
+    assert summary["rows"][0]["cost"]["eval_fraction"] == 0.1
+    assert summary["cost"]["trials"] == 3 and summary["cost"]["worker_hours"] == pytest.approx(0.075)
 
 
 def test_an_objective_may_be_a_pope_metric(tmp_path):

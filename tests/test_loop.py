@@ -46,8 +46,12 @@ def test_reports_namespaced_metrics_and_loadable_checkpoints(data, tmp_path):
     assert [m["train/step"] for m, _ in reports] == [3.0, 6.0]
     m, path = reports[-1]
     for key in ("train/loss", "train/loss/lm", "train/loss/kl", "train/lr", "train/grad_norm",
-                "val/lm_loss", "val/amr", "val/ap", "val/nss", "val/pointing"):  # fmt: skip
+                "val/lm_loss", "val/amr", "val/ap", "val/nss", "val/pointing", "cost/train_s",
+                "cost/eval_s"):  # fmt: skip
         assert key in m and m[key] == m[key], key  # present and not NaN
+    # what the run has cost: cumulative wall seconds, training and evaluating, both growing
+    (first, _), (last, _) = reports
+    assert 0 < first["cost/train_s"] < last["cost/train_s"] and 0 < first["cost/eval_s"] < last["cost/eval_s"]
     assert (path / STATE).exists() and (path / ADAPTER / "adapter_config.json").exists()
     base = load_model(str(ckpt), dtype="float32")
     loaded = PeftModel.from_pretrained(base, path / ADAPTER)
@@ -75,6 +79,8 @@ def test_resume_continues_exactly(data, tmp_path):
     assert [r["train/step"] for r in load_history(tmp_path / "b" / "step_0000003")] == [3.0]
     history = load_history(tmp_path / "c" / "step_0000006")
     assert [r["train/step"] for r in history] == [3.0, 6.0] and history[1]["train/loss"] == out["train/loss"]
+    # the cost continues from the checkpoint's: the resumed run's seconds add to the first part's
+    assert out["cost/train_s"] > history[0]["cost/train_s"] > 0
     for (n, p), (_, q) in zip(straight.named_parameters(), resumed.named_parameters(), strict=True):
         if p.requires_grad:
             assert torch.allclose(p, q, atol=1e-7), n

@@ -59,6 +59,8 @@ class Progress:
     epoch: int = 0
     micro: int = 0  # micro-batches of `epoch` already consumed
     first_lm_loss: float | None = None  # the starting model's LM loss (divergence guard), kept across resumes
+    train_seconds: float = 0.0  # wall time in training steps (data waits included) up to the checkpoint, all resumes
+    eval_seconds: float = 0.0  # wall time in evaluations (main metrics, POPE, readout, probes), all resumes
 
 
 def _rng_state() -> dict:

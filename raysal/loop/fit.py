@@ -3,7 +3,8 @@ evaluation, checkpoints, and a ``report(metrics, checkpoint_dir)`` callable.
 
 ``report`` is how the same loop runs under Ray Train (it wraps ``ray.train.report``), in a plain process, and in
 tests. Metrics are namespaced: ``train/loss``, ``train/loss/<criterion>``, ``train/lr``, ``val/lm_loss``,
-``val/amr``, ``val/ap``, ``val/nss``, ``val/pointing``.
+``val/amr``, ``val/ap``, ``val/nss``, ``val/pointing``; what the run has cost so far, across resumes:
+``cost/train_s`` and ``cost/eval_s`` (wall seconds of this rank in training steps and in evaluations).
 """
 
 from __future__ import annotations
@@ -142,6 +143,8 @@ def fit(
 
     def boundary() -> dict[str, float]:
         nonlocal n_micro, t_last
+        t_eval = time.perf_counter()
+        progress.train_seconds += t_eval - t_last
         metrics = {f"train/{k}": v / max(n_micro, 1) for k, v in sums.items()}
         metrics.update(
             {"train/step": float(progress.step), "train/epoch": float(progress.epoch),
@@ -161,6 +164,8 @@ def fit(
             core.set_attn_implementation({"text_config": train_attn})
             metrics.update({f"val/{k}": v for k, v in val.items()})
             guard.after_eval(progress.step, val["lm_loss"])
+        progress.eval_seconds += time.perf_counter() - t_eval
+        metrics.update({"cost/train_s": progress.train_seconds, "cost/eval_s": progress.eval_seconds})
         path = None
         progress.first_lm_loss = guard.first_lm_loss
         history.append(metrics)

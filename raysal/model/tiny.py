@@ -103,28 +103,30 @@ def build_tokenizer(vocab_size: int = 600) -> PreTrainedTokenizerFast:
     return fast
 
 
-def _vision() -> CLIPVisionConfig:
-    # the real 336 px / 14 px geometry (24×24 = 576 patches), tiny widths
+def _vision(patch_size: int) -> CLIPVisionConfig:
+    # the real 336 px input (14 px patches: 24×24 = 576 patches, as the hub's), tiny widths
     return CLIPVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=336, patch_size=14,
-        projection_dim=32,
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=336,
+        patch_size=patch_size, projection_dim=32,
     )  # fmt: skip
 
 
-def tiny_config(arch: str, vocab_size: int, image_token_id: int, pad_token_id: int) -> LlavaConfig | LlavaNextConfig:
+def tiny_config(
+    arch: str, vocab_size: int, image_token_id: int, pad_token_id: int, patch_size: int = 14
+) -> LlavaConfig | LlavaNextConfig:
     common = {"vocab_size": vocab_size, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4,
               "max_position_embeddings": 4096, "pad_token_id": pad_token_id, "tie_word_embeddings": False}  # fmt: skip
     if arch == "llava":
         text = LlamaConfig(num_attention_heads=4, num_key_value_heads=4, **common)
         return LlavaConfig(
-            vision_config=_vision(), text_config=text, image_token_id=image_token_id, vision_feature_layer=-2,
+            vision_config=_vision(patch_size), text_config=text, image_token_id=image_token_id, vision_feature_layer=-2,
             vision_feature_select_strategy="default", projector_hidden_act="gelu",
         )  # fmt: skip
     if arch == "llava_next":
         # Mistral with grouped-query attention, as llava-v1.6-mistral-7b (32 query heads, 8 KV heads)
         text = MistralConfig(num_attention_heads=4, num_key_value_heads=2, sliding_window=None, **common)
         return LlavaNextConfig(
-            vision_config=_vision(), text_config=text, image_token_id=image_token_id, vision_feature_layer=-2,
+            vision_config=_vision(patch_size), text_config=text, image_token_id=image_token_id, vision_feature_layer=-2,
             vision_feature_select_strategy="default", image_grid_pinpoints=PINPOINTS, projector_hidden_act="gelu",
         )  # fmt: skip
     raise ValueError(f"unknown arch {arch!r} (expected 'llava' or 'llava_next')")
@@ -148,15 +150,15 @@ def _image_processor(arch: str):
     )  # fmt: skip
 
 
-def write_tiny(out: Path | str, arch: str, seed: int = 0) -> Path:
+def write_tiny(out: Path | str, arch: str, seed: int = 0, patch_size: int = 14) -> Path:
     """Write a tiny checkpoint to ``out`` and return the path."""
     out = Path(out)
     torch.manual_seed(seed)
     tok = build_tokenizer()
     image_token_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)
-    config = tiny_config(arch, len(tok), image_token_id, tok.pad_token_id)
-    processor_kwargs = {"patch_size": 14, "vision_feature_select_strategy": "default", "image_token": IMAGE_TOKEN,
-                        "num_additional_image_tokens": 1}  # fmt: skip
+    config = tiny_config(arch, len(tok), image_token_id, tok.pad_token_id, patch_size)
+    processor_kwargs = {"patch_size": patch_size, "vision_feature_select_strategy": "default",
+                        "image_token": IMAGE_TOKEN, "num_additional_image_tokens": 1}  # fmt: skip
     if arch == "llava":
         model = LlavaForConditionalGeneration(config)
         processor = LlavaProcessor(

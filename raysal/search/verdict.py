@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from raysal.search.cost import cost_text
+
 
 def interval_text(c: dict) -> str:
     """ "2.33× [1.90, 2.80]" (a ratio) or "−0.004 [−0.030, +0.020]" (a difference); the point alone without bounds."""
@@ -21,7 +23,16 @@ def _lm_text(c: dict) -> str:
 def verdict(summary: dict[str, Any]) -> str | None:
     """One sentence for the console, the report and ``summary.json``: the best trial's objective as a multiple of
     the control's, its val/lm_loss against the control's (and the limit), its guards — each with its paired 95 %
-    interval when the trials kept per-item records (``summary["paired"]``). None without a control."""
+    interval when the trials kept per-item records (``summary["paired"]``) — and what the search cost. None without
+    a control."""
+    words = _verdict(summary)
+    cost = summary.get("cost") or {}
+    if words is None or not cost.get("trials"):
+        return words
+    return f"{words}; {cost_text(cost, search=True)}"
+
+
+def _verdict(summary: dict[str, Any]) -> str | None:
     rows = {r["trial_id"]: r for r in summary.get("rows", [])}
     control = rows.get(summary.get("control") or "")
     if control is None:
@@ -104,6 +115,8 @@ def summary_values(summary: dict) -> dict[str, float | str]:
         out["best/trial_id"] = best
     if summary.get("verdict"):
         out["verdict"] = summary["verdict"]
+    for k, v in (summary.get("cost") or {}).items():
+        out[f"search/cost/{k}"] = v
     sources = [("", ((summary.get("paired") or {}).get(best) or {}) if best else {}),
                ("confirm/", (summary.get("confirmation") or {}).get("paired") or {})]  # fmt: skip
     for prefix, paired in sources:
@@ -130,12 +143,15 @@ def trial_roles(summary: dict) -> dict[str, list[str]]:
 
 def trials_table(summary: dict) -> tuple[list[str], list[list]]:
     """(columns, rows) of the search's trials for a W&B table: the trial id, its roles, each ranked metric with the
-    paired comparison with the control (estimate, 95 % bounds) where there is one, and the replay command."""
+    paired comparison with the control (estimate, 95 % bounds) where there is one, its cost, and the replay
+    command."""
     rows = summary.get("rows") or []
     metrics = list(dict.fromkeys([summary["metric"], "val/lm_loss", *(summary.get("guards") or {})]))
     columns = ["trial_id", "roles"]
     for m in metrics:
         columns += [m, f"{m}_vs_control", f"{m}_vs_control_lo", f"{m}_vs_control_hi"]
+    cost_keys = ("train_s", "eval_s", "eval_fraction", "gpu_hours")
+    columns += [f"cost/{k}" for k in cost_keys]
     columns.append("replay")
     roles = trial_roles(summary)
     data = []
@@ -145,7 +161,8 @@ def trials_table(summary: dict) -> tuple[list[str], list[list]]:
         for m in metrics:
             c = paired.get(m) or {}
             line += [r["metrics"].get(m), c.get("estimate"), c.get("lo"), c.get("hi")]
-        data.append([*line, r.get("replay")])
+        cost = r.get("cost") or {}
+        data.append([*line, *(cost.get(k) for k in cost_keys), r.get("replay")])
     return columns, data
 
 

@@ -49,6 +49,7 @@ from raysal.orchestration.train.val_extras import val_extras
 from raysal.orchestration.train.wandb_run import STEP, init_wandb, mirror_wandb, relog, run_id
 from raysal.probes.phrase_maps import phrase_maps
 from raysal.probes.probe_set import select_probes
+from raysal.search.cost import EVAL_S, TRAIN_S, hours
 
 log = logging.getLogger(__name__)
 
@@ -215,7 +216,11 @@ def reporter(spec: RunSpec, run: Any) -> Report:
     """The loop's ``report``: the metrics to W&B (rank 0), then ``ray.train.report`` with this rank's checkpoint
     folder; after a checkpoint, the W&B files follow it to the run folder."""
 
+    sc = spec.scaling
+    workers, gpus = int(sc["num_workers"]), float(sc["gpus_per_worker"]) if sc.get("use_gpu") else 0.0
+
     def report(metrics: dict[str, float], path: Path | None) -> None:
+        metrics = {**metrics, **hours(metrics[TRAIN_S], metrics[EVAL_S], workers, gpus)}
         if run is not None:
             run.log(metrics, step=int(metrics[STEP]))
         checkpoint = ray.train.Checkpoint.from_directory(str(path)) if path is not None else None

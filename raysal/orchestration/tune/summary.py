@@ -17,6 +17,7 @@ from raysal.orchestration.train.spec import RunSpec
 from raysal.orchestration.train.trainer import export_best
 from raysal.orchestration.train.wandb_run import log_search_summary
 from raysal.search.control import choose_best
+from raysal.search.cost import cost_text, search_cost, trial_cost
 from raysal.search.optuna_params import CONTROL_KEY, params_to_overrides
 from raysal.search.override_text import format_override
 from raysal.search.report_html import build_report
@@ -106,8 +107,8 @@ def table(rows: list[dict], failed: list[dict], spec: SearchSpec, best: dict | N
     excluded, failed_guards = set(decision["excluded_by_lm_tolerance"]), decision["failed_guards"]
     columns = table_columns(rows, spec, decision["guards"])
     lines = [
-        f"| rank | trial | {' | '.join(columns)} | step | sampled parameters | replay |",
-        "|---|---|" + "---|" * len(columns) + "---|---|---|",
+        f"| rank | trial | {' | '.join(columns)} | step | cost | sampled parameters | replay |",
+        "|---|---|" + "---|" * len(columns) + "---|---|---|---|",
     ]
     for i, row in enumerate(rows[:top]):
         shown = " ".join(format_override(k, v) for k, v in params_to_overrides(row["config"]).items())
@@ -121,12 +122,14 @@ def table(rows: list[dict], failed: list[dict], spec: SearchSpec, best: dict | N
         values = " | ".join(f"{row['metrics'].get(c, float('nan')):.4g}"
                             + (f" ({interval_text(paired[c])})" if c in paired and not is_control else "")
                             for c in columns)  # fmt: skip
+        cost = trial_cost(row["metrics"])
         lines.append(
             f"| {i + 1}{mark} | {row['trial_id']} | {values} | "
-            f"{row['metrics'].get('train/step', float('nan')):.0f} | {shown} | `{row['replay']}` |"
+            f"{row['metrics'].get('train/step', float('nan')):.0f} | {cost_text(cost) if cost else ''} | {shown} | "
+            f"`{row['replay']}` |"
         )
     for f in failed:
-        lines.append(f"| failed | {f['trial_id']} | {'| ' * len(columns)}| {f['reason']} | `{f['replay']}` |")
+        lines.append(f"| failed | {f['trial_id']} | {'| ' * len(columns)}| | {f['reason']} | `{f['replay']}` |")
     return "\n".join(lines)
 
 
@@ -137,7 +140,8 @@ def summary_row(row: dict, decision: dict) -> dict:
         "trial_id": row["trial_id"],
         "control": bool(row["config"].get(CONTROL_KEY)),
         "params": params_to_overrides(row["config"]),
-        "metrics": {k: v for k, v in row["metrics"].items() if k.startswith(("val/", "train/"))},
+        "metrics": {k: v for k, v in row["metrics"].items() if k.startswith(("val/", "train/", "cost/"))},
+        "cost": trial_cost(row["metrics"]),
         "guards": {g: g not in failed_guards for g in decision["guards"]},
         "replay": row["replay"],
     }
@@ -162,6 +166,7 @@ def summarise(result_grid: Any, spec: SearchSpec, base: list[str], search_dir: s
         "trials_dir": storage.join(search_dir, "trials"),
         "rows": [summary_row(row, decision) for row in rows],
         "failed": failed,
+        "cost": search_cost(trial_cost(r.metrics or {}) for r in result_grid),
         **decision,
         "table": table(rows, failed, spec, best, decision, top),
     }
