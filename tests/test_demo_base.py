@@ -29,13 +29,17 @@ def test_the_demo_base_is_made_once_deterministically_and_again_when_its_recipe_
     # trained: not the random-init tiny model of the same seed
     from raysal.model.tiny import write_tiny
 
-    tiny = _weights(write_tiny(tmp_path / "tiny", "llava"))
+    tiny = _weights(write_tiny(tmp_path / "tiny", "llava"))  # ensure_model's patch when unsaid: the hub's 14
     assert any(not torch.equal(tiny[k], wa[k]) for k in wa)
     before = (a / "model.safetensors").stat().st_mtime_ns
     ensure_model({"tiny": "llava", "name_or_path": str(a), "captioned": made})  # current: not made again
     assert (a / "model.safetensors").stat().st_mtime_ns == before
     ensure_model({"tiny": "llava", "name_or_path": str(a), "captioned": {**made, "steps": 3}})
     assert json.loads((a / STAMP).read_text())["steps"] == 3
+    ensure_model({"tiny": "llava", "name_or_path": str(a), "captioned": {**made, "patch": 48}})  # the demo's grid
+    assert json.loads((a / STAMP).read_text())["patch"] == 48
+    assert json.loads((a / "processor_config.json").read_text())["patch_size"] == 48  # 49 image tokens
+    assert json.loads((a / "config.json").read_text())["vision_config"]["patch_size"] == 48
     assert [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name] == []
 
 

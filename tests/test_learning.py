@@ -53,7 +53,7 @@ def demo_base(tmp_path_factory):
 
     made = OmegaConf.load(Path(__file__).parents[1] / "configs" / "model" / "tiny-captioned.yaml").captioned
     return write_demo_base(tmp_path_factory.mktemp("demo_base") / "llava", "llava", steps=made.steps, lr=made.lr,
-                           seed=made.seed)  # fmt: skip
+                           seed=made.seed, patch=made.patch)  # fmt: skip
 
 
 @pytest.mark.parametrize("data_seed", [1, 2])
