@@ -112,7 +112,8 @@ def is_current(out: Path | str, arch: str, *, steps: int, lr: float, seed: int, 
         s = json.loads((Path(out) / STAMP).read_text())
     except (OSError, ValueError):
         return False
-    return (s.get("format"), s.get("arch"), s.get("steps"), s.get("lr"), s.get("seed"), s.get("patch", 14)) == (
+    made_patch = s.get("patch", 14)  # stamps from before the patch was a setting: the hub's 14
+    return (s.get("format"), s.get("arch"), s.get("steps"), s.get("lr"), s.get("seed"), made_patch) == (
         FORMAT, arch, steps, lr, seed, patch,
     )  # fmt: skip
 

@@ -58,7 +58,7 @@ def ensure_model(model: dict[str, Any]) -> None:
         from raysal.demo import base as demo_base  # trains a model: torch + transformers, only when needed
 
         args = {"steps": int(captioned["steps"]), "lr": float(captioned["lr"]), "seed": int(captioned["seed"]),
-                "patch": int(captioned.get("patch", 14))}  # fmt: skip
+                "patch": int(captioned.get("patch", demo_base.PATCH))}  # fmt: skip
 
         def is_current(path: Path) -> bool:
             return demo_base.is_current(path, arch, **args)
