@@ -46,14 +46,14 @@ def test_kl_doubles_held_out_amr_without_raising_lm_loss(tiny_llava, small_shard
 
 @pytest.fixture(scope="module")
 def demo_base(tmp_path_factory):
-    """The demo's trained base, made as the search makes it on first use (`configs/model/tiny-captioned.yaml`)."""
+    """The demo's trained base, as the search gets it on first use (`configs/model/tiny-captioned.yaml`: shipped)."""
     from omegaconf import OmegaConf
 
-    from raysal.demo.base import write_demo_base
+    from raysal.demo.base import make_demo_base
 
     made = OmegaConf.load(Path(__file__).parents[1] / "configs" / "model" / "tiny-captioned.yaml").captioned
-    return write_demo_base(tmp_path_factory.mktemp("demo_base") / "llava", "llava", steps=made.steps, lr=made.lr,
-                           seed=made.seed, patch=made.patch)  # fmt: skip
+    return make_demo_base(tmp_path_factory.mktemp("demo_base") / "llava", "llava", steps=made.steps, lr=made.lr,
+                          seed=made.seed, patch=made.patch, images=made.images)  # fmt: skip
 
 
 @pytest.mark.parametrize("data_seed", [1, 2])
@@ -64,9 +64,8 @@ def test_on_the_demo_base_alignment_doubles_amr_within_the_lm_tolerance(demo_bas
     (criteria.yaml's lm_tolerance). Measured: 2.62× at +0.56 % (seed 1), 2.86× at +0.51 % (seed 2)."""
     from raysal.data.shards import write_shards
 
-    generate(
-        tmp_path / "root", images=96, seed=data_seed, max_side=320
-    )  # demo-like data (19 validation images), another seed
+    # demo-like data (19 validation images, the demo's palette), another seed
+    generate(tmp_path / "root", images=96, seed=data_seed, max_side=320, palette="coded")
     write_shards(tmp_path / "root", tmp_path / "shards")
     cfg = FitConfig(max_steps=24, lr=3e-3, warmup_steps=4, eval_every=24, seed=0, bf16=False)
     lm = lora_fit(demo_base, tmp_path / "shards", [LMCriterion()], cfg)

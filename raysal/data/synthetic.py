@@ -4,6 +4,9 @@ Writes the exact on-disk layout of DESIGN §2.1 so that every reader, validator,
 real files. The task is learnable grounding: coloured shapes (things) on one or two background regions (stuff),
 captions whose tags name every region (`<2: a red circle> left of <3,4: two blue squares> on <1: the grass>`),
 several aspect ratios (crop/pad geometry), multi-id tags, untagged words, both tag syntaxes, void borders.
+``--palette coded`` paints each shape category in one colour of its own and fills scenes with 3-5 shapes of distinct
+categories: the demo's tiny vision tower sees colour but never learns shape, so that is what lets its base answer
+POPE's "Is there a ring in the image?" from the image, and what gives POPE (≥ 3 distinct things) images to ask about.
 ``--broken K`` plants K broken samples, one fault each, in the order of `BROKEN_KINDS`; ``ROOT/synthetic.json``
 records what was planted where. Deterministic for a given seed.
 """
@@ -26,7 +29,8 @@ from raysal.data.mask import encode_mask_png
 from raysal.data.reader import Reason
 from raysal.data.tags import format_tag, parse_caption
 
-THINGS = {1: "circle", 2: "square", 3: "triangle", 4: "diamond"}
+THINGS = {1: "circle", 2: "square", 3: "triangle", 4: "diamond", 5: "ring", 6: "bar"}
+MIXED_THINGS = (1, 2, 3, 4)  # the "any" palette's shapes: the first four, so its scenes are those of earlier versions
 STUFF = {101: "sky", 102: "grass", 103: "wall", 104: "water", 105: "sand"}
 TOP_STUFF, BOTTOM_STUFF = (101, 103), (102, 104, 105)
 STUFF_RGB = {101: (135, 190, 235), 102: (70, 150, 60), 103: (150, 150, 150), 104: (30, 70, 140), 105: (220, 200, 150)}
@@ -39,6 +43,8 @@ COLOURS = {
     "white": (250, 250, 250),
     "black": (15, 15, 15),
 }
+CODED = {1: "red", 2: "blue", 3: "yellow", 4: "white", 5: "orange", 6: "purple"}  # palette "coded": shape → colour
+PALETTES = ("any", "coded")
 # (w, h) aspect ratios: landscape, portrait, square and the extremes that select every LLaVA-NeXT pinpoint
 ASPECTS = ((4, 3), (3, 4), (16, 9), (9, 16), (1, 1), (3, 2), (2, 3), (2, 1), (1, 2), (3, 1), (1, 3))
 NUMBERS = {2: "two", 3: "three"}
@@ -103,6 +109,10 @@ def _shape_mask(kind: str, yy: np.ndarray, xx: np.ndarray, cy: float, cx: float,
         return (np.abs(dy) <= r * 0.85) & (np.abs(dx) <= r * 0.85)
     if kind == "diamond":
         return np.abs(dy) + np.abs(dx) <= r
+    if kind == "ring":
+        return (dy**2 + dx**2 <= r**2) & (dy**2 + dx**2 >= (0.55 * r) ** 2)
+    if kind == "bar":
+        return (np.abs(dy) <= r * 0.35) & (np.abs(dx) <= r)
     # upward triangle: inside the band below the apex and within the widening sides
     return (dy <= r * 0.8) & (dy >= -r) & (np.abs(dx) <= (dy + r) * 0.6)
 
@@ -119,7 +129,16 @@ def _position(cy: float, cx: float, h: int, w: int) -> str:
     return "in the middle"
 
 
-def _render(rng: np.random.Generator, max_side: int):
+def _pick(rng: np.random.Generator, palette: str, used: set[int]) -> tuple[int, str]:
+    """A new shape's (category, colour): "any": any of the first four shapes in any colour (draws as in earlier
+    versions); "coded": a category not yet in the scene, in its own colour."""
+    if palette == "any":
+        return int(rng.choice(MIXED_THINGS)), str(rng.choice(list(COLOURS)))
+    cat = int(rng.choice([c for c in THINGS if c not in used]))
+    return cat, CODED[cat]
+
+
+def _render(rng: np.random.Generator, max_side: int, palette: str = "any"):
     """One scene: (image (H,W,3) uint8, ids (H,W) int32, segments, caption pieces)."""
     w, h = _size(rng, max_side)
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
@@ -137,14 +156,14 @@ def _render(rng: np.random.Generator, max_side: int):
         ids[:] = 1
 
     # things: 1–4 shapes placed without overlap; sometimes a twin of the first (→ a multi-id tag)
-    n_things = int(rng.integers(1, 5))
+    n_things = int(rng.integers(1, 5)) if palette == "any" else int(rng.integers(3, 6))
     occupied = np.zeros((h, w), bool)
     first: tuple[int, str] | None = None
     for k in range(n_things):
         if k == 1 and first is not None and rng.random() < 0.4:
             cat, colour = first
         else:
-            cat, colour = int(rng.choice(list(THINGS))), str(rng.choice(list(COLOURS)))
+            cat, colour = _pick(rng, palette, {s.category_id for s in segments})
         for _ in range(30):
             r = rng.uniform(0.08, 0.18) * min(h, w)
             cy, cx = rng.uniform(r, h - r), rng.uniform(r, w - r)
@@ -227,8 +246,12 @@ def generate(
     max_side: int = 640,
     val_fraction: float = 0.2,
     nocolon_p: float = 0.1,
+    palette: str = "any",
 ) -> dict:
-    """Write ``images`` samples under ``out`` (train2017 + val2017) and return the planted-fault record."""
+    """Write ``images`` samples under ``out`` (train2017 + val2017) and return the planted-fault record.
+    ``palette``: "any" (any shape in any colour) or "coded" (one colour per shape category; module docstring)."""
+    if palette not in PALETTES:
+        raise ValueError(f"palette {palette!r}: expected one of {PALETTES}")
     if broken > images:
         raise ValueError(f"--broken {broken} exceeds --images {images}")
     out = Path(out)
@@ -249,7 +272,7 @@ def generate(
         for d in (lay.images_dir, lay.masks_dir, lay.captions_dir, lay.annotations_json.parent):
             d.mkdir(parents=True, exist_ok=True)
         js = jsons.setdefault(split, {"images": [], "annotations": [], "categories": categories()})
-        image, ids, segments = _render(rng, max_side)
+        image, ids, segments = _render(rng, max_side, palette)
         caption = _caption(rng, ids, segments, nocolon_p)
         h, w = ids.shape
         name = f"{iid:012d}"
@@ -321,6 +344,7 @@ def generate(
         "images": images,
         "broken": broken,
         "max_side": max_side,
+        "palette": palette,
         "splits": {s: sum(v == s for v in split_of.values()) for s in sorted(set(split_of.values()))},
         "planted": sorted(planted, key=lambda p: p["image_id"]),
     }
@@ -336,12 +360,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--broken", type=int, default=0, help=f"plant K broken samples: {[k for k, _ in BROKEN_KINDS]}")
     ap.add_argument("--max-side", type=int, default=640, help="longest image side in pixels (COCO: 640)")
     ap.add_argument("--val-fraction", type=float, default=0.2, help="share of samples written to val2017")
+    ap.add_argument("--palette", choices=PALETTES, default="any", help="coded: one colour per shape category")
     args = ap.parse_args(argv)
     if args.images < 1 or args.broken < 0 or args.max_side < 32 or not 0 <= args.val_fraction < 1:
         ap.error("need --images >= 1, --broken >= 0, --max-side >= 32, 0 <= --val-fraction < 1")
     if args.broken > args.images:
         ap.error(f"--broken {args.broken} exceeds --images {args.images}")
-    rec = generate(args.out, args.images, args.seed, args.broken, args.max_side, args.val_fraction)
+    rec = generate(args.out, args.images, args.seed, args.broken, args.max_side, args.val_fraction,
+                   palette=args.palette)  # fmt: skip
     print(f"wrote {args.images} samples ({rec['splits']}) with {len(rec['planted'])} planted faults to {args.out}")
     return 0
 

@@ -47,7 +47,7 @@ def _local(location: str, key: str, what: str) -> Path:
 
 def ensure_model(model: dict[str, Any]) -> None:
     """For ``model.tiny`` configs, write the tiny checkpoint at ``model.name_or_path`` if it is not there; with
-    ``model.captioned`` ({steps, lr, seed}), the demo's base trained from it (`raysal.demo.base`)."""
+    ``model.captioned`` ({steps, lr, seed, patch, images}), the demo's base (`raysal.demo.base`: shipped or trained)."""
     arch = model.get("tiny")
     if not arch:
         return
@@ -58,15 +58,16 @@ def ensure_model(model: dict[str, Any]) -> None:
         from raysal.demo import base as demo_base  # trains a model: torch + transformers, only when needed
 
         args = {"steps": int(captioned["steps"]), "lr": float(captioned["lr"]), "seed": int(captioned["seed"]),
-                "patch": int(captioned.get("patch", demo_base.PATCH))}  # fmt: skip
+                "patch": int(captioned.get("patch", demo_base.PATCH)),
+                "images": int(captioned.get("images", demo_base.IMAGES))}  # fmt: skip
 
         def is_current(path: Path) -> bool:
             return demo_base.is_current(path, arch, **args)
 
         def write(path: Path, arch: str) -> Path:
-            return demo_base.write_demo_base(path, arch, **args)
+            return demo_base.make_demo_base(path, arch, **args)
 
-        what = f"the demo base ({arch} trained to caption, {args['steps']} steps, ~1-2 min on 2 CPUs)"
+        what = f"the demo base ({arch} trained to caption, {args['steps']} steps: copied if raysal ships it)"
     else:
         # transformers, only for a tiny-model config: the Ray Data read tasks import this module too
         from raysal.model.tiny import is_current
@@ -110,7 +111,8 @@ def ensure_data(data: dict[str, Any]) -> None:
         if storage.is_file(manifest):
             return
         log.info("generating %d synthetic samples in %s (first use)", syn["images"], root)
-        synthetic.generate(root, images=syn["images"], seed=syn["seed"], max_side=syn["max_side"])
+        synthetic.generate(root, images=syn["images"], seed=syn["seed"], max_side=syn["max_side"],
+                           palette=syn.get("palette", "any"))  # fmt: skip
         if local is not None:
             write_shards(root, local)
             return
