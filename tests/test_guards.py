@@ -166,6 +166,25 @@ def test_the_default_guards_pass_an_equally_good_trial_and_fail_a_worse_one():
         assert worse[g.metric] <= 0.20, (g, worse)
 
 
+def test_the_demo_profiles_guards_are_sized_for_its_pope():
+    """experiment=demo asks POPE about 11 selection images (66 questions a setting): there the file's margins would
+    fail an equally good trial ~60 % of the time, so the demo profile sizes its own — an equal trial passes ≥ 90 %,
+    one worse by two margins fails ≥ 80 % (as docs/verdict.md asks of every margin)."""
+    from pathlib import Path
+
+    import numpy as np
+
+    spec = load_search_space(Path(__file__).resolve().parents[1] / "search_spaces" / "criteria.yaml", profile="demo")
+    guards = list(spec.control.guards)
+    power = _power_script()
+    rng = np.random.default_rng(1)
+    equal = power.simulate(rng, images=11, acc=0.8, kappa=5.0, worse=0.0, guards=guards, reps=200)
+    assert min(equal.values()) >= 0.90, equal
+    for g in guards:
+        worse = power.simulate(rng, images=11, acc=0.8, kappa=5.0, worse=2 * g.max_loss, guards=[g], reps=100)
+        assert worse[g.metric] <= 0.20, (g, worse)
+
+
 def _pope_records(image_ids, says_yes_to_absent: float, rng) -> ItemRecords:
     r = ItemRecords()
     rows = []

@@ -142,7 +142,7 @@ def test_fsdp_full_finetuning_run_resumes_and_exports(tmp_path, cache):
     assert (run_dir / "probes" / "step_0000004" / "probe0_0.png").exists()  # rank 0 drew it, both ranks ran it
     best = json.loads((run_dir / "best_model" / "best.json").read_text())
     step = int(best["metrics"]["train/step"])
-    shards = cache / "synthetic" / "shards-24-0"  # data.synthetic.images=24, seed 0
+    shards = cache / "synthetic" / "shards-24-0-coded"  # data.synthetic.images=24, seed 0, the demo palette
     whole = evaluate_whole_set(run_dir / "best_model", cache / "tiny" / "llava", shards, batch=4)
     reported = next(h for h in history if h["train/step"] == step)
     for k in ("lm_loss", "amr", "ap", "nss", "pointing", "images", "tokens"):

@@ -1,8 +1,8 @@
 """The hallucination guard biting on real answers (issue 30): on the demo's base and data, a search's end is given
 three trials that left their evaluation records in their checkpoints — the LM-only control (LoRA, trained as the
 demo trains it), an unchanged copy of it, and a planted trial whose LoRA also learned to answer "Yes" to every
-"Is there a ... in the image?" — and judges them with `search_spaces/criteria.yaml`'s guards. The copy passes; the
-planted trial, though its grounding is no worse, is excluded by the POPE guards with its paired interval. The
+"Is there a ... in the image?" — and judges them with the guards `search_spaces/criteria.yaml` gives the demo. The
+copy passes; the planted trial, though its grounding is no worse, is excluded by the FPR guard with its interval. The
 control's own answers are the ones the README's demo relies on: F1 ≥ 0.7, yes-ratio within 0.3-0.7, ≥ 60 questions
 per setting on the selection images."""
 
@@ -107,7 +107,7 @@ def test_a_planted_yes_trial_is_excluded_by_the_guard_and_a_copy_of_the_control_
     planted = _trial(base, shards, tmp_path / "trials" / "yes", yes=True)
     print({k: round(v, 3) for k, v in planted.items() if "adversarial" in k or k in ("val/amr", "val/lm_loss")})
 
-    guards = load_search_space(ROOT / "search_spaces" / "criteria.yaml").control
+    guards = load_search_space(ROOT / "search_spaces" / "criteria.yaml", profile="demo").control
     margins = {g.metric: g.max_loss for g in guards.guards}
     spec = load_search_space(write(tmp_path, minimal(control={"lm_tolerance": 1.0, "guards": margins})))
     grid = []
