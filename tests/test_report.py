@@ -101,6 +101,22 @@ def test_report_has_every_figure_and_lists_failures(search, storage_root):
     assert not re.search(r'src="(?!data:)', page), "every picture is embedded: the page opens offline"
 
 
+def test_the_lead_picture_holds_the_whole_verdict(search):
+    """A verdict with intervals runs to many lines: the picture grows to hold every one, its last line drawn."""
+    from raysal.search.report_html import _lead_picture
+
+    report = build_report(search)
+    plane, pair = report.figures["plane"], (report.figures["plane"], report.figures["plane"])
+
+    def picture(verdict: str) -> np.ndarray:
+        return np.asarray(Image.open(io.BytesIO(_lead_picture(plane, pair, "b", "c", verdict, None))).convert("L"))
+
+    short, long = picture("best trial b"), picture(" ".join(["val/amr 1.12x [1.10, 1.15]"] * 120) + " END")
+    assert long.shape[0] >= short.shape[0] + 10 * 22, (short.shape, long.shape)  # >= 10 more lines of text
+    ink = np.nonzero((long < 128).any(axis=1))[0]
+    assert ink.max() > long.shape[0] - 22 - 16, "the last line is drawn, inside the picture"
+
+
 def test_pareto_front():
     pts = [(5.0, 1.0), (5.1, 1.2), (5.2, 1.1), (4.9, 0.9), (5.3, 1.3)]
     assert pareto_front(pts, maximise=True) == [3, 0, 1, 4]

@@ -90,32 +90,39 @@ def _probe_section(
     return table, _probe_grid(pngs), pair
 
 
-def _lead_picture(plane: bytes, pair: tuple[bytes, bytes], best: str, control: str, verdict: str | None) -> bytes:
-    """The search at a glance (README-sized): the grounding-vs-language plane, and beside it the first probe
-    phrase's heatmap of the best trial over the control's, with the verdict under them."""
+def _lead_picture(
+    plane: bytes, pair: tuple[bytes, bytes], best: str, control: str, verdict: str | None, hallucination: bytes | None
+) -> bytes:
+    """The search at a glance (README-sized): the grounding-vs-language plane (over the grounding-vs-hallucination
+    one when POPE ran), and beside them the first probe phrase's heatmap of the best trial over the control's, with
+    the whole verdict under them (the canvas grows with it: a verdict with intervals runs to a dozen lines)."""
 
     font = ImageFont.load_default(size=15)
-    left = Image.open(io.BytesIO(plane)).convert("RGB")
+    planes = [Image.open(io.BytesIO(p)).convert("RGB") for p in (plane, hallucination) if p is not None]
+    left = Image.new("RGB", (max(p.width for p in planes), sum(p.height for p in planes)), (255, 255, 255))
+    for i, p in enumerate(planes):
+        left.paste(p, (0, sum(q.height for q in planes[:i])))
     pics = [Image.open(io.BytesIO(p)).convert("RGB") for p in pair]
     pad, line = 16, 22
     right_w = max(max(p.width for p in pics), 420)
-    right_h = sum(line + p.height + pad for p in pics) + 3 * line
-    canvas = Image.new("RGB", (left.width + pad + right_w, max(left.height, right_h)), (255, 255, 255))
+    width = left.width + pad + right_w
+    top = max(left.height, sum(line + p.height + pad for p in pics))
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    rows: list[str] = []
+    for w in (verdict or "").replace("×", "x").split():  # the embedded font has no "×"; wrapped to the width
+        if rows and measure.textlength(f"{rows[-1]} {w}", font=font) <= width - 2 * pad:
+            rows[-1] = f"{rows[-1]} {w}"
+        else:
+            rows.append(w)
+    canvas = Image.new("RGB", (width, top + len(rows) * line + pad), (255, 255, 255))
     canvas.paste(left, (0, 0))
     draw, x, y = ImageDraw.Draw(canvas), left.width + pad, 0
     for label, pic in ((f"best trial {best}", pics[0]), (f"LM-only control {control}", pics[1])):
         draw.text((x, y), label, fill=(0, 0, 0), font=font)
         canvas.paste(pic, (x, y + line))
         y += line + pic.height + pad
-    words, row = (verdict or "").replace("×", "x").split(), ""  # the embedded font has no "×"
-    for w in words:  # the verdict, wrapped to the right column
-        if draw.textlength(f"{row} {w}", font=font) > right_w and row:
-            draw.text((x, y), row, fill=(0, 0, 0), font=font)
-            y, row = y + line, w
-        else:
-            row = f"{row} {w}".strip()
-    if row:
-        draw.text((x, y), row, fill=(0, 0, 0), font=font)
+    for i, row in enumerate(rows):
+        draw.text((pad, top + i * line), row, fill=(0, 0, 0), font=font)
     buf = io.BytesIO()
     canvas.save(buf, format="PNG", optimize=True)
     return buf.getvalue()
@@ -252,7 +259,8 @@ def build_report(search_dir: str) -> Report:
     if grid is not None:
         figs["probes"] = grid
     if pair is not None and "plane" in figs:  # report/lead.png: the picture to show (the README's is the demo's)
-        figs["lead"] = _lead_picture(figs["plane"], pair, str(best), str(control), summary.get("verdict"))
+        figs["lead"] = _lead_picture(figs["plane"], pair, str(best), str(control), summary.get("verdict"),
+                                     figs.get("hallucination"))  # fmt: skip
 
     n_failed = len(summary.get("failed", []))
     lead = (f"{summary['trials']} trials, {summary['reported']} ranked, {n_failed} failed. Objective: {metric} "
