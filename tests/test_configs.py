@@ -7,7 +7,7 @@ from raysal.orchestration.train.spec import spec_from_cfg
 
 GROUP_OPTIONS = {
     "model": ["llava-1.5-7b", "llava-v1.6-mistral-7b", "tiny", "tiny-next", "tiny-captioned", "tiny-next-captioned"],
-    "data": ["coconut", "synthetic"],
+    "data": ["coconut", "synthetic", "demo"],
     "criterion@criteria.base": ["lm", "cal"],
     "criterion@criteria.align": ["kl", "mse", "mass", "bce_dice", "seed_kl"],
     "lora": ["default", "llava", "none"],

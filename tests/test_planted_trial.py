@@ -8,6 +8,7 @@ per setting on the selection images."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -70,9 +71,10 @@ def _always_yes(rows: list[dict], processor) -> list[dict]:
     return out
 
 
-def _trial(base: Path, shards: Path, folder: Path, *, yes: bool) -> dict[str, float]:
+def _trial(base: Path, shards: Path, folder: Path, *, yes: bool, save: Path | None = None) -> dict[str, float]:
     """LoRA r=16 all-linear + the projector, 24 steps at lr 3e-3 on the demo's captions (the demo's control);
-    ``yes``: the "Yes" answers mixed in. Evaluated as a trial is (records into its checkpoint under ``folder``)."""
+    ``yes``: the "Yes" answers mixed in. Evaluated as a trial is (records into its checkpoint under ``folder``);
+    ``save``: the LoRA merged into the base, written there as a model folder transformers loads alone."""
     proc = load_processor(str(base))
     train_rows = _rows(shards, "train2017")
     train = [encode_row(r, proc) for r in train_rows] + (_always_yes(train_rows, proc) if yes else [])
@@ -87,9 +89,13 @@ def _trial(base: Path, shards: Path, folder: Path, *, yes: bool) -> dict[str, fl
     model = apply_lora(load_model(str(base), dtype="float32"), rank=16, alpha=32, targets="all-linear",
                        train_projector=True)  # fmt: skip
     cfg = FitConfig(max_steps=24, lr=3e-3, warmup_steps=4, eval_every=24, seed=0, bf16=False)
-    return fit(model, [LMCriterion()], batch_factory(train, 8, pad, px, seed=0),
-               lambda: batch_factory(val, 8, pad, px, shuffle=False)(0), cfg, checkpoint_dir=folder,
-               extra_eval=pope_eval)  # fmt: skip
+    metrics = fit(model, [LMCriterion()], batch_factory(train, 8, pad, px, seed=0),
+                  lambda: batch_factory(val, 8, pad, px, shuffle=False)(0), cfg, checkpoint_dir=folder,
+                  extra_eval=pope_eval)  # fmt: skip
+    if save is not None:
+        model.merge_and_unload().save_pretrained(save)
+        proc.save_pretrained(save)
+    return metrics
 
 
 def test_a_planted_yes_trial_is_excluded_by_the_guard_and_a_copy_of_the_control_passes(demo, tmp_path, monkeypatch):
@@ -130,3 +136,47 @@ def test_a_planted_yes_trial_is_excluded_by_the_guard_and_a_copy_of_the_control_
     assert same["estimate"] == same["lo"] == same["hi"] == 0, same  # the control's own answers
     yes = next(line for line in summary["table"].splitlines() if "| yes |" in line)
     assert "(guard: val/pope/adversarial/fpr)" in yes and f"[+{fpr['lo']:.3f}, +{fpr['hi']:.3f}]" in yes, yes
+
+
+@pytest.mark.slow  # ~3 min: a real search of two trials, after the default suite (.ci/run)
+@pytest.mark.integration
+def test_a_search_excludes_a_planted_yes_trial_by_its_guard(demo, tmp_path):
+    """The same exclusion in a real search (`python -m raysal.tune` on a local Ray, experiment=demo): the LM-only
+    control on the demo base, and one sampled trial that aligns attention on a base that learned to say "Yes"
+    (the planted LoRA merged: a trial over a different base model, as a search over bases would run it). The search
+    evaluates both on the same POPE questions, pairs them, and its verdict excludes the planted trial by the FPR
+    guard with its interval; the console, summary.json and the report's hallucination plane say so."""
+    from entrypoint_runs import run
+
+    base, shards = demo
+    planted = tmp_path / "yes_base"
+    _trial(base, shards, tmp_path / "yes_trial", yes=True, save=planted)
+    margins = {g.metric: g.max_loss for g in
+               load_search_space(ROOT / "search_spaces" / "criteria.yaml", profile="demo").control.guards}  # fmt: skip
+    space = tmp_path / "planted.yaml"
+    space.write_text(
+        "name: planted\nobjectives: [{metric: val/amr, mode: max}]\nnum_samples: 1\nmax_concurrent_trials: 1\n"
+        f"control: {{lm_tolerance: 1.0, guards: {json.dumps(margins)}}}\n"  # only the guards may exclude
+        "scheduler: {type: asha, time_attr: train/step, max_t: 8, grace_period: 8, reduction_factor: 2}\n"
+        "resources: {num_workers: 1, use_gpu: false, cpus_per_worker: 1, gpus_per_worker: 0}\n"
+        "base_overrides: [model=tiny-captioned, trainer.max_steps=8, trainer.eval_every=8]\n"
+        "space:\n  criterion@criteria.align: {choice: [kl]}\n"
+        f"  model.name_or_path: {{choice: ['{planted}']}}\n  model.tiny: {{choice: [null]}}\n"
+    )
+    res = run(["raysal.tune", str(space), "experiment=demo", f"storage_path={tmp_path / 'runs'}"], tmp_path / "cache",
+              timeout=1200)  # fmt: skip
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    summary = json.loads((tmp_path / "runs" / "planted" / "summary.json").read_text())
+    (trial,) = [r["trial_id"] for r in summary["rows"] if not r["control"]]
+    assert summary["rule"] == "paired" and set(summary["failed_guards"]) == {trial}, summary["failed_guards"]
+    assert "val/pope/adversarial/fpr" in summary["failed_guards"][trial], summary["failed_guards"]
+    fpr = summary["paired"][trial]["val/pope/adversarial/fpr"]
+    assert fpr["lo"] > margins["val/pope/adversarial/fpr"], fpr  # worse beyond the margin, interval and all
+    assert summary["best"]["trial_id"] == summary["control"], summary["best"]
+    control = next(r for r in summary["rows"] if r["control"])["metrics"]
+    assert control["val/pope/adversarial/n"] >= 60 and control["val/pope/adversarial/f1"] >= 0.7, control
+    line = (f"guard val/pope/adversarial/fpr (non-inferiority: higher than the control by at most "
+            f"{margins['val/pope/adversarial/fpr']:g}, on the paired 95 % interval's bound): control "
+            f"{control['val/pope/adversarial/fpr']:.4g}; failed by {trial}")  # fmt: skip
+    assert line in res.stdout, res.stdout[-3000:]
+    assert (tmp_path / "runs" / "planted" / "report" / "hallucination.png").stat().st_size > 10_000
