@@ -117,6 +117,19 @@ def test_the_lead_picture_holds_the_whole_verdict(search):
     assert ink.max() > long.shape[0] - 22 - 16, "the last line is drawn, inside the picture"
 
 
+def test_the_language_plane_greys_the_trials_the_lm_tolerance_excluded(search):
+    """A trial over the LM tolerance is drawn grey (it cannot win), the others blue."""
+    from raysal.search.report_figures import grounding_language_plane
+
+    rows = json.loads((search / "summary.json").read_text())["rows"]
+
+    def grey_pixels(excluded: set[str]) -> int:
+        png = grounding_language_plane(rows, "val/amr", "max", 5.1, "t4", excluded=excluded)
+        return int((np.asarray(Image.open(io.BytesIO(png)).convert("RGB")) == 170).all(axis=-1).sum())
+
+    assert grey_pixels({"t3"}) > grey_pixels(set()) + 20
+
+
 def test_pareto_front():
     pts = [(5.0, 1.0), (5.1, 1.2), (5.2, 1.1), (4.9, 0.9), (5.3, 1.3)]
     assert pareto_front(pts, maximise=True) == [3, 0, 1, 4]

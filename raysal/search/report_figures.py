@@ -85,11 +85,12 @@ def pareto_front(points: list[tuple[float, float]], maximise: bool) -> list[int]
 
 def grounding_language_plane(
     rows: list[dict[str, Any]], metric: str, mode: str, lm_limit: float | None, best: str | None,
-    paired: dict[str, dict] | None = None,
+    paired: dict[str, dict] | None = None, excluded: set[str] | frozenset[str] = frozenset(),
 ) -> bytes | None:  # fmt: skip
     """The objective against val/lm_loss, one point per trial: Pareto front, the control, the LM tolerance band
     (trials right of the limit pay for grounding with language and cannot be chosen best); ``paired``: each
-    trial's comparisons with the control, drawn as 95 % interval bars on both axes."""
+    trial's comparisons with the control, drawn as 95 % interval bars on both axes; ``excluded``: the trials the
+    LM tolerance excluded (grey: with paired records, a point left of the line whose interval reaches past it)."""
     pts = [(r["metrics"][LM], r["metrics"][metric], r) for r in rows if LM in r["metrics"] and metric in r["metrics"]]
     pts = [p for p in pts if math.isfinite(p[0]) and math.isfinite(p[1])]
     if not pts:
@@ -107,7 +108,9 @@ def grounding_language_plane(
         else:
             mine = (paired or {}).get(r["trial_id"], {})
             _error_bars(ax, x, y, mine.get(LM), mine.get(metric))
-            ax.scatter([x], [y], s=36, color="#1f77b4", zorder=2)
+            out = r["trial_id"] in excluded
+            ax.scatter([x], [y], s=36, color="#aaa" if out else "#1f77b4", zorder=2,
+                       label="over the LM tolerance" if out else "trial")  # fmt: skip
         if r["trial_id"] == best:
             ax.scatter([x], [y], s=260, facecolors="none", edgecolors="k", lw=1.5, zorder=4, label="best")
         ax.annotate(r["trial_id"], (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7, color="#444")

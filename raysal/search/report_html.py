@@ -225,11 +225,12 @@ def build_report(search_dir: str) -> Report:
     sections.append("<h2>Trials</h2>" + _trials_table(summary))
     figure(
         "plane", "Grounding vs language", figures.grounding_language_plane(
-            summary.get("rows", []), metric, mode, summary.get("lm_limit"), best, paired=summary.get("paired")),
+            summary.get("rows", []), metric, mode, summary.get("lm_limit"), best, paired=summary.get("paired"),
+            excluded=set(summary.get("excluded_by_lm_tolerance") or [])),
         f"Each trial's final {metric} against its val/lm_loss, with its 95 % intervals paired with the LM-only control "
-        "(the star) on the same images where the trials kept per-item records. Trials right of the dashed line lost "
-        "more than the LM tolerance of language quality and cannot be chosen best; the grey line is the Pareto "
-        "front.", "No trial reported both metrics.",
+        "(the star) on the same images where the trials kept per-item records. Grey trials lost more than the LM "
+        "tolerance of language quality (their interval reaches right of the dashed line) and cannot be chosen best; "
+        "the grey line is the Pareto front.", "No trial reported both metrics.",
     )  # fmt: skip
     fpr_guard = (summary.get("guards") or {}).get(figures.HALLUCINATION)
     figure(
