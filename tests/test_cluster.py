@@ -165,7 +165,7 @@ def test_a_search_on_s3_survives_a_killed_driver_and_a_lost_head(cluster, s3_ser
     summary = storage.read_json(storage.join(search, "summary.json"))
     assert summary["trials"] == 2 and summary["reported"] == 2 and not summary["failed"], summary
     assert summary["control"] and "warning" not in summary, summary
-    assert summary["leaked_placement_groups"] == 0, summary
+    assert summary["leaked_placement_groups"] == 0, res.stdout[-3000:] + res.stderr[-5000:]  # which, and why
     assert "localization" in summary["table"], summary["table"]
     assert summary["best"] and storage.is_dir(storage.join(search, "best_adapter"))
     study = _study(study_at, "s3kill")
