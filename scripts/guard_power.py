@@ -1,5 +1,5 @@
 """How often a POPE guard passes an equally good trial and fails a worse one, at a given POPE size and margin: the
-power calculation behind the margins in search_spaces/*.yaml (docs/verdict.md).
+power calculation behind the margins in search_spaces/*.yaml and the confirmation's size (docs/verdict.md).
 
 The simulation (the model of issue 30): every question has a difficulty, the probability that a model answers it
 right, drawn from Beta(acc·κ, (1 − acc)·κ) (mean ``acc``; κ → ∞: every question equally hard, i.e. the two models'
@@ -9,7 +9,14 @@ image 3 present things (yes) and 3 absent ones (no) per setting, as raysal's POP
 through raysal's own decision: `raysal.metrics.paired.compare` (the paired bootstrap, B = 2000) and
 `raysal.search.guards.Guard.passes` (the interval's harmful bound within the margin).
 
-    python scripts/guard_power.py --out docs/guard_power.json      # ~2 min on 2 cores
+With ``--seeds S`` it simulates the confirmation instead: S training seeds, each a finalist paired with its matched
+control on the same images, compared pooled over seeds and images (`raysal.metrics.seeds.compare_seeds`), each
+seed's finalist off its control by a seed effect drawn from N(0, ``--seed-sd``) on top of the true difference
+(the seed variance the interval must carry). ``--at-margin`` adds the pass rate of a finalist worse by exactly the
+margin (the non-inferiority test's level: ≤ 2.5 %).
+
+    python scripts/guard_power.py --out docs/guard_power.json                                   # ~2 min on 2 cores
+    python scripts/guard_power.py --images 500 --seeds 3 --margins 0.03 0.05 --at-margin      # the defaults
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import numpy as np
 
 from raysal.metrics.paired import compare
 from raysal.metrics.records import ItemRecords
+from raysal.metrics.seeds import compare_seeds
 from raysal.search.guards import Guard
 
 SETTING = "adversarial"
@@ -63,6 +71,31 @@ def simulate(
     return {m: n / reps for m, n in passed.items()}
 
 
+def simulate_confirmation(
+    rng: np.random.Generator, *, images: int, seeds: int, acc: float, kappa: float, worse: float, seed_sd: float,
+    guards: list[Guard], reps: int, resamples: int = 500,
+) -> dict[str, float]:  # fmt: skip
+    """→ {guard metric: fraction of ``reps`` simulated confirmations the finalist passed}: ``seeds`` pairs of a
+    finalist (right ``worse`` + its seed's effect less often on every question) and its matched control, on the
+    same ``images`` (questions' difficulties shared), decided pooled (`compare_seeds`, the guard's bound)."""
+    per = 3
+    image_ids = np.repeat(np.arange(images), 2 * per)
+    labels = np.tile(np.r_[np.ones(per, bool), np.zeros(per, bool)], images)
+    passed = dict.fromkeys((g.metric for g in guards), 0)
+    for _ in range(reps):
+        p = np.full(len(labels), acc) if math.isinf(kappa) else rng.beta(acc * kappa, (1 - acc) * kappa, len(labels))
+        pairs = []
+        for _ in range(seeds):
+            shift = worse + rng.normal(0.0, seed_sd)
+            control = records(image_ids, labels, answers(rng, p, labels))
+            trial = records(image_ids, labels, answers(rng, np.clip(p - shift, 0, 1), labels))
+            pairs.append((trial, control))
+        for g in guards:
+            c = compare_seeds(pairs, g.metric, resamples=resamples)
+            passed[g.metric] += g.passes(None, c.control, c.as_comparison())
+    return {m: n / reps for m, n in passed.items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=64, help="POPE images (trainer.pope.images)")
@@ -70,6 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--margins", type=float, nargs="+", default=[0.03, 0.04, 0.05, 0.06, 0.08])
     ap.add_argument("--kappas", type=float, nargs="+", default=[2.0, 5.0, math.inf])
     ap.add_argument("--reps", type=int, default=300)
+    ap.add_argument("--seeds", type=int, default=0, help="simulate the confirmation at this many seeds (0: a search)")
+    ap.add_argument("--seed-sd", type=float, default=0.01, help="SD of a seed's effect on the difference")
+    ap.add_argument("--at-margin", action="store_true", help="also: a trial worse by exactly the margin")
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args(argv)
     rng = np.random.default_rng(0)
@@ -77,16 +113,34 @@ def main(argv: list[str] | None = None) -> int:
     for kappa in a.kappas:
         for m in a.margins:
             guards = [Guard(f"val/pope/{SETTING}/f1", m), Guard(f"val/pope/{SETTING}/fpr", m)]
-            equal = simulate(rng, images=a.images, acc=a.acc, kappa=kappa, worse=0.0, guards=guards, reps=a.reps)
-            bad = simulate(rng, images=a.images, acc=a.acc, kappa=kappa, worse=2 * m, guards=guards, reps=a.reps)
-            rows.append({"kappa": kappa, "margin": m, "equal_passes": equal,
-                         "worse_by_2_margins_fails": {k: 1 - v for k, v in bad.items()}})  # fmt: skip
-            print(f"κ={kappa:>4} margin {m:.2f}: equal passes "
-                  + ", ".join(f"{k.split('/')[-1]} {v:.0%}" for k, v in equal.items())
-                  + "; worse by 2 margins fails "
-                  + ", ".join(f"{k.split('/')[-1]} {1 - v:.0%}" for k, v in bad.items()), flush=True)  # fmt: skip
+
+            def run(worse: float, kappa: float = kappa, guards: list[Guard] = guards) -> dict[str, float]:
+                kw = {
+                    "images": a.images,
+                    "acc": a.acc,
+                    "kappa": kappa,
+                    "worse": worse,
+                    "guards": guards,
+                    "reps": a.reps,
+                }
+                if a.seeds:
+                    return simulate_confirmation(rng, seeds=a.seeds, seed_sd=a.seed_sd, **kw)
+                return simulate(rng, **kw)
+
+            equal, bad = run(0.0), run(2 * m)
+            row = {"kappa": kappa, "margin": m, "equal_passes": equal,
+                   "worse_by_2_margins_fails": {k: 1 - v for k, v in bad.items()}}  # fmt: skip
+            text = (f"κ={kappa:>4} margin {m:.3f}: equal passes " + ", ".join(f"{k.split('/')[-1]} {v:.0%}"
+                    for k, v in equal.items()) + "; worse by 2 margins fails " + ", ".join(
+                    f"{k.split('/')[-1]} {1 - v:.0%}" for k, v in bad.items()))  # fmt: skip
+            if a.at_margin:
+                row["at_margin_passes"] = at = run(m)
+                text += "; at the margin passes " + ", ".join(f"{k.split('/')[-1]} {v:.1%}" for k, v in at.items())
+            rows.append(row)
+            print(text, flush=True)
     if a.out:
-        a.out.write_text(json.dumps({"images": a.images, "acc": a.acc, "reps": a.reps, "rows": rows}, indent=1))
+        a.out.write_text(json.dumps({"images": a.images, "acc": a.acc, "reps": a.reps, "seeds": a.seeds,
+                                     "seed_sd": a.seed_sd, "rows": rows}, indent=1))  # fmt: skip
     return 0
 
 

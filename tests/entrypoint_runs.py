@@ -40,14 +40,16 @@ HOLDOUT = re.compile(r"validation hold-out 0\.01 of train2017 = (\d+) images")
 
 def space_file(
     tmp_path: Path, n: int, name: str, concurrency: str = "max_concurrent_trials: 1", space: str = "",
-    control: str = "", cpus_per_worker: float = 1,
+    control: str = "", cpus_per_worker: float = 1, top: str = "",
 ) -> Path:  # fmt: skip
     """A small space file: ASHA over kl/mse, the kl weight and lr; ``space``: more lines for its ``space:`` map;
-    ``control``: a ``control:`` entry (a YAML flow mapping), else the default control."""
+    ``control``: a ``control:`` entry (a YAML flow mapping), else the default control; ``top``: more top-level
+    lines (``finalists: {seeds: 2}``)."""
     path = tmp_path / f"{name}.yaml"
     path.write_text(
         f"""
 {f"control: {control}" if control else ""}
+{top}
 name: {name}
 objectives: [{{metric: val/amr, mode: max}}]
 num_samples: {n}

@@ -32,6 +32,8 @@ def world(tmp_path_factory) -> dict[str, Path]:
     base = tmp_path_factory.mktemp("bad_input")
     generate(base / "root", images=900, seed=4, max_side=48, val_fraction=0.0)
     write_shards(base / "root", base / "single")
+    generate(base / "root16", images=16, seed=7, max_side=48, val_fraction=0.0)  # PanCap's layout, 16 images
+    write_shards(base / "root16", base / "single16")
     trunc = base / "truncated"
     shutil.copytree(base / "single", trunc)
     part = trunc / "train2017" / "part-00001.parquet"
@@ -88,6 +90,20 @@ CASES: dict[str, Callable[[dict], tuple[str, list[str]]]] = {
     "missing-split": _coconut("data.val_split=val2017"),
     "empty-holdout": _coconut("data.val_holdout=0.001"),
     "no-holdout": _coconut("data.val_holdout=0"),
+    "empty-confirmation": _coconut("data.shards={base}/single16", "data.val_holdout=0.5", "data.val_min_images=4"),
+    "empty-confirmation-tune": lambda w: (
+        "tune",
+        [
+            str(w["space"]),
+            "data=coconut",
+            f"data.shards={w['base']}/single16",
+            "data.val_holdout=0.5",
+            "data.val_min_images=4",
+            "model=tiny",
+            f"storage_path={w['base']}/runs",
+        ],
+    ),
+    "small-confirmation": _coconut(),
     "truncated-shard": _coconut("data.shards={base}/truncated"),
     "deleted-shard": _coconut("data.shards={base}/deleted"),
     "missing-model": _train("model.name_or_path=/no/such/dir", "model.tiny=null"),

@@ -104,7 +104,7 @@ def test_a_checkpoint_is_confirmed_once_and_again_only_when_it_changes(tmp_path,
 
     calls = []
 
-    def run(spec, ckpt):
+    def run(spec, ckpt, asked):
         calls.append(ckpt.path)
         return {"checkpoint": storage.name(ckpt.path), "step": 3, "images": 2, "metrics": {"val/amr": 1.5},
                 "records": {}}  # fmt: skip

@@ -150,10 +150,11 @@ def test_search_on_the_coconut_defaults_adapter_wandb_and_no_key_on_disk(tmp_pat
     # storage_path), and a second search reuses it
     # guards against the control on POPE: every trial is asked the hold-out's questions at every evaluation
     guards = "{lm_tolerance: 0.02, guards: {val/pope/adversarial/f1: 0.01, val/pope/adversarial/fpr: 0.01}}"
+    # no finalists' stage here (test_fault_injection.py runs one); the confirmation band sized for the 900 images
     space = space_file(tmp_path, 1, "itune", concurrency="", space="  criteria.align.heads: {choice: [localization]}\n",
-                       control=guards)  # fmt: skip
+                       control=guards, top="finalists: null")  # fmt: skip
     common = ["experiment=demo", "data=coconut", f"data.shards={single_split}", f"storage_path={tmp_path.as_uri()}",
-              "finder.samples=4"]  # fmt: skip
+              "finder.samples=4", "data.confirm_holdout=0.05"]  # fmt: skip
     sessions_before = set(Path("/tmp/ray").glob("session_2*"))
     res = run(["raysal.tune", str(space), *common, "trainer.batch_size=4"], cache,
               extra_env={"WANDB_API_KEY": FAKE_KEY})  # fmt: skip
@@ -178,12 +179,11 @@ def test_search_on_the_coconut_defaults_adapter_wandb_and_no_key_on_disk(tmp_pat
     assert all(set(r["guards"]) == set(pope) for r in summary["rows"]), summary["rows"]  # each trial's verdicts
     assert ("raysal: guard val/pope/adversarial/fpr (non-inferiority: higher than the control by at most 0.01, on the "
             "paired 95 % interval's bound): control") in res.stdout  # fmt: skip
-    # issue 30: every trial compared paired with the control on the records its checkpoint kept, and the best
-    # confirmed on the confirmation band of the single split (data.confirm_holdout: 0.01), never trained or chosen on
+    # issue 30: every trial compared paired with the control on the records its checkpoint kept; without finalists
+    # (finalists: null) nothing is confirmed, and the summary says so
     assert summary["rule"] == "paired" and set(summary["paired"]) == {r["trial_id"] for r in summary["rows"]}
-    conf = summary["confirmation"]
-    assert conf["best"]["trial_id"] == summary["best"]["trial_id"] and conf["images"] > 0
-    assert "confirmed on" in summary["verdict"], summary["verdict"]
+    assert summary["confirmation"] is None and summary["confirmed"] is None
+    assert not summary["verdict"].startswith(("confirmed", "not confirmed")), summary["verdict"]
     if summary["best"]["trial_id"] != summary["control"]:
         assert "95 % intervals" in summary["verdict"], summary["verdict"]
     assert "python -m raysal.train" in summary["table"] and summary["best"]["replay"].startswith(
@@ -265,7 +265,7 @@ def test_train_on_the_coconut_defaults_evaluates_the_holdout_it_printed(tmp_path
     storage.upload(single_split, shards)
     res = run(["raysal.train", "experiment=demo", "data=coconut", format_override("data.shards", shards),
                "trainer.batch_size=4", "trainer.max_steps=4", "trainer.eval_every=2", f"storage_path={tmp_path}",
-               "name=coco"], cache, extra_env=KEYS)  # fmt: skip
+               "name=coco", "data.confirm_holdout=0.05"], cache, extra_env=KEYS)  # 900 images: 1 % confirms too few
     assert res.returncode == 0, res.stderr[-3000:]
     m = HOLDOUT.search(res.stdout)
     assert m, res.stdout[-2000:]

@@ -4,6 +4,7 @@ report in a browser. They wait on progress (a trial reported, a file appeared), 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from entrypoint_runs import ENV, SMALL, run, space_file, wandb_runs
+from entrypoint_runs import ENV, SMALL, descendants, run, space_file, wandb_runs
 from test_entrypoints import check_tune_and_optuna, check_wandb_sweep
 
 from raysal.orchestration.tune.wandb_callback import checkpoint_history
@@ -235,3 +236,72 @@ space:
     study = optuna.load_study(study_name="istall", storage=f"sqlite:///{tmp_path / 'istall' / 'optuna.db'}")
     (trial,) = study.trials
     assert trial.state == optuna.trial.TrialState.FAIL and trial.user_attrs["fail_reason"].startswith("stalled")
+
+
+@pytest.mark.integration
+@pytest.mark.slow  # fault injection: .ci/run runs it after the default suite
+def test_a_driver_killed_during_the_finalists_stage_resumes_it_without_training_a_finished_run_again(tmp_path, cache):
+    """A search with its finalists' stage (2 seeds: one more finalist run, two matched controls): the driver is
+    SIGKILLed once a run of the stage has finished; the same command restores the stage from the search folder,
+    trains what was left (a finished run keeps exactly its checkpoints), confirms every run once and decides."""
+    space = space_file(tmp_path, 1, "stagekill", control="{lm_tolerance: 1.0}", top="finalists: {seeds: 2}")
+    common = ["experiment=demo", "data.synthetic.images=80", "data.confirm_holdout=0.5", "trainer.batch_size=4",
+              "trainer.pope.confirm_images=12", f"storage_path={tmp_path}"]  # fmt: skip
+    cmd = [sys.executable, "-m", "raysal.tune", str(space), *common]
+    trials_dir, stage_dir = tmp_path / "stagekill" / "trials", tmp_path / "stagekill" / "finalists"
+    log = open(tmp_path / "first.log", "w")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(cmd, env={**ENV, "RAYSAL_CACHE": str(cache)}, stdout=log, stderr=subprocess.STDOUT)
+    deadline, searched, finished, orphans = time.time() + 1200, set(), {}, []
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            time.sleep(2)
+            if not stage_dir.is_dir():  # still the search: its two trials
+                searched = {d.name for d in trials_dir.iterdir()} if trials_dir.is_dir() else set()
+                continue
+            runs = [d for d in trials_dir.iterdir() if d.name not in searched]
+            finished = {d.name: sorted(p.name for p in d.glob("checkpoint_[0-9]*")) for d in runs
+                        if (d / "checkpoint_0000006").is_dir()}  # fmt: skip
+            if finished:
+                break
+        tail = (tmp_path / "first.log").read_text()[-3000:]
+        assert proc.poll() is None, f"the search ended before its stage could be interrupted: {tail}"
+        assert finished, f"no run of the stage finished in time: {tail}"
+        orphans = descendants(proc.pid)
+        proc.kill()
+        proc.wait()
+    finally:
+        proc.kill()
+        log.close()
+        for pid in orphans:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+    assert len(searched) == 2, searched
+
+    res = run(["raysal.tune", str(space), *common], cache)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "is already finished (2 trials): 0 trials to run" in res.stdout, res.stdout[-3000:]
+    assert "resuming the finalists' stage" in res.stderr, res.stderr[-3000:]
+    for run_id, checkpoints in finished.items():  # not trained again: the same checkpoints, no new one
+        assert sorted(p.name for p in (trials_dir / run_id).glob("checkpoint_[0-9]*")) == checkpoints, run_id
+    summary = json.loads((tmp_path / "stagekill" / "summary.json").read_text())
+    conf = summary["confirmation"]
+    assert len(conf["arms"]) == 4 and not conf["missing"], conf
+    (finalist,) = conf["finalists"]
+    assert conf["finalists"][finalist]["seeds"] == 2 and isinstance(summary["confirmed"], bool)
+    assert summary["verdict"].startswith(("confirmed: finalist", "not confirmed: finalist")), summary["verdict"]
+    # every run of the stage confirmed once: its confirmation.json of its last checkpoint
+    for arm in conf["arms"]:
+        kept = json.loads((trials_dir / arm["run"] / "confirmation.json").read_text())
+        assert kept["checkpoint"] == "checkpoint_0000006" == arm["checkpoint"], arm
+    assert len({d.name for d in trials_dir.iterdir()}) == 5  # the search's 2 + the stage's 3, no run restarted anew
+    # each seed's matched control, as its run folder records it: the finalist's config but its alignment criterion
+    runs = {(a["role"], a["seed"]): a["run"] for a in conf["arms"]}
+    for seed in {s for _, s in runs}:
+        mine, theirs = (json.loads((trials_dir / runs[(role, seed)] / "run_config.json").read_text())
+                        for role in ("finalist", "matched-control"))  # fmt: skip
+        assert mine["seed"] == theirs["seed"] == seed and mine["optim"] == theirs["optim"]
+        assert mine["criteria"].pop("align").get("_target_") and not theirs["criteria"].pop("align").get("_target_")
+        for c in (mine, theirs):
+            for k in ("name", "storage_path", "wandb"):
+                c.pop(k)
+        assert mine == theirs, seed

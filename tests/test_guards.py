@@ -3,6 +3,7 @@ only among trials that pass them, and what the summary and console say of each."
 
 from __future__ import annotations
 
+import json
 import math
 import re
 
@@ -146,16 +147,18 @@ def _power_script():
     return module
 
 
-def test_the_default_guards_pass_an_equally_good_trial_and_fail_a_worse_one():
-    """The power calculation of docs/verdict.md on raysal's own decision path: at the default POPE size
-    (trainer.pope.images: 64), the margins of search_spaces/criteria.yaml pass an equally good trial ≥ 90 % of the
-    time on both guards, and fail one worse by two margins ≥ 80 % (200 simulated searches each)."""
+def test_the_default_screening_margins_pass_an_equally_good_trial_and_fail_a_worse_one():
+    """The power calculation of docs/verdict.md on raysal's own decision path: at the search's POPE size
+    (trainer.pope.images: 64), the screening margins of search_spaces/criteria.yaml pass an equally good trial ≥ 90 %
+    of the time on both guards, and fail one worse by two margins ≥ 80 % (200 simulated searches each); the margins
+    that decide (0.03 / 0.05, the field's) are the confirmation's (tests/test_seeds.py)."""
     from pathlib import Path
 
     import numpy as np
 
     spec = load_search_space(Path(__file__).resolve().parents[1] / "search_spaces" / "criteria.yaml")
-    guards = list(spec.control.guards)
+    assert [g.max_loss for g in spec.control.guards] == [0.03, 0.05]
+    guards = list(spec.control.screening_guards)
     assert {g.metric for g in guards} == {"val/pope/adversarial/f1", "val/pope/adversarial/fpr"}
     power = _power_script()
     rng = np.random.default_rng(1)
@@ -166,22 +169,25 @@ def test_the_default_guards_pass_an_equally_good_trial_and_fail_a_worse_one():
         assert worse[g.metric] <= 0.20, (g, worse)
 
 
-def test_the_demo_profiles_guards_are_sized_for_its_pope():
-    """experiment=demo asks POPE about 11 selection images (66 questions a setting): there the file's margins would
-    fail an equally good trial ~60 % of the time, so the demo profile sizes its own — an equal trial passes ≥ 90 %,
-    one worse by two margins fails ≥ 80 % (as docs/verdict.md asks of every margin)."""
+def test_the_demo_profiles_screening_is_sized_for_its_pope_and_its_margins_are_at_most_1_5x_the_defaults():
+    """experiment=demo asks POPE about ~30 selection images: its screening margins pass an equal trial ≥ 90 %, fail
+    one worse by two margins ≥ 80 % (as docs/verdict.md asks of every margin); the margins that decide are at most
+    1.5× the defaults."""
     from pathlib import Path
 
     import numpy as np
 
-    spec = load_search_space(Path(__file__).resolve().parents[1] / "search_spaces" / "criteria.yaml", profile="demo")
-    guards = list(spec.control.guards)
+    file = Path(__file__).resolve().parents[1] / "search_spaces" / "criteria.yaml"
+    spec, default = load_search_space(file, profile="demo"), load_search_space(file)
+    for g, d in zip(spec.control.guards, default.control.guards, strict=True):
+        assert g.metric == d.metric and g.max_loss <= 1.5 * d.max_loss + 1e-12, (g, d)
+    guards = list(spec.control.screening_guards)
     power = _power_script()
     rng = np.random.default_rng(1)
-    equal = power.simulate(rng, images=11, acc=0.8, kappa=5.0, worse=0.0, guards=guards, reps=200)
+    equal = power.simulate(rng, images=30, acc=0.8, kappa=5.0, worse=0.0, guards=guards, reps=200)
     assert min(equal.values()) >= 0.90, equal
     for g in guards:
-        worse = power.simulate(rng, images=11, acc=0.8, kappa=5.0, worse=2 * g.max_loss, guards=[g], reps=100)
+        worse = power.simulate(rng, images=30, acc=0.8, kappa=5.0, worse=2 * g.max_loss, guards=[g], reps=100)
         assert worse[g.metric] <= 0.20, (g, worse)
 
 
@@ -241,7 +247,127 @@ def test_a_planted_hallucinating_trial_is_excluded_with_its_interval(tmp_path, m
     assert fpr["kind"] == "difference" and fpr["lo"] > 0.13 and fpr["images"] == 64, fpr
     same = summary["paired"]["same"]["val/pope/adversarial/fpr"]
     assert same["estimate"] == 0 and same["lo"] == 0 and same["hi"] == 0  # the control's own answers
-    assert "| 1 (guard: val/pope/adversarial/f1) (guard: val/pope/adversarial/fpr) | yes |" in summary["table"]
+    # excluded by both guards; the harms named as well (their intervals exclude no change)
+    assert ("| 1 (guard: val/pope/adversarial/f1) (guard: val/pope/adversarial/fpr) (significantly worse than the "
+            "control: val/pope/adversarial/f1, val/pope/adversarial/fpr) | yes |") in summary["table"]  # fmt: skip
+    assert summary["harms"] == {"yes": ["val/pope/adversarial/f1", "val/pope/adversarial/fpr"]}
     yes = next(line for line in summary["table"].splitlines() if "| yes |" in line)
     assert f"(+{fpr['estimate']:.3f} [+{fpr['lo']:.3f}, +{fpr['hi']:.3f}])" in yes, yes  # the interval beside FPR
     assert "(best) | same |" in summary["table"], summary["table"]
+
+
+# --- the verdict audit (issue 39): equal budgets, NaN objectives, runners-up against the best, harms ---
+
+
+def _with_records(rows: list[dict], records: dict[str, ItemRecords]) -> list[dict]:
+    from raysal.metrics.records import grounding_metrics, pope_metrics_of
+
+    for r in rows:
+        mine = records[r["trial_id"]]
+        r["metrics"].update({f"val/{k}": v for k, v in {**grounding_metrics(mine.images),
+                                                         **pope_metrics_of(mine.pope)}.items()})  # fmt: skip
+    return rows
+
+
+def _amr_records(amr: list[float], ids: list[int] | None = None) -> ItemRecords:
+    r = ItemRecords()
+    ids = ids or list(range(len(amr)))
+    r.add("images", [{"image_id": i, "lm_sum": 50.0, "lm_n": 10, "tokens": 2, "amr": a, "ap": 0.5, "nss": 0.1,
+                      "pointing": 0.5} for i, a in zip(ids, amr, strict=True)])  # fmt: skip
+    return r
+
+
+def test_a_trial_stopped_before_the_controls_budget_never_wins():
+    """ASHA stopped 'a' at step 8 of 24: its AMR is the highest, but it trained a third of the control's budget (and
+    mid-schedule): not eligible, said why; 'b' reached step 24 and wins."""
+    rows = [row("c", 1.0, 0.8, 0.1, control=True), row("a", 9.0, 0.8, 0.1), row("b", 2.0, 0.8, 0.1)]
+    for r, step in zip(rows, (24, 8, 24), strict=True):
+        r["metrics"]["train/step"] = float(step)
+    best, decision = choose_best(rows, "val/amr", "max", 0.02, GUARDS)
+    assert best["trial_id"] == "b" and decision["finalists"] == ["b"]
+    assert decision["unranked"] == {"a": "stopped at step 8, the control trained 24: not eligible at an unequal budget"}
+
+
+def test_a_non_finite_objective_never_ranks_and_the_table_says_why(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    import ray.train
+
+    from raysal.orchestration.tune.summary import summarise
+
+    spec = load_search_space(write(tmp_path, minimal()))
+    grid = []
+    for r in (row("c", 1.0, 0.8, 0.1, control=True), row("n", float("nan"), 0.8, 0.1), row("b", 2.0, 0.8, 0.1)):
+        grid.append(SimpleNamespace(metrics={**r["metrics"], "trial_id": r["trial_id"]}, config=r["config"],
+                                    error=None, path=str(tmp_path / r["trial_id"])))  # fmt: skip
+    monkeypatch.setattr(ray.train.Result, "from_path", staticmethod(lambda path: SimpleNamespace(checkpoint=None)))
+    summary = summarise(grid, spec, [], str(tmp_path))
+    assert summary["best"]["trial_id"] == "b" and summary["unranked"] == {"n": "val/amr is nan: not ranked"}
+    assert [r["trial_id"] for r in summary["rows"]] == ["b", "c", "n"]  # a NaN sorts last, never first
+    assert "| 3 (val/amr is nan: not ranked) | n |" in summary["table"], summary["table"]
+
+
+def test_runners_up_are_compared_with_the_best_directly_not_by_overlapping_intervals():
+    """'b' grounds like the best 'a' on every image less a constant: their intervals against the noisy control
+    overlap, but paired with each other the difference is clear, so 'b' is not called indistinguishable; 'd' is
+    'a' plus symmetric noise and is."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    base = rng.uniform(1.0, 3.0, 40)
+    control = base * rng.uniform(0.5, 1.5, 40)  # the control: far from both, noisily
+    noisy = base * 2.0 * rng.uniform(0.8, 1.2, 40)
+    noisy *= 0.99 * (base * 2.0).mean() / noisy.mean()  # 1 % below the best on average, noisily
+    records = {"c": _amr_records(list(control)), "a": _amr_records(list(base * 2.0)),
+               "b": _amr_records(list(base * 1.9)), "d": _amr_records(list(noisy))}
+    rows = _with_records([row(t, 0.0, 0.8, 0.1, control=t == "c") for t in records], records)  # fmt: skip
+    best, decision = choose_best(rows, "val/amr", "max", None, (), records)
+    assert best["trial_id"] == "a"
+    pa, pb = decision["paired"]["a"]["val/amr"], decision["paired"]["b"]["val/amr"]
+    assert pb["hi"] >= pa["lo"], "their intervals against the control overlap (the old rule: indistinguishable)"
+    vs = decision["vs_best"]["b"]
+    assert vs["kind"] == "ratio" and vs["hi"] < 1, vs  # paired with the best: clearly below it
+    assert "b" not in decision["indistinguishable"] and "d" in decision["indistinguishable"]
+
+
+def test_the_exported_checkpoint_is_the_judged_one_the_last_not_the_best_by_the_objective(tmp_path, monkeypatch):
+    """A trial whose best val/amr was at step 8 and whose judged (last) evaluation is step 24: the summary's best,
+    best.json and the exported adapter are step 24's, the checkpoint its records were compared on."""
+    from types import SimpleNamespace
+
+    import ray.train
+
+    from raysal.orchestration.tune.summary import settle
+
+    folders = {}
+    for step in (8, 24):
+        ckpt = tmp_path / "trials" / "a" / f"checkpoint_{step:07d}"
+        (ckpt / "adapter").mkdir(parents=True)
+        (ckpt / "adapter" / "adapter_config.json").write_text(f'{{"step": {step}}}')
+        folders[step] = ray.train.Checkpoint.from_directory(str(ckpt))
+    run = SimpleNamespace(checkpoint=folders[24], get_best_checkpoint=lambda *a: folders[8])
+    monkeypatch.setattr(ray.train.Result, "from_path", staticmethod(lambda path: run))
+    summary = {"metric": "val/amr", "best": {"trial_id": "a", "replay": "python -m raysal.train x=1"},
+               "rows": [{"trial_id": "a", "metrics": {"val/amr": 2.0, "train/step": 24.0}, "replay": "r"}],
+               "confirmation": {"finalists": {"a": {"confirmed": True, "why": "every condition holds",
+                                                    "comparisons": {}}}}}  # fmt: skip
+    got = settle(summary, str(tmp_path))
+    assert got["best"]["checkpoint"].endswith("checkpoint_0000024") and got["confirmed"] is True
+    best = json.loads((tmp_path / "best_adapter" / "best.json").read_text())
+    assert best["checkpoint"].endswith("checkpoint_0000024") and best["metrics"]["confirmed"] is True
+    assert json.loads((tmp_path / "best_adapter" / "adapter_config.json").read_text()) == {"step": 24}
+
+
+@pytest.mark.parametrize("images", [64, 30, 11])
+def test_a_trial_exactly_at_a_screening_margin_passes_at_most_2_5_percent(images):
+    """The search's comparisons (`raysal.metrics.paired`, studentized): a trial worse than the control by exactly
+    the margin, at the default POPE size (64 images), the demo's (~30) and fewer (11); 600 simulated searches: it
+    passes ≤ 2.5 % + 2 Monte Carlo standard errors (the percentile interval passed 4.8 % at 11 images)."""
+    import numpy as np
+
+    power = _power_script()
+    rng = np.random.default_rng(images)
+    margin = {64: 0.10, 30: 0.15, 11: 0.25}[images]
+    guards = [Guard("val/pope/adversarial/f1", margin), Guard("val/pope/adversarial/fpr", margin)]
+    got = power.simulate(rng, images=images, acc=0.83, kappa=5.0, worse=margin, guards=guards, reps=600)
+    assert max(got.values()) <= 0.025 + 2 * math.sqrt(0.025 * 0.975 / 600), got

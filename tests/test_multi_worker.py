@@ -82,7 +82,7 @@ def test_two_workers_split_training_and_evaluation(tiny_llava, small_shards, tmp
 
     from raysal.data.shards import shard_files
     from raysal.orchestration.train.data import run_datasets
-    from raysal.orchestration.train.trainer import ShardedValidation
+    from raysal.orchestration.train.shipped import ShardedValidation
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import this test module
     # the data=coconut shape: one split, validation = a hold-out of it (half, so that it spans several blocks)
@@ -142,7 +142,7 @@ def test_fsdp_full_finetuning_run_resumes_and_exports(tmp_path, cache):
     assert (run_dir / "probes" / "step_0000004" / "probe0_0.png").exists()  # rank 0 drew it, both ranks ran it
     best = json.loads((run_dir / "best_model" / "best.json").read_text())
     step = int(best["metrics"]["train/step"])
-    shards = cache / "synthetic" / "shards-24-0-coded"  # data.synthetic.images=24, seed 0, the demo palette
+    shards = cache / "synthetic" / "shards-24-0-coded-v0.5"  # data.synthetic.images=24, seed 0, the demo palette
     whole = evaluate_whole_set(run_dir / "best_model", cache / "tiny" / "llava", shards, batch=4)
     reported = next(h for h in history if h["train/step"] == step)
     for k in ("lm_loss", "amr", "ap", "nss", "pointing", "images", "tokens"):

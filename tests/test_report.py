@@ -186,3 +186,27 @@ def test_both_planes_draw_each_trials_paired_intervals(monkeypatch):
     _, k = drawn[1]
     assert k["yerr"] == [[pytest.approx(0.75)], [pytest.approx(0.75)]]
     assert k["xerr"] == [[pytest.approx(0.03)], [pytest.approx(0.03)]]
+
+
+def test_the_report_shows_the_confirmations_decision_each_run_and_each_harm(search):
+    """The Confirmation section: the decision and why, each pooled comparison with its interval, per-seed values
+    and degrees of freedom, a harm named; every run of the stage with its role, seed, checkpoint and replay."""
+    summary = json.loads((search / "summary.json").read_text())
+    comp = {"kind": "difference", "trial": 0.31, "control": 0.30, "estimate": 0.01, "lo": 0.002, "hi": 0.06,
+            "images": 120, "seeds": 3, "per_seed": [0.01, 0.02, 0.0], "se": 0.01, "df": 2.5, "seed_share": 0.4}
+    summary["confirmation"] = {
+        "finalists": {"t4": {"confirmed": True, "why": "every condition holds", "seeds": 3, "images": 32,
+                             "comparisons": {FPR: comp}, "harms": [FPR]}},
+        "arms": [{"key": "t4/finalist/seed1", "finalist": "t4", "role": "finalist", "seed": 1, "run": "a_00000",
+                  "checkpoint": "checkpoint_0000024", "step": 24, "images": 32, "metrics": {FPR: 0.31},
+                  "replay": "python -m raysal.train seed=1"}],
+    }  # fmt: skip
+    summary["harms"] = {"t4": [FPR]}
+    (search / "summary.json").write_text(json.dumps(summary))
+    page = (search / build_report(str(search)).html.rsplit("/", 1)[-1]).read_text()
+    section = page.split("<h2>Confirmation", 1)[1].split("<h2>", 1)[0]
+    assert "t4: confirmed</b> — every condition holds (3 seeds × 32 confirmation images" in section, section
+    assert "0.01 [0.002, 0.06] — significantly worse than the control" in section
+    assert "<td>0.01, 0.02, 0</td><td>2.5</td><td>40 %</td>" in section
+    assert "a_00000" in section and "python -m raysal.train seed=1" in section
+    assert "(significantly worse than the control: val/pope/adversarial/fpr)" in page  # the trials table too

@@ -63,7 +63,7 @@ def test_a_capped_data_pipeline_keeps_its_order():
     off): a resumed run's epoch came in another order than the one its checkpoint counted micro-batches of."""
     import ray.data
 
-    from raysal.orchestration.train.trainer import data_config
+    from raysal.orchestration.train.shipped import data_config
 
     capped = data_config({"data_cpus": 1.5})
     for name in ("train", "val"):

@@ -44,24 +44,43 @@ def test_a_paired_winner_is_said_with_its_intervals():
     assert verdict(s) == (
         "best trial a reaches val/amr 6, 4.00× [3.10, 5.20] the control's (1.5) on 19 paired images (95 % "
         "intervals); val/lm_loss +1.0% [+0.4%, +1.6%] against the control (limit +2.0%); val/pope/adversarial/f1 "
-        "-0.004 [-0.030, +0.020], within the 0.1 margin; indistinguishable from b (their intervals overlap)"
+        "-0.004 [-0.030, +0.020], within the 0.1 margin; indistinguishable from b (paired with it: their "
+        "difference's interval includes none)"
     )
+    # a harm is named even within its margin, and a screening margin says so
+    s.update(screening=True, harms={"a": ["val/lm_loss"]})
+    assert "within the 0.1 screening margin; val/lm_loss significantly worse than the control;" in verdict(s)
 
 
-def test_the_confirmation_figures_follow_the_selection_figures():
+def _decided(confirmed: bool) -> dict:
+    comps = {"val/amr": {"kind": "ratio", "estimate": 1.8, "lo": 1.2, "hi": 2.6, "images": 90},
+             "val/lm_loss": {"kind": "ratio", "estimate": 1.0, "lo": 0.99, "hi": 1.02, "images": 90},
+             "val/pope/adversarial/fpr": {"kind": "difference", "estimate": 0.06, "lo": 0.02, "hi": 0.10,
+                                          "images": 90}}  # fmt: skip
+    why = "every condition holds" if confirmed else "val/pope/adversarial/fpr +0.060 [+0.020, +0.100]: not shown " \
+        "within the 0.05 margin"  # fmt: skip
+    return {"confirmed": confirmed, "why": why, "seeds": 3, "images": 90, "pope_images": 80, "comparisons": comps,
+            "harms": ["val/pope/adversarial/fpr"], "correction": None, "failed": [] if confirmed else [why]}
+
+
+def test_the_verdict_leads_with_the_confirmations_decision_and_its_reason():
     s = _summary("a")
-    s["confirmation"] = {
-        "images": 9,
-        "best": {"trial_id": "a", "metrics": {"val/amr": 2.0}},
-        "paired": {"val/amr": {"kind": "ratio", "estimate": 1.8, "lo": 1.2, "hi": 2.6, "images": 9},
-                   "val/lm_loss": {"kind": "ratio", "estimate": 1.0, "lo": 0.99, "hi": 1.02, "images": 9}},
-    }  # fmt: skip
-    assert verdict(s).endswith(
-        "; confirmed on 9 images never chosen on: val/amr 1.80× [1.20, 2.60] the control's; val/lm_loss +0.0% "
-        "[-1.0%, +2.0%]"
-    )
-    s["confirmation"]["paired"] = {}
-    assert verdict(s).endswith("; confirmed on 9 images never chosen on: val/amr 2")
+    s["confirmation"] = {"finalists": {"a": _decided(False)}, "lm_tolerance": 0.02,
+                         "guards": {"val/pope/adversarial/fpr": 0.05}}  # fmt: skip
+    text = verdict(s)
+    assert text.startswith(
+        "not confirmed: finalist a against its matched control over 3 seeds × 90 confirmation images (80 with POPE's "
+        "questions): val/amr 1.80× [1.20, 2.60]; val/lm_loss +0.0% [-1.0%, +2.0%] (tolerance +2%); "
+        "val/pope/adversarial/fpr +0.060 [+0.020, +0.100] (margin 0.05); val/pope/adversarial/fpr significantly worse "
+        "than the control — not shown: val/pope/adversarial/fpr within 0.05. Chosen by the search: best trial a "
+        "reaches val/amr 6"
+    ), text
+    s["confirmation"]["finalists"]["a"] = _decided(True)
+    assert verdict(s).startswith("confirmed: finalist a against its matched control over 3 seeds")
+    s["cost"] = {"trials": 4, "gpu_hours": 3.0, "worker_hours": 3.0, "eval_fraction": 0.2, "train_s": 1, "eval_s": 1}
+    s["confirmation"]["cost"] = {"gpu_hours": 1.0, "worker_hours": 1.0}
+    assert verdict(s).endswith("; the search cost 3 GPU-h (evaluation 20%) over 4 trial(s); the confirmation 1 GPU-h "
+                               "(25% of the whole)")  # fmt: skip
 
 
 def test_the_search_summary_run_keeps_the_comparisons_with_their_intervals(tmp_path):
@@ -73,13 +92,7 @@ def test_the_search_summary_run_keeps_the_comparisons_with_their_intervals(tmp_p
 
     s = _summary("a")
     s["paired"] = {"a": {"val/amr": {"kind": "ratio", "estimate": 4.0, "lo": 3.1, "hi": 5.2, "images": 19}}}
-    s["confirmation"] = {
-        "images": 9,
-        "best": {"metrics": {}},
-        "paired": {
-            "val/pope/adversarial/fpr": {"kind": "difference", "estimate": 0.01, "lo": -0.02, "hi": 0.04, "images": 9}
-        },
-    }
+    s["confirmation"] = {"finalists": {"a": _decided(False)}, "cost": {"gpu_hours": 0.5, "worker_hours": 0.5}}
     s["verdict"] = verdict(s)
     values = summary_values(s)
     log_search_summary({}, project="p", entity=None, group="g", mode="offline", directory=tmp_path / "w",
@@ -89,4 +102,23 @@ def test_the_search_summary_run_keeps_the_comparisons_with_their_intervals(tmp_p
     assert summary["best/trial_id"] == "a" and summary["verdict"] == s["verdict"]
     assert (summary["val/amr_vs_control"], summary["val/amr_vs_control_lo"], summary["val/amr_vs_control_hi"]) == (
         4.0, 3.1, 5.2)  # fmt: skip
-    assert summary["confirm/val/pope/adversarial/fpr_vs_control_hi"] == 0.04
+    assert summary["confirm/val/pope/adversarial/fpr_vs_control_hi"] == 0.10 and summary["confirm/confirmed"] == 0
+    assert summary["confirm/harms"] == "val/pope/adversarial/fpr" and summary["confirm/cost/gpu_hours"] == 0.5
+    assert summary["confirm/why"].endswith("not shown within the 0.05 margin")
+
+
+def test_every_run_of_the_finalists_stage_is_tagged_with_its_role_seed_and_the_decision():
+    from raysal.search.verdict import trial_roles
+
+    s = _summary("a")
+    s["rows"][0]["control"] = True
+    s["harms"] = {"a": ["val/lm_loss"]}
+    s["confirmation"] = {"finalists": {"a": _decided(True)}, "arms": [
+        {"run": "a", "finalist": "a", "role": "finalist", "seed": 0},
+        {"run": "c", "finalist": "a", "role": "matched-control", "seed": 0},
+        {"run": "x_00000", "finalist": "a", "role": "finalist", "seed": 1},
+        {"run": "x_00001", "finalist": "a", "role": "matched-control", "seed": 1}]}  # fmt: skip
+    roles = trial_roles(s)
+    assert roles["a"] == ["best", "worse:val/lm_loss", "confirmed"] and roles["c"] == ["control"]
+    assert roles["x_00000"] == ["finalist", "seed:1", "confirmed"] and roles["x_00001"][:2] == ["matched-control",
+                                                                                                 "seed:1"]

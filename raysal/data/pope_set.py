@@ -29,6 +29,12 @@ class PopeSet:
     images: tuple[PopeImage, ...]  # ascending image id
     build: PopeBuild
 
+    def only(self, settings: tuple[str, ...]) -> PopeSet:
+        """The same images with the questions of ``settings`` alone (a confirmation that guards one setting asks
+        that one: a third of the forwards)."""
+        return PopeSet(tuple(PopeImage(i.sample, tuple(q for q in i.questions if q.setting in settings))
+                             for i in self.images), self.build)  # fmt: skip
+
     def describe(self) -> dict:
         """What ``<run>/pope.json`` records: the questions asked, and how many images could be asked about."""
         return {

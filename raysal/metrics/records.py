@@ -61,6 +61,17 @@ class ItemRecords:
         setattr(self, table, _empty(TABLES[table]))
         self.add(table, sorted(rows, key=lambda r: r["image_id"]))
 
+    @classmethod
+    def concat(cls, parts: Iterable[ItemRecords]) -> ItemRecords:
+        """One set of records holding every row of ``parts`` (the seeds of one configuration, evaluated on the same
+        images): an image then has one row per part in each table, and a metric of the whole is the metric of all
+        the rows (`raysal.metrics.seeds`)."""
+        out = cls()
+        for part in parts:
+            for t in TABLES:
+                out.add(t, part.rows(t))
+        return out
+
     def to_json(self) -> str:
         def clean(v: object) -> object:  # NaN → null: standard JSON, read by any client
             return None if isinstance(v, float) and math.isnan(v) else v

@@ -7,11 +7,13 @@ grey: the model never saw it. The strip above the image names the phrase and its
 from __future__ import annotations
 
 import io
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from raysal.probes.phrase_maps import PhraseMap
+if TYPE_CHECKING:  # an annotation only: importing it would load torch in every process that draws (W&B's actor)
+    from raysal.probes.phrase_maps import PhraseMap
 
 SIDE = 320  # pixels of the longer side in the picture (small images are enlarged): readable, light in W&B
 STRIP = 30  # caption strip: two lines of Pillow's default font

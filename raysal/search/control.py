@@ -90,6 +90,35 @@ def paired_comparisons(
     return out
 
 
+def significantly_worse(c: Comparison | dict, mode: str) -> bool:
+    """Whether the interval of a comparison with the control excludes "no harm": its better bound lies on the worse
+    side of no change (a ratio's 1, a difference's 0). Said of a trial even when the harm is within its margin
+    (CONSORT for non-inferiority trials): ``mode`` is the metric's better side."""
+    get = c.get if isinstance(c, dict) else lambda k: getattr(c, k)
+    none = 1.0 if get("kind") == "ratio" else 0.0
+    lo, hi = get("lo"), get("hi")
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        return False
+    return hi < none if mode == "max" else lo > none
+
+
+def _unranked(rows: list[dict], control: dict | None, metric: str) -> dict[str, str]:
+    """{trial_id: why it is not ranked}: a non-finite objective (a NaN can sort anywhere), or a budget short of the
+    control's (a trial that ASHA stopped at a rung trained less, mid-schedule: it is compared at unequal steps)."""
+    out: dict[str, str] = {}
+    budget = (control or {}).get("metrics", {}).get("train/step")
+    for r in rows:
+        value = r["metrics"].get(metric)
+        if not isinstance(value, int | float) or not math.isfinite(value):
+            out[r["trial_id"]] = f"{metric} is {value}: not ranked"
+            continue
+        step = r["metrics"].get("train/step")
+        if budget is not None and r is not control and (step is None or step < budget):
+            at = "no step reported" if step is None else f"stopped at step {step:.0f}"
+            out[r["trial_id"]] = f"{at}, the control trained {budget:.0f}: not eligible at an unequal budget"
+    return out
+
+
 def choose_best(
     rows: list[dict],
     metric: str,
@@ -97,20 +126,26 @@ def choose_best(
     lm_tolerance: float | None,
     guards: tuple[Guard, ...] = (),
     records: dict[str, ItemRecords] | None = None,
+    top_k: int = 1,
 ) -> tuple[dict | None, dict]:
-    """rows: {"trial_id", "metrics", "config", ...} of trials that did not fail; ``records``: {trial_id: the
-    per-item records of the evaluation its metrics come from}. → (best row, what was decided): the best
-    ``metric`` among rows shown within ``lm_tolerance`` of the control's val/lm_loss and non-inferior on every
-    guard (`raysal.search.guards`); the control is eligible. With records, both are paired decisions on 95 %
-    intervals (the LM loss's ratio's upper bound ≤ 1 + lm_tolerance), every trial's comparisons are in
-    ``paired`` and the trials whose objective interval overlaps the best's in ``indistinguishable``; without,
-    point estimates (``rule``: "point"). Without a control that reported what it is judged on, none is best
-    (``warning`` says why)."""
+    """rows: {"trial_id", "metrics", "config", ...} of trials that did not fail, each judged at its last evaluation
+    (the checkpoint its ``records`` come from, and the one exported and confirmed); ``records``: {trial_id: those
+    per-item records}. → (best row, what was decided): the best ``metric`` among the *eligible* rows — a finite
+    objective, the control's budget reached (``train/step``: a trial stopped early by ASHA cannot win), shown
+    within ``lm_tolerance`` of the control's val/lm_loss and non-inferior on every guard (`raysal.search.guards`;
+    during a search these are its screening margins); the control is eligible. With records, both are paired
+    decisions on 95 % intervals (the LM loss's ratio's upper bound ≤ 1 + lm_tolerance), every trial's comparisons
+    are in ``paired``, a metric whose interval excludes no harm is named in ``harms`` (even within its margin),
+    and every eligible runner-up is compared with the best directly, paired on the same images (``vs_best``; those
+    whose interval includes no difference are ``indistinguishable``); without, point estimates (``rule``:
+    "point"). ``finalists``: the ``top_k`` best eligible aligned trials. Without a control that reported what it
+    is judged on, none is best (``warning`` says why)."""
     control = next((r for r in rows if r["config"].get(CONTROL_KEY)), None)
     decision: dict[str, Any] = {"control": None, "lm_limit": None, "excluded_by_lm_tolerance": [], "guards": {},
-                                "failed_guards": {}, "rule": "point", "paired": {},
-                                "indistinguishable": []}  # fmt: skip
-    eligible = rows
+                                "failed_guards": {}, "rule": "point", "paired": {}, "harms": {},
+                                "indistinguishable": [], "vs_best": {}, "finalists": []}  # fmt: skip
+    unranked = _unranked(rows, control, metric)
+    decision["unranked"] = unranked
     paired = None
     if control is not None and records:
         wanted = [metric, LM_METRIC, *(g.metric for g in guards)]
@@ -118,6 +153,11 @@ def choose_best(
         if paired is not None:
             decision.update(rule="paired", paired={t: {m: c.as_dict() for m, c in cs.items()}
                                                    for t, cs in paired.items()})  # fmt: skip
+            modes = {LM_METRIC: "min", **{g.metric: g.mode for g in guards}}
+            decision["harms"] = {t: [m for m, c in cs.items() if m in modes and significantly_worse(c, modes[m])]
+                                 for t, cs in paired.items()}  # fmt: skip
+            decision["harms"] = {t: h for t, h in decision["harms"].items() if h}
+    eligible = [r for r in rows if r["trial_id"] not in unranked]
     if lm_tolerance is not None and control is not None and LM_METRIC in control["metrics"]:
         limit = control["metrics"][LM_METRIC] * (1 + lm_tolerance)
         decision.update(control=control["trial_id"], lm_limit=limit)
@@ -130,8 +170,9 @@ def choose_best(
                 return c is not None and math.isfinite(c.hi) and c.hi <= 1 + lm_tolerance
             return r["metrics"].get(LM_METRIC, float("inf")) <= limit
 
-        eligible = [r for r in rows if within(r)]
-        decision["excluded_by_lm_tolerance"] = [r["trial_id"] for r in rows if r not in eligible]
+        excluded = [r["trial_id"] for r in rows if not within(r)]
+        decision["excluded_by_lm_tolerance"] = excluded
+        eligible = [r for r in eligible if r["trial_id"] not in excluded]
     elif lm_tolerance is not None or guards:
         # the LM guard is what makes the best honest: without a finished control no trial can be judged
         decision["warning"] = "the LM-only control did not finish: no trial can be judged against it, none is best"
@@ -147,20 +188,30 @@ def choose_best(
         eligible = [r for r in eligible if not failed[r["trial_id"]]]
     ranked = sorted(eligible, key=lambda r: r["metrics"][metric], reverse=mode == "max")
     best = ranked[0] if ranked else None
-    if best is not None and paired is not None:
-        decision["indistinguishable"] = _overlapping(best, ranked[1:], metric, paired)
+    decision["finalists"] = [r["trial_id"] for r in ranked if r is not control][:top_k]
+    if best is not None and records:
+        decision["vs_best"] = _against_best(best, ranked[1:], metric, records)
+        decision["indistinguishable"] = [t for t, c in decision["vs_best"].items() if _includes_none(c)]
     return best, decision
 
 
-def _overlapping(best: dict, others: list[dict], metric: str, paired: dict[str, dict[str, Comparison]]) -> list[str]:
-    """The eligible runners-up whose interval against the control overlaps the best's: the data cannot tell them
-    apart from the best."""
-    b = paired.get(best["trial_id"], {}).get(metric)
-    if b is None or not math.isfinite(b.lo):
-        return []
-    out = []
+def _includes_none(c: dict) -> bool:
+    none = 1.0 if c["kind"] == "ratio" else 0.0
+    return math.isfinite(c["lo"]) and math.isfinite(c["hi"]) and c["lo"] <= none <= c["hi"]
+
+
+def _against_best(best: dict, others: list[dict], metric: str, records: dict[str, ItemRecords]) -> dict[str, dict]:
+    """{runner-up: its ``metric`` against the best's, paired on the images both evaluated}: whether the data tell
+    them apart is a comparison of the two, not of their two intervals against the control (which overlap for
+    pairs a direct comparison separates)."""
+    mine = records.get(best["trial_id"])
+    out: dict[str, dict] = {}
+    if mine is None or not comparable(metric):
+        return out
     for r in others:
-        c = paired.get(r["trial_id"], {}).get(metric)
-        if c is not None and math.isfinite(c.hi) and c.hi >= b.lo and c.lo <= b.hi:
-            out.append(r["trial_id"])
+        theirs = records.get(r["trial_id"])
+        if theirs is None:
+            continue
+        with contextlib.suppress(ValueError):  # no shared image: no comparison
+            out[r["trial_id"]] = compare(theirs, mine, metric).as_dict()
     return out

@@ -161,10 +161,14 @@ def _trials_table(summary: dict[str, Any]) -> str:
     best = (summary.get("best") or {}).get("trial_id")
     out = [f"<tr><th>rank</th><th>trial</th><th>{html.escape(metric)}</th><th>val/lm_loss</th><th>step</th>"
            "<th>parameters</th><th>replay</th></tr>"]  # fmt: skip
+    unranked, harms = summary.get("unranked") or {}, summary.get("harms") or {}
     for i, r in enumerate(rows):
         failed_guards = [m for m, ok in (r.get("guards") or {}).items() if not ok]
-        mark = (" (best)" if r["trial_id"] == best else " (LM over the limit)" if r["trial_id"] in excluded
+        mark = (" (best)" if r["trial_id"] == best else f" ({unranked[r['trial_id']]})" if r["trial_id"] in unranked
+                else " (LM over the limit)" if r["trial_id"] in excluded
                 else f" (failed {', '.join(failed_guards)})" if failed_guards else "")  # fmt: skip
+        if harms.get(r["trial_id"]):
+            mark += f" (significantly worse than the control: {', '.join(harms[r['trial_id']])})"
         params = "LM-only control" if r["control"] else " ".join(f"{k}={v}" for k, v in r["params"].items())
         out.append(
             f'<tr class="{"best" if mark == " (best)" else ""}"><td>{i + 1}{mark}</td><td>{r["trial_id"]}</td>'
@@ -177,6 +181,41 @@ def _trials_table(summary: dict[str, Any]) -> str:
         out.append(f'<tr class="failed"><td>failed</td><td>{f["trial_id"]}</td><td colspan="4">'
                    f'{html.escape(f["reason"])}</td><td><code>{html.escape(f["replay"])}</code></td></tr>')  # fmt: skip
     return '<table class="trials">' + "".join(out) + "</table>"
+
+
+def _confirmation_section(summary: dict[str, Any]) -> str:
+    """The finalists' stage: each finalist's decision and why, its pooled comparisons with its matched control
+    (interval, seeds, images, harms), and every run of the stage on the confirmation images."""
+    conf = summary.get("confirmation") or {}
+    decided = conf.get("finalists") or {}
+    if not decided:
+        why = "the search's best is the control: nothing to confirm" if summary.get("best") else "no best trial"
+        return f"<p>No finalists' stage ({html.escape(why)}).</p>"
+    out = []
+    for f, d in decided.items():
+        state = "confirmed" if d["confirmed"] else "not confirmed"
+        out.append(f'<p class="{state.replace(" ", "-")}"><b>{html.escape(f)}: {state}</b> — {html.escape(d["why"])} '
+                   f"({d['seeds']} seeds × {d['images']} confirmation images, each seed beside its matched control)"
+                   "</p>")  # fmt: skip
+        rows = ["<tr><th>metric</th><th>finalist</th><th>matched controls</th><th>against them (95 %)</th>"
+                "<th>per seed</th><th>df</th><th>from the seeds</th></tr>"]  # fmt: skip
+        for m, c in (d.get("comparisons") or {}).items():
+            worse = " — significantly worse than the control" if m in (d.get("harms") or []) else ""
+            per = ", ".join(_fmt(v) for v in c.get("per_seed") or [])
+            rows.append(f"<tr><td>{html.escape(m)}</td><td>{_fmt(c['trial'])}</td><td>{_fmt(c['control'])}</td>"
+                        f"<td>{_fmt(c['estimate'])} [{_fmt(c['lo'])}, {_fmt(c['hi'])}]{html.escape(worse)}</td>"
+                        f"<td>{per}</td><td>{_fmt(c.get('df'))}</td><td>{_fmt(100 * c.get('seed_share', 0))} %</td>"
+                        "</tr>")  # fmt: skip
+        out.append('<table class="confirmation">' + "".join(rows) + "</table>")
+    arms = ["<tr><th>run</th><th>role</th><th>of</th><th>seed</th><th>checkpoint</th><th>metrics</th><th>replay</th>"
+            "</tr>"]  # fmt: skip
+    for a in conf.get("arms") or []:
+        shown = " ".join(f"{k}={_fmt(v)}" for k, v in a["metrics"].items())
+        arms.append(f"<tr><td>{html.escape(a['run'])}</td><td>{a['role']}</td><td>{html.escape(a['finalist'])}</td>"
+                    f"<td>{a['seed']}</td><td>{html.escape(a['checkpoint'])}</td><td>{shown}</td>"
+                    f"<td><details><summary>replay</summary><code>{html.escape(a.get('replay') or '')}</code>"
+                    "</details></td></tr>")  # fmt: skip
+    return "".join(out) + '<table class="arms">' + "".join(arms) + "</table>"
 
 
 STYLE = """
@@ -222,6 +261,8 @@ def build_report(search_dir: str) -> Report:
         sections.append(f'<figure id="{name}"><img src="{_uri(png)}" alt="{html.escape(title)}">'
                         f"<figcaption>{html.escape(caption)}</figcaption></figure>")  # fmt: skip
 
+    sections.append("<h2>Confirmation: finalists against matched controls, over seeds</h2>"
+                    + _confirmation_section(summary))  # fmt: skip
     sections.append("<h2>Trials</h2>" + _trials_table(summary))
     figure(
         "plane", "Grounding vs language", figures.grounding_language_plane(

@@ -131,11 +131,29 @@ class Space:
 @dataclass(frozen=True)
 class Control:
     """The LM-only control trial: run first, with the search's full budget (never stopped early); the best trial is
-    the one with the best objective among trials whose val/lm_loss is within ``lm_tolerance`` of the control's."""
+    the one with the best objective among trials whose val/lm_loss is within ``lm_tolerance`` of the control's.
+    ``guards``: the margins that matter, decided at the confirmation (`Finalists`); ``screening``: the search's own
+    margins, on its smaller evaluation (None: the guards' own)."""
 
     overrides: tuple[str, ...] = ("~criterion@criteria.align",)
     lm_tolerance: float = 0.02
     guards: tuple[Guard, ...] = ()  # more metrics a trial must not lose against the control (`raysal.search.guards`)
+    screening: tuple[Guard, ...] | None = None
+
+    @property
+    def screening_guards(self) -> tuple[Guard, ...]:
+        return self.guards if self.screening is None else self.screening
+
+
+@dataclass(frozen=True)
+class Finalists:
+    """After the search: the ``top_k`` best eligible trials trained again to the full budget with ``seeds``
+    training seeds in all (the search's own run is the first), each seed beside a matched control — the
+    finalist's config with the control's overrides applied (the alignment criteria removed), the same seed — and
+    each finalist confirmed, or not, on the confirmation hold-out (`raysal.search.confirm`)."""
+
+    top_k: int = 1
+    seeds: int = 3
 
 
 @dataclass(frozen=True)
@@ -151,6 +169,7 @@ class SearchSpec:
     base_overrides: tuple[str, ...]
     space: Space
     control: Control | None = Control()
+    finalists: Finalists | None = Finalists()  # None: the search's best is exported unconfirmed
     # the Optuna study's database (SQLAlchemy URL); None: a SQLite file kept in the search folder
     optuna_storage: str | None = None
 

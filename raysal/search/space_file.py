@@ -11,13 +11,13 @@ from typing import Any
 import yaml
 from omegaconf._utils import get_yaml_loader
 
-from raysal.search.guards import Guard, direction
 from raysal.search.optuna_params import encode_option
 from raysal.search.override_text import BASE_OVERRIDE, DICT_KEY, SPACE_KEY, format_value, is_plain
 from raysal.search.space import (
     Choice,
     Control,
     Distribution,
+    Finalists,
     Fixed,
     IntRange,
     LogUniform,
@@ -36,12 +36,13 @@ from raysal.search.space import (
     shared_gpu_reason,
     walk_keys,
 )
+from raysal.search.space_control import parse_control, parse_finalists
 from raysal.search.space_profiles import apply_profile
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*")
 _DISTS = ("choice", "uniform", "loguniform", "int")
 _TOP_KEYS = ("name", "control", "objectives", "num_samples", "max_concurrent_trials", "seed", "scheduler", "resources",
-             "base_overrides", "space", "optuna_storage")  # fmt: skip
+             "base_overrides", "space", "optuna_storage", "finalists")  # fmt: skip
 _SCHEDULER_KEYS = ("type", "time_attr", "max_t", "grace_period", "reduction_factor")
 _RESOURCE_KEYS = ("num_workers", "use_gpu", "cpus_per_worker", "gpus_per_worker")
 
@@ -132,6 +133,7 @@ class _Parser:
             raise self.fail("space", "empty: nothing to search")
         self.check_conflicts(space, base)
         control = self.control(top.get("control", {}))
+        finalists = self.finalists(top.get("finalists", {} if control is not None else None), control)
         study = top.get("optuna_storage")
         if study is not None:
             study = self.rdb_url(study, "optuna_storage")
@@ -147,6 +149,7 @@ class _Parser:
             base_overrides=base,
             space=space,
             control=control,
+            finalists=finalists,
             optuna_storage=study,
         )
 
@@ -159,32 +162,10 @@ class _Parser:
         return url
 
     def control(self, raw: Any) -> Control | None:
-        if raw is None:
-            return None
-        if not isinstance(raw, dict):
-            raise self.fail("control", "expected a mapping {overrides, lm_tolerance, guards} or null (no control)")
-        top = self.mapping(raw, "control", ("overrides", "lm_tolerance", "guards"))
-        default = Control()
-        overrides = default.overrides
-        if "overrides" in top:
-            overrides = self.base_overrides(top["overrides"], "control.overrides")
-        tolerance = self.number(top.get("lm_tolerance", default.lm_tolerance), "control.lm_tolerance", 0.0)
-        return Control(overrides, float(tolerance), self.guards(top.get("guards")))
+        return parse_control(self, raw)
 
-    def guards(self, raw: Any) -> tuple[Guard, ...]:
-        if raw is None:
-            return ()
-        if not isinstance(raw, dict):
-            raise self.fail("control.guards", "expected a mapping {metric: largest allowed loss against the control}")
-        out = []
-        for metric, loss in raw.items():
-            where = f"control.guards.{metric}"
-            try:
-                direction(str(metric))
-            except ValueError as e:
-                raise self.fail(where, str(e)) from None
-            out.append(Guard(str(metric), float(self.number(loss, where, 0.0))))
-        return tuple(out)
+    def finalists(self, raw: Any, control: Control | None) -> Finalists | None:
+        return parse_finalists(self, raw, control)
 
     def objectives(self, raw: Any) -> tuple[Objective, ...]:
         if not isinstance(raw, list) or not raw:

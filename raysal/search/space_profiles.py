@@ -9,13 +9,15 @@ from typing import Any
 from raysal.search.space import SearchSpaceError
 
 _PROFILE_KEYS = (
-    "num_samples", "max_concurrent_trials", "seed", "scheduler", "resources", "base_overrides", "space", "control"
+    "num_samples", "max_concurrent_trials", "seed", "scheduler", "resources", "base_overrides", "space", "control",
+    "finalists",
 )  # fmt: skip
 
 
 def apply_profile(path: Path, raw: Any, profile: str | None) -> Any:
-    """Merge ``profiles.<profile>`` over the top level: mappings (scheduler, resources, space, control) key-wise,
-    base_overrides appended.
+    """Merge ``profiles.<profile>`` over the top level: mappings (scheduler, resources, space, control, finalists)
+    key-wise, base_overrides appended; a space key the profile sets to null leaves the space (the trials take the
+    base config's value, as the control does).
 
     A file is sized for a GPU cluster; its ``profiles.demo`` (selected by ``experiment=demo``) sizes the same
     search for a laptop. A profile the file does not define changes nothing.
@@ -40,6 +42,8 @@ def apply_profile(path: Path, raw: Any, profile: str | None) -> Any:
             raw[key] = [o for o in raw.get(key) or [] if str(o).split("=", 1)[0] not in mine] + list(value)
         elif isinstance(value, dict) and isinstance(raw.get(key), dict):
             raw[key] = {**raw[key], **value}
+            if key == "space":  # a profile's `key: null` takes the key out of the space (the base config's value)
+                raw[key] = {k: v for k, v in raw[key].items() if not (k in value and value[k] is None)}
         else:
             raw[key] = value
     return raw

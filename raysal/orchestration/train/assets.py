@@ -112,7 +112,7 @@ def ensure_data(data: dict[str, Any]) -> None:
             return
         log.info("generating %d synthetic samples in %s (first use)", syn["images"], root)
         synthetic.generate(root, images=syn["images"], seed=syn["seed"], max_side=syn["max_side"],
-                           palette=syn.get("palette", "any"))  # fmt: skip
+                           palette=syn.get("palette", "any"), val_fraction=syn.get("val_fraction", 0.2))  # fmt: skip
         if local is not None:
             write_shards(root, local)
             return

@@ -94,13 +94,14 @@ def iter_collated(
     padding_side: str,
     *,
     device: torch.device,
-    pixels: PixelNorm,
+    pixels: PixelNorm | None,
     shuffle_seed: int | None = None,
 ) -> Iterator[dict]:
     """A Ray Train dataset shard → device batches (`raysal.batch`): Ray collates the columns in its prefetch
-    thread (`Collate`) and moves the tensors to ``device``; the uint8 pixels are normalised there."""
+    thread (`Collate`) and moves the tensors to ``device``; the uint8 pixels are normalised there (``pixels``
+    None: left uint8, for batches kept to be moved later)."""
     kwargs: dict[str, Any] = {"batch_size": batch_size, "collate_fn": Collate(pad_token_id, padding_side)}
     if shuffle_seed is not None:
         kwargs.update(local_shuffle_buffer_size=batch_size * 8, local_shuffle_seed=shuffle_seed)
     for batch in shard.iter_torch_batches(device=device, **kwargs):
-        yield to_device(batch, device, pixels)
+        yield to_device(batch, device, pixels) if pixels is not None else batch

@@ -72,6 +72,16 @@ def best_checkpoint(run_dir: str, metric: str, mode: str) -> tuple[Any, dict[str
     return ckpt, metrics
 
 
+def judged_checkpoint(run_dir: str) -> tuple[Any, dict[str, float]]:
+    """A search trial's judged checkpoint — its last, at the full budget: the one its verdict compared and
+    confirmed — and the metrics it was reported with."""
+    result = ray.train.Result.from_path(run_dir)
+    if result.checkpoint is None:
+        raise ExportError(f"{run_dir}: no checkpoint")
+    metrics = next((m for c, m in result.best_checkpoints if c.path == result.checkpoint.path), result.metrics)
+    return result.checkpoint, metrics or {}
+
+
 def train_image_ids(data: dict[str, Any]) -> list[int]:
     """Every image id the run's training data holds: the training split, less the selection and confirmation
     hold-outs when it validates on the same split."""
@@ -134,13 +144,19 @@ def export_one(run_dir: str, checkpoint: Any, metrics: dict[str, float], out: st
 
 
 def export(source: str, out: str) -> list[Exported]:
-    """A search folder (``summary.json`` in it): its best trial and its LM-only control, as ``out/best`` and
-    ``out/control``. A run folder: its best checkpoint by ``trainer.objective``, as ``out``."""
+    """A search folder (``summary.json`` in it): its best trial and its control, each at its judged checkpoint
+    (its last: what the verdict compared and confirmed), as ``out/best`` and ``out/control`` — the control being the
+    best's matched control at the search's seed when the finalists' stage ran (the same config without the
+    alignment criteria), else the search's LM-only control. A run folder: its best checkpoint by
+    ``trainer.objective``, as ``out``."""
     summary_file = storage.join(source, "summary.json")
     if storage.is_file(summary_file):
         summary = storage.read_json(summary_file)
-        metric, mode = summary["metric"], summary["mode"]
         best, control = (summary.get("best") or {}).get("trial_id"), summary.get("control")
+        matched = [a for a in (summary.get("confirmation") or {}).get("arms") or []
+                   if a["finalist"] == best and a["role"] == "matched-control"]  # fmt: skip
+        if matched:
+            control = min(matched, key=lambda a: a["seed"])["run"]
         if best is None:
             raise ExportError(f"{source}: the search has no best trial ({summary.get('warning') or 'none ranked'})")
         trials = storage.join(source, "trials")
@@ -152,7 +168,7 @@ def export(source: str, out: str) -> list[Exported]:
                 log.warning("%s: no LM-only control in this search: only the best is exported", source)
                 continue
             run_dir = storage.join(trials, trial)
-            ckpt, metrics = best_checkpoint(run_dir, metric, mode)
+            ckpt, metrics = judged_checkpoint(run_dir)
             done.append(Exported(name, trial, export_one(run_dir, ckpt, metrics, storage.join(out, name),
                                                          trial_id=trial)))  # fmt: skip
         return done

@@ -8,6 +8,7 @@ shard or an empty hold-out is one ``error:`` line, not a traceback from inside a
 from __future__ import annotations
 
 import logging
+import math
 import re
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -229,6 +230,7 @@ def check_data(data: dict[str, Any], num_workers: int) -> DataSizes:
             f"data.val_holdout, point data.val_split at a larger split, lower data.val_min_images"
             + (" or data.confirm_holdout" if n_confirm else "")
         )
+    check_confirmation(data, sizes, len(val_ids), holdout if same else 0.0)
     if sizes.eval_images < num_workers:  # each worker evaluates its own part of the validation set
         raise ConfigError(
             f"the validation set has {sizes.eval_images} images, fewer than scaling.num_workers={num_workers}: "
@@ -240,6 +242,28 @@ def check_data(data: dict[str, Any], num_workers: int) -> DataSizes:
             f"scaling.num_workers={num_workers}"
         )
     return sizes
+
+
+def check_confirmation(data: dict[str, Any], sizes: DataSizes, split_images: int, select: float) -> None:
+    """The confirmation hold-out (``data.confirm_holdout`` > 0) holds at least ``data.confirm_min_images`` images:
+    found now, not after training (a run confirms its checkpoint, a search its finalists, once training is done).
+    The message names what to set: the fraction that would hold enough (the hash spreads ids evenly)."""
+    confirm = float(data.get("confirm_holdout") or 0.0)
+    need = int(data.get("confirm_min_images") or 1)
+    if confirm <= 0 or sizes.confirm_images >= need:
+        return
+    enough = min(0.99 - select, math.ceil(100 * 1.25 * need / max(split_images, 1)) / 100)
+    holds = "no image" if not sizes.confirm_images else f"{sizes.confirm_images} images"
+    fix = (
+        f"set data.confirm_holdout={enough:g} (about {need} of its {split_images} images)"
+        if enough > confirm and split_images * (1 - select) * 0.8 >= need
+        else "use a larger split"
+    )
+    raise ConfigError(
+        f"data.confirm_holdout={confirm:g} holds out {holds} of split {data['val_split']!r}, fewer than "
+        f"data.confirm_min_images={need} to confirm on: {fix}, lower data.confirm_min_images, or set "
+        "data.confirm_holdout=0 to confirm nothing"
+    )
 
 
 def preflight(spec: RunSpec) -> DataSizes:

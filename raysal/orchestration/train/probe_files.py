@@ -14,16 +14,18 @@ from __future__ import annotations
 
 import io
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow.fs
 from PIL import Image
 
-from raysal.probes.phrase_maps import PhraseMap
-from raysal.probes.probe_set import Probe
 from raysal.probes.render import png_bytes, render
 from raysal.storage import filesystem
+
+if TYPE_CHECKING:  # annotations only: the search's W&B actor reads probe files without torch
+    from raysal.probes.phrase_maps import PhraseMap
+    from raysal.probes.probe_set import Probe
 
 FOLDER = "probes"
 SCORES = "scores.json"

@@ -97,8 +97,9 @@ def objective_metrics(criteria: list[Criterion], trainer: dict[str, Any] | None 
     ``trainer.pope.images`` > 0, the readout's ``val/rec_acc50`` / ``val/rec_miou`` while ``trainer.readout.images``
     > 0 (the counts ``n`` are not objectives)."""
     val = {f"val/{k}" for k in ("lm_loss", "amr", "ap", "nss", "pointing")}
-    if trainer and (trainer.get("pope") or {}).get("images"):
-        val |= {f"val/pope/{s}/{m}" for s in SETTINGS for m in METRICS if m != "n"}
+    pope = (trainer or {}).get("pope") or {}
+    if pope.get("images"):
+        val |= {f"val/pope/{s}/{m}" for s in pope.get("settings") or SETTINGS for m in METRICS if m != "n"}
     if trainer and (trainer.get("readout") or {}).get("images"):
         val |= {"val/rec_acc50", "val/rec_miou"}
     return val | {"train/loss", "train/grad_norm"} | {f"train/loss/{c.name}" for c in criteria}
@@ -198,6 +199,15 @@ def check_values(c: dict) -> None:
     _number(c, "trainer.probes.images", int, low=0)
     _number(c, "trainer.probes.phrases", int, low=1)
     _number(c, "trainer.pope.images", int, low=0)
+    _number(c, "trainer.pope.confirm_images", int, low=0)
+    asked = _get(c, "trainer.pope.settings")
+    if (
+        not isinstance(asked, list)
+        or not asked
+        or any(s not in SETTINGS for s in asked)
+        or len(set(asked)) < len(asked)
+    ):
+        raise ConfigError(f"trainer.pope.settings={asked!r}: must list some of {', '.join(SETTINGS)}, each once")
     _number(c, "trainer.readout.images", int, low=0)
     _choice(c, "trainer.objective.mode", ("max", "min"))
     _choice(c, "trainer.eval.query_offset", (0, -1))
@@ -211,8 +221,10 @@ def check_values(c: dict) -> None:
     if _get(c, "scaling.use_gpu") and workers > 1 and gpus <= 0.5:
         raise ConfigError(f"scaling.gpus_per_worker: {shared_gpu_reason(gpus=gpus, workers=workers)}")
     _number(c, "data.encode_cpus", float, low=0, low_open=True)
+    _bool(c, "data.encode_once")
     _number(c, "data.val_holdout", float, low=0, high=1, high_open=True)
     _number(c, "data.confirm_holdout", float, low=0, high=1, high_open=True)
+    _number(c, "data.confirm_min_images", int, low=1)
     _number(c, "data.val_max_images", int, low=1, optional=True)
     _number(c, "data.val_min_images", int, low=1)
     _choice(c, "model.padding_side", ("left", "right"))

@@ -9,57 +9,28 @@ from pathlib import Path
 from typing import Any
 
 import ray.train
-from ray.data import ExecutionOptions, ExecutionResources
-from ray.train import DataConfig
 from ray.train.torch import TorchTrainer
 
 from raysal import storage
 from raysal.loop.checkpoint import ADAPTER, CONNECTOR, MODEL
 from raysal.orchestration.train.checkpoint_fetch import fetch_folder, folders
 from raysal.orchestration.train.data import run_datasets
+from raysal.orchestration.train.shipped import data_config, spec_config, train_loop
 from raysal.orchestration.train.spec import RunSpec
-from raysal.orchestration.train.worker import train_loop_per_worker
 
 
-class ShardedValidation(DataConfig):
-    """Each worker gets its own part of both datasets. "train" is split into equal parts (every rank must run the
-    same number of steps: up to ``num_workers - 1`` rows of an epoch are left out, as DistributedSampler's
-    drop_last); "val" into parts that together hold every row (``equal=False``): the evaluation adds its sums over
-    the ranks (`raysal.loop.evaluate`), so N workers report exactly what one worker would, for 1/N of the work."""
-
-    def __init__(self, execution_options: ExecutionOptions | None = None) -> None:
-        super().__init__(datasets_to_split=["train"], execution_options=execution_options)
-
-    def configure(self, datasets: dict[str, Any], world_size: int, worker_handles: Any, worker_node_ids: Any,
-                  **kwargs: Any) -> list[dict[str, Any]]:  # fmt: skip
-        out = super().configure(datasets, world_size, worker_handles, worker_node_ids, **kwargs)
-        if "val" in datasets and world_size > 1:
-            val = datasets["val"].copy(datasets["val"])
-            val.context.execution_options = self._resolve_execution_options("val")  # what the base class sets
-            for i, part in enumerate(val.streaming_split(world_size, equal=False)):
-                out[i]["val"] = part
-        return out
-
-
-def data_config(scaling: dict[str, Any]) -> ShardedValidation:
-    """How the run's datasets reach its workers: split per rank, Ray Data's CPUs capped by ``scaling.data_cpus``
-    (so that concurrent trials do not starve each other), in a fixed order."""
-    if not scaling.get("data_cpus"):
-        return ShardedValidation()  # the DataContext's options (`run_datasets`: preserve_order)
-    # options given here replace the DataContext's: preserve_order again, or a resumed run's epoch would come in
-    # another order than the one its checkpoint counted micro-batches of
-    limits = ExecutionOptions(resource_limits=ExecutionResources(cpu=scaling["data_cpus"]), preserve_order=True)
-    return ShardedValidation(execution_options=limits)
-
-
-def build_trainer(spec: RunSpec, *, callbacks: Sequence[Any] = ()) -> TorchTrainer:
+def build_trainer(spec: RunSpec, *, callbacks: Sequence[Any] = (), datasets: dict[str, Any] | None = None,
+                  after_fit: Any = None) -> TorchTrainer:  # fmt: skip
+    """The run's `TorchTrainer`; ``datasets``: its "train" and "val" already encoded (a search's, encoded once for
+    every trial: `raysal.orchestration.tune.shared_data`), else the run's own pipelines (`run_datasets`);
+    ``after_fit``: rank 0's last act with the trained model (`spec_config`)."""
     s = spec.scaling
     resources = {"CPU": s["cpus_per_worker"]}
     if s["use_gpu"]:
         resources["GPU"] = s["gpus_per_worker"]
     return TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"spec": spec},
+        train_loop,  # imports nothing heavy: the run's controller only passes it on
+        train_loop_config=spec_config(spec, after_fit),
         scaling_config=ray.train.ScalingConfig(
             num_workers=s["num_workers"], use_gpu=s["use_gpu"], resources_per_worker=resources
         ),
@@ -84,7 +55,7 @@ def build_trainer(spec: RunSpec, *, callbacks: Sequence[Any] = ()) -> TorchTrain
                 controller_failure_limit=-1,
             ),
         ),
-        datasets=run_datasets(spec.data, spec.model["name_or_path"], model=spec.model),
+        datasets=datasets or run_datasets(spec.data, spec.model["name_or_path"], model=spec.model),
         dataset_config=data_config(s),
     )
 

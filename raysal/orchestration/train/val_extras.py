@@ -18,7 +18,7 @@ from raysal.data.pope_set import PopeSet, select_pope
 from raysal.loop.fit import ExtraEval
 from raysal.loop.pope_eval import pope_scores
 from raysal.loop.readout_eval import readout_scores
-from raysal.metrics.pope import yes_no_token_ids
+from raysal.metrics.pope import SETTINGS, yes_no_token_ids
 from raysal.metrics.records import ItemRecords
 from raysal.orchestration.train.spec import RunSpec
 from raysal.probes.probe_set import select_probes
@@ -40,32 +40,38 @@ def val_extras(
     lockstep: bool,
     write: bool,
     part: str = "select",
+    settings: tuple[str, ...] | None = None,
+    readout: bool = True,
 ) -> ExtraEval | None:
     """The hook `raysal.loop.fit.fit` calls after each evaluation, or None when both are off (``trainer.pope.images``
     and ``trainer.readout.images`` 0). ``write``: this rank records the sets in the run folder. ``part``: the
     images asked about, "select" (the validation metrics a search ranks on) or "confirm" (the confirmation
-    hold-out, `raysal.orchestration.train.confirm`)."""
+    hold-out, `raysal.orchestration.train.confirm`: up to ``trainer.pope.confirm_images`` POPE images).
+    ``settings``: the POPE settings asked (None: ``trainer.pope.settings``); ``readout``: False leaves the readout
+    out (a confirmation that decides nothing on it)."""
     d, t = spec.data, spec.config["trainer"]
     run_dir = spec.run_dir
     holdout = holdout_for(d, part)
-    pope = pope_set(spec, processor, holdout, write) if t["pope"]["images"] else None
-    readout = None
-    if t["readout"]["images"]:
-        readout = select_probes(d["shards"], d["val_split"], holdout=holdout, images=t["readout"]["images"],
-                                phrases=ALL_PHRASES)  # fmt: skip
-        if not readout:
+    images = t["pope"]["confirm_images"] if part == "confirm" else t["pope"]["images"]
+    settings = settings or tuple(t["pope"].get("settings") or SETTINGS)
+    pope = pope_set(spec, processor, holdout, write, images=images, settings=settings) if images else None
+    readout_set = None
+    if t["readout"]["images"] and readout:
+        readout_set = select_probes(d["shards"], d["val_split"], holdout=holdout, images=t["readout"]["images"],
+                                    phrases=ALL_PHRASES)  # fmt: skip
+        if not readout_set:
             metric = spec.objective["metric"]
             if metric.startswith("val/rec_"):
                 raise ValueError(f"trainer.readout: no validation image has a grounded phrase: "
                                  f"trainer.objective.metric={metric!r} is never reported")  # fmt: skip
             log.warning("trainer.readout: no validation image has a grounded phrase: the run reports no val/rec_*")
         elif write:
-            storage.write_json(storage.join(run_dir, READOUT_FILE), {"probes": [p.describe() for p in readout]})
-    if pope is None and not readout:
+            storage.write_json(storage.join(run_dir, READOUT_FILE), {"probes": [p.describe() for p in readout_set]})
+    if pope is None and not readout_set:
         return None
     # encoded once here, not at every evaluation: the loop only runs the forwards (every rank holds the whole set)
     padding = spec.model.get("padding_side", "right")
-    items = readout_items(readout or [], processor, prompt=d["prompt"], padding_side=padding)
+    items = readout_items(readout_set or [], processor, prompt=d["prompt"], padding_side=padding)
 
     def extra(
         model: torch.nn.Module, protocol: CapturePlan, autocast: contextlib.AbstractContextManager, records: ItemRecords
@@ -81,15 +87,18 @@ def val_extras(
     return extra
 
 
-def pope_set(spec: RunSpec, processor: Any, holdout: Holdout, write: bool) -> PopeSet | None:
-    """The POPE questions of ``holdout``'s images (None, said, when no image has 3 distinct things); ``write``:
-    recorded in the run folder."""
-    d, t = spec.data, spec.config["trainer"]
+def pope_set(spec: RunSpec, processor: Any, holdout: Holdout, write: bool, *, images: int,
+             settings: tuple[str, ...] | None = None) -> PopeSet | None:  # fmt: skip
+    """The POPE questions of up to ``images`` of ``holdout``'s images (None, said, when no image has 3 distinct
+    things), of ``settings`` only (None: all); ``write``: recorded in the run folder."""
+    d = spec.data
     try:
         yes_no_token_ids(processor.tokenizer)
     except ValueError as e:
         raise ValueError(f"trainer.pope: {e} (trainer.pope.images=0 turns POPE off)") from None
-    pope = select_pope(d["shards"], d["val_split"], holdout=holdout, images=t["pope"]["images"])
+    pope = select_pope(d["shards"], d["val_split"], holdout=holdout, images=images)
+    if settings is not None and set(settings) != set(SETTINGS):
+        pope = pope.only(settings)
     if not pope.images:
         why = f"no validation image has 3 distinct things (of {pope.build.n_kept})"
         if spec.objective["metric"].startswith("val/pope/"):  # an objective the run could never report

@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 import time
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -20,11 +21,12 @@ from raysal import storage
 from raysal.orchestration.train.errors import ConfigError, print_user_error
 from raysal.orchestration.train.spec import RunSpec
 from raysal.orchestration.train.wandb_run import resolve_mode, sync_hint, tag_runs
-from raysal.orchestration.tune.confirmation import confirm_search
+from raysal.orchestration.tune.finalists import Interrupted, asked, finalists_stage, say_interrupted
 from raysal.orchestration.tune.heads_table import ensure_heads_table
 from raysal.orchestration.tune.janitor import leaked_placement_groups, removed_count
 from raysal.orchestration.tune.places import SearchPlaces, SearchStateError, restorable, search_places
-from raysal.orchestration.tune.summary import report, summarise
+from raysal.orchestration.tune.shared_data import shared_datasets
+from raysal.orchestration.tune.summary import report, settle, summarise
 from raysal.orchestration.tune.trial import make_trainable, search_pins
 from raysal.orchestration.tune.tuner import connect_ray, new_tuner, restore_tuner, run_tuner
 from raysal.orchestration.tune.wandb_config import trial_wandb_config
@@ -50,20 +52,22 @@ def run_search(spec: SearchSpec, base: list[str], run_spec: RunSpec, resume: str
             raise SearchStateError(f"resume=true but there is no search to restore in {places.search_dir}")
         ensure_heads_table(spec, base, run_spec, pins)
         first = spec.objectives[0]  # the one Tune keeps each trial's best checkpoint by
-        trainable = make_trainable(base, spec.control.overrides if spec.control else (), places.trials_dir, pins,
-                                   (first.metric, first.mode))  # fmt: skip
+        control = spec.control.overrides if spec.control else ()
+        confirm = asked(spec) if spec.finalists else None  # what a run of the finalists' stage confirms at its end
+        trainable = make_trainable(base, control, places.trials_dir, pins, (first.metric, first.mode),
+                                   shared_datasets(spec, run_spec), confirm)  # fmt: skip
+        describe = partial(trial_wandb_config, base=base, control=control, trials_dir=places.trials_dir, pins=pins)
         if restore:
             tuner = restore_tuner(places, trainable)
         else:
-            describe = partial(trial_wandb_config, base=base, control=spec.control.overrides if spec.control else (),
-                               trials_dir=places.trials_dir, pins=pins)  # fmt: skip
             tuner = new_tuner(spec, run_spec, places, trainable, wandb_mode, verbose, describe, base)
     except (SearchStateError, ConfigError) as e:  # one `error:` line, exit 2, no trial started
         return print_user_error(e)
     grid = run_tuner(tuner, spec, places, restore)
     if grid is None:
         return 130
-    return finish(grid, spec, base, run_spec, places, wandb_mode, t0, pins)
+    stage = Stage(trainable, describe, wandb_mode, pins)
+    return finish(grid, spec, base, run_spec, places, t0, stage)
 
 
 def set_search_environment(wandb_mode: str) -> None:
@@ -87,11 +91,28 @@ def tag_judged_runs(summary: dict, run_spec: RunSpec, wandb_mode: str, places: S
         log.warning("could not tag the judged trials' W&B runs (%s): %s", ", ".join(judged), e)
 
 
-def finish(grid: Any, spec: SearchSpec, base: list[str], run_spec: RunSpec, places: SearchPlaces, wandb_mode: str,
-           t0: float, pins: tuple[str, ...] = ()) -> int:  # fmt: skip
-    """summary.json, the study and the report, all in the search folder; the console's last line."""
+@dataclass(frozen=True)
+class Stage:
+    """What the finalists' stage runs its trials with: the search's trainable, W&B description and mode, pins."""
+
+    trainable: Any
+    describe: Any
+    wandb_mode: str
+    pins: tuple[str, ...] = ()
+
+
+def finish(grid: Any, spec: SearchSpec, base: list[str], run_spec: RunSpec, places: SearchPlaces, t0: float,
+           stage: Stage) -> int:  # fmt: skip
+    """The finalists' stage, then summary.json, the study and the report, all in the search folder; the
+    console's last line. 130 when the stage is interrupted (the same command resumes it)."""
+    wandb_mode = stage.wandb_mode
     summary = summarise(grid, spec, base, places.search_dir)
-    summary["confirmation"] = confirm_search(grid, summary, spec, base, run_spec, places.search_dir, pins)
+    try:
+        summary["confirmation"] = finalists_stage(summary, grid, spec, base, run_spec, places, stage.trainable,
+                                                  wandb_mode, stage.describe, stage.pins)  # fmt: skip
+    except Interrupted:
+        return say_interrupted(places)
+    summary.update(settle(summary, places.search_dir))
     summary["verdict"] = verdict(summary)
     summary["leaked_placement_groups"] = leaked_placement_groups()
     summary["placement_groups_removed"] = removed_count(places.search_dir)  # by the janitor: Ray Train left them

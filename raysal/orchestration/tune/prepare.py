@@ -48,6 +48,12 @@ def prepare_search(
             raise SearchSpaceError(
                 path, f"objectives[{i}].metric", f"{o.metric!r} is not reported ({sorted(reported)})"
             )
+    for key, guards in (("guards", spec.control.guards if spec.control else ()),
+                        ("screening", spec.control.screening or () if spec.control else ())):  # fmt: skip
+        for g in guards:
+            if g.metric not in reported:
+                raise SearchSpaceError(path, f"control.{key}.{g.metric}", "not reported by the runs (trainer.pope: "
+                                       "its images and settings; trainer.readout.images)")  # fmt: skip
     if spec.control is not None:  # the control trial's config must compose too, before anything runs
         spec_from_cfg(compose_cfg([*base, *spec.control.overrides]))
     sizes = checks.preflight(run_spec)  # once, here, rather than racing in concurrent trials

@@ -17,6 +17,7 @@ from ray.tune import Callback
 from raysal import storage
 from raysal.orchestration.train.errors import first_line
 from raysal.orchestration.train.fail_reason import read_reason
+from raysal.search.finalists import ARM_KEY, FINALIST, Arm
 from raysal.search.optuna_params import CONTROL_KEY, params_to_overrides
 from raysal.search.override_text import format_override
 
@@ -33,11 +34,14 @@ class ProgressLines(Callback):
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         cfg = trial.config
-        what = (
-            "the LM-only control"
-            if cfg.get(CONTROL_KEY)
-            else " ".join(format_override(k, v) for k, v in params_to_overrides(cfg).items())
-        )
+        if ARM_KEY in cfg:
+            arm = Arm.from_config(cfg[ARM_KEY])
+            who = f"finalist {arm.finalist}" if arm.role == FINALIST else f"the matched control of {arm.finalist}"
+            what = f"{who} at seed {arm.seed}"
+        elif cfg.get(CONTROL_KEY):
+            what = "the LM-only control"
+        else:
+            what = " ".join(format_override(k, v) for k, v in params_to_overrides(cfg).items())
         self._say(f"trial {trial.trial_id} started: {what}")
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from raysal.orchestration.train.trainer import export_best
 from raysal.orchestration.train.wandb_run import log_search_summary
 from raysal.search.control import choose_best
 from raysal.search.cost import cost_text, search_cost, trial_cost
+from raysal.search.finalists import ARM_KEY, Arm
 from raysal.search.optuna_params import CONTROL_KEY, params_to_overrides
 from raysal.search.override_text import format_override
 from raysal.search.report_html import build_report
@@ -28,9 +30,12 @@ log = logging.getLogger("raysal.tune")
 
 
 def trial_overrides(base: list[str], params: dict[str, Any], control: tuple[str, ...] = ()) -> list[str]:
-    """A trial's Hydra overrides: the search's base + its sampled values (the control: base + control overrides)."""
+    """A trial's Hydra overrides: the search's base + its sampled values (the control: base + control overrides; a
+    run of the finalists' stage: base + its arm's, `raysal.search.finalists`)."""
     if params.get(CONTROL_KEY):
         return [*base, *control]
+    if ARM_KEY in params:
+        return [*base, *Arm.from_config(params[ARM_KEY]).overrides]
     return [*base, *(format_override(k, v) for k, v in params_to_overrides(params).items())]
 
 
@@ -105,6 +110,7 @@ def table(rows: list[dict], failed: list[dict], spec: SearchSpec, best: dict | N
     interval (``4.2 (2.33× [1.90, 2.80])``)."""
     control = spec.control.overrides if spec.control else ()
     excluded, failed_guards = set(decision["excluded_by_lm_tolerance"]), decision["failed_guards"]
+    unranked, harms = decision.get("unranked") or {}, decision.get("harms") or {}
     columns = table_columns(rows, spec, decision["guards"])
     lines = [
         f"| rank | trial | {' | '.join(columns)} | step | cost | sampled parameters | replay |",
@@ -115,9 +121,13 @@ def table(rows: list[dict], failed: list[dict], spec: SearchSpec, best: dict | N
         is_control = bool(row["config"].get(CONTROL_KEY))
         if is_control:
             shown = "control: " + " ".join(control)
-        marks = [" (lm > limit)"] if row["trial_id"] in excluded else []
-        marks += [f" (guard: {g})" for g in failed_guards.get(row["trial_id"], [])]
-        mark = " (best)" if row is best else "".join(marks)
+        t = row["trial_id"]
+        marks = [f" ({unranked[t]})"] if t in unranked else []
+        marks += [" (lm > limit)"] if t in excluded else []
+        marks += [f" (guard: {g})" for g in failed_guards.get(t, [])]
+        # a harm is named even where it is within its margin, the best's too
+        worse = f" (significantly worse than the control: {', '.join(harms[t])})" if harms.get(t) else ""
+        mark = (" (best)" if row is best else "".join(marks)) + worse
         paired = decision.get("paired", {}).get(row["trial_id"], {})
         values = " | ".join(f"{row['metrics'].get(c, float('nan')):.4g}"
                             + (f" ({interval_text(paired[c])})" if c in paired and not is_control else "")
@@ -147,16 +157,30 @@ def summary_row(row: dict, decision: dict) -> dict:
     }
 
 
+def _ranked(metric: str, mode: str):
+    """Sort key: the best first, a non-finite objective last (a NaN compares false both ways: it could sort
+    anywhere)."""
+
+    def key(row: dict) -> tuple[int, float]:
+        v = row["metrics"].get(metric)
+        ok = isinstance(v, int | float) and math.isfinite(v)
+        return (0, -v if mode == "max" else v) if ok else (1, 0.0)
+
+    return key
+
+
 def summarise(result_grid: Any, spec: SearchSpec, base: list[str], search_dir: str, top: int = 10) -> dict:
-    """What summary.json holds: the ranked trials with replay commands, the failed ones with their reasons, the
-    choice of the best (`choose_best`: the control, the LM tolerance, the guards); the best trial's best
-    checkpoint exported."""
+    """What summary.json holds of the search: the ranked trials with replay commands, the failed ones with their
+    reasons, the choice of the best (`choose_best`: the control, the budget, the LM tolerance, the screening
+    guards) and its finalists. Each trial is judged at its last evaluation: the checkpoint whose records are
+    compared here is the one the finalists' stage confirms and `settle` exports."""
     metric, mode = spec.objectives[0].metric, spec.objectives[0].mode
     rows, failed = collect_trials(result_grid, spec, base, search_dir)
     control = spec.control
     best, decision = choose_best(rows, metric, mode, control.lm_tolerance if control else None,
-                                 control.guards if control else (), trial_records(rows, search_dir))  # fmt: skip
-    rows.sort(key=lambda x: x["metrics"][metric], reverse=mode == "max")
+                                 control.screening_guards if control else (), trial_records(rows, search_dir),
+                                 top_k=spec.finalists.top_k if spec.finalists else 1)  # fmt: skip
+    rows.sort(key=_ranked(metric, mode))
     summary: dict[str, Any] = {
         "search": spec.name,
         "metric": metric,
@@ -168,23 +192,41 @@ def summarise(result_grid: Any, spec: SearchSpec, base: list[str], search_dir: s
         "failed": failed,
         "cost": search_cost(trial_cost(r.metrics or {}) for r in result_grid),
         **decision,
+        "screening": bool(control and control.screening is not None),
         "table": table(rows, failed, spec, best, decision, top),
     }
     if best is not None:
-        summary.update(export_best_trial(best, search_dir, metric, mode))
+        summary["best"] = {"trial_id": best["trial_id"], "replay": best["replay"]}
     return summary
 
 
-def export_best_trial(best: dict, search_dir: str, metric: str, mode: str) -> dict:
-    """The best trial's best checkpoint (by the objective) exported into the search folder → the summary's
-    ``best`` and ``best_adapter`` (a LoRA trial) or ``best_model`` (full finetuning); nothing without one."""
-    run = ray.train.Result.from_path(storage.join(search_dir, "trials", best["trial_id"]))
-    ckpt = run.get_best_checkpoint(metric, mode)
+def settle(summary: dict, search_dir: str) -> dict:
+    """The search's answer once the finalists' stage decided: the winner — the confirmed finalist with the best
+    pooled objective, else the search's best, unconfirmed — with its judged checkpoint (its last, the one its
+    records were compared on and confirmed) exported into the search folder → the summary's ``best``,
+    ``confirmed`` (None without a stage), ``why`` and ``best_adapter`` (a LoRA trial) or ``best_model``."""
+    best = summary.get("best")
+    if not best:
+        return {"confirmed": None}
+    conf = summary.get("confirmation") or {}
+    decided = conf.get("finalists") or {}
+    winner, confirmed, why = best["trial_id"], None, None
+    if decided:
+        yes = [f for f, d in decided.items() if d["confirmed"]]
+        metric = summary["metric"]
+        estimate = lambda f: (decided[f]["comparisons"].get(metric) or {}).get("estimate", -math.inf)  # noqa: E731
+        winner = max(yes, key=estimate) if yes else next(iter(decided))
+        confirmed, why = bool(yes), decided[winner]["why"]
+    row = next((r for r in summary["rows"] if r["trial_id"] == winner), None)
+    out: dict[str, Any] = {"confirmed": confirmed, "why": why}
+    out["best"] = {"trial_id": winner, "replay": row["replay"] if row else best["replay"], "confirmed": confirmed}
+    run = ray.train.Result.from_path(storage.join(search_dir, "trials", winner))
+    ckpt = run.checkpoint  # the judged one: its last evaluation, at the full budget
     if ckpt is None:
-        return {}
-    metrics = next(m for c, m in run.best_checkpoints if c.path == ckpt.path)
-    out: dict[str, Any] = {"best": {"trial_id": best["trial_id"], "replay": best["replay"], "checkpoint": ckpt.path}}
-    key, path = export_best(ckpt, search_dir, {**metrics, **out["best"]})
+        return out
+    out["best"]["checkpoint"] = ckpt.path
+    metrics = {**(row["metrics"] if row else {}), **out["best"], "why": why}
+    key, path = export_best(ckpt, search_dir, metrics)
     out[key] = path
     return out
 

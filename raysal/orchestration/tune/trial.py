@@ -15,6 +15,7 @@ from ray import tune
 
 from raysal import storage
 from raysal.orchestration.train.compose import compose_cfg
+from raysal.orchestration.train.confirm import Asked, ConfirmAtEnd
 from raysal.orchestration.train.fail_reason import clear_reason, read_reason, write_reason
 from raysal.orchestration.train.heartbeat import read_heartbeat
 from raysal.orchestration.train.outage import fit_through_outages
@@ -24,6 +25,7 @@ from raysal.orchestration.train.trainer import build_trainer
 from raysal.orchestration.tune.stall import StallWatchdog
 from raysal.orchestration.tune.summary import trial_overrides
 from raysal.orchestration.tune.trial_reports import relay_reports
+from raysal.search.finalists import ARM_KEY
 from raysal.search.override_text import format_override
 
 DRIVER_RESOURCE = "TRAIN_DRIVER"  # custom resource of the head node (cluster.yaml): trial drivers run there
@@ -67,8 +69,13 @@ def run_trial(
     trials_dir: str,
     pins: tuple[str, ...] = (),
     objective: tuple[str, str] = ("val/amr", "max"),
+    datasets: dict[str, Any] | None = None,
+    confirm: Asked | None = None,
 ) -> None:
     """The Tune trainable: one Train run per trial, named after the Tune trial id (stable across restore).
+    ``datasets``: the search's encoded once (`raysal.orchestration.tune.shared_data`), else the run encodes its own.
+    ``confirm``: what a run of the finalists' stage evaluates on the confirmation hold-out before it ends, its model
+    still in memory (`ConfirmAtEnd`).
 
     Lost workers and nodes are retried inside the run by Ray Train (``trainer.max_failures``; a worker group that
     waits for resources, without limit), a storage outage by running the run again from its last checkpoint
@@ -79,6 +86,7 @@ def run_trial(
     (`raysal.orchestration.tune.trial_reports`; ``objective``: (metric, mode), which checkpoint is the best)."""
     trial_id = ray.tune.get_context().get_trial_id()
     spec = spec_from_cfg(compose_cfg(trial_run_overrides(base, config, control, trial_id, trials_dir, pins)))
+    after_fit = ConfirmAtEnd(confirm) if confirm is not None and ARM_KEY in config else None
     run_dir = storage.join(trials_dir, trial_id)
     remove_stale_checkpoints(run_dir)
     clear_reason(run_dir)
@@ -91,8 +99,9 @@ def run_trial(
     )
     try:
         with watchdog:
-            relay_reports(lambda callbacks: fit_through_outages(
-                lambda: build_trainer(spec, callbacks=callbacks).fit(), run_dir), *objective)  # fmt: skip
+            trainer = partial(build_trainer, spec, datasets=datasets, after_fit=after_fit)
+            relay_reports(lambda callbacks: fit_through_outages(lambda: trainer(callbacks=callbacks).fit(), run_dir),
+                          *objective)  # fmt: skip
     except Exception as e:
         cause = e.__cause__ or e
         write_reason(run_dir, f"failed: {type(cause).__name__}: {' '.join(str(cause).split())[:500]}")
@@ -108,10 +117,20 @@ def trial_dirname(trial: Any) -> str:
 
 def make_trainable(
     base: list[str], control: tuple[str, ...], trials_dir: str, pins: tuple[str, ...],
-    objective: tuple[str, str] = ("val/amr", "max"),
+    objective: tuple[str, str] = ("val/amr", "max"), datasets: dict[str, Any] | None = None,
+    confirm: Asked | None = None,
 ) -> Any:  # fmt: skip
 
     return tune.with_resources(
-        partial(run_trial, base=base, control=control, trials_dir=trials_dir, pins=pins, objective=objective),
+        partial(
+            run_trial,
+            base=base,
+            control=control,
+            trials_dir=trials_dir,
+            pins=pins,
+            objective=objective,
+            datasets=datasets,
+            confirm=confirm,
+        ),
         {"CPU": 0, DRIVER_RESOURCE: 1} if DRIVER_RESOURCE in ray.cluster_resources() else {"CPU": 0},
     )

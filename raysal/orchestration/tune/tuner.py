@@ -40,6 +40,10 @@ STOP_GRACE_S = 20.0  # after SIGTERM, how long Tune may take to stop trials grac
 # how often Tune uploads its experiment state (small files) to storage: what a lost head can lose of trial events
 # (Ray's default is 300 s); the study reconciles the rest (`raysal.search.control.settle_study`)
 STATE_SYNC_S = 10
+# a finished trial's actor (the process that drives its Train run) runs the next trial: a new one costs a process
+# start and raysal's imports (~10 CPU-s: a fifth of a demo trial on 2 cores); a stopped trial whose run is still
+# ending is not reused (Tune's reset waits 2 s for it, then starts a new actor)
+REUSE_ACTORS = True
 
 
 def connect_ray(verbose: bool) -> None:
@@ -116,14 +120,15 @@ def summary_modes(spec: SearchSpec) -> dict[str, str]:
 
 
 def make_callbacks(spec: SearchSpec, run_spec: RunSpec, places: SearchPlaces, wandb_mode: str,
-                   describe: Callable[..., tuple[dict, list[str]]] | None = None) -> list:  # fmt: skip
+                   describe: Callable[..., tuple[dict, list[str]]] | None = None,
+                   asha: bool = True) -> list:  # fmt: skip
     """Raysal's console lines, the placement-group janitor (removes the Train placement group of an ended trial
     if Ray Train did not: see placement_groups.py) and W&B (one run per trial; ``describe``: its config and tags,
-    `raysal.orchestration.tune.wandb_config`)."""
+    `raysal.orchestration.tune.wandb_config`). ``asha``: False for the finalists' stage (nothing stops early)."""
     s = spec.scheduler
     callbacks: list = [
         PlacementGroupJanitor(places.trials_dir, places.search_dir),
-        ProgressLines(spec.metric, s.time_attr, s.max_t if s.type == "asha" else None, places.trials_dir),
+        ProgressLines(spec.metric, s.time_attr, s.max_t if s.type == "asha" and asha else None, places.trials_dir),
     ]
     if wandb_mode != "disabled":
         callbacks.append(
@@ -176,6 +181,7 @@ def new_tuner(spec: SearchSpec, run_spec: RunSpec, places: SearchPlaces, trainab
             num_samples=spec.num_samples + (spec.control is not None),  # the control is one more trial
             max_concurrent_trials=at_once,
             trial_dirname_creator=trial_dirname,
+            reuse_actors=REUSE_ACTORS,
         ),
         run_config=tune.RunConfig(
             name=spec.name,

@@ -45,7 +45,6 @@ import wandb
 from ray.air.integrations.wandb import WANDB_ENV_VAR, WandbLoggerCallback, _QueueItem, _WandbLoggingActor
 
 from raysal import storage
-from raysal.loop.checkpoint import HISTORY
 from raysal.orchestration.train.probe_files import read_step, wandb_media
 from raysal.orchestration.train.wandb_run import STEP, mirror_wandb, relog
 
@@ -134,6 +133,8 @@ def checkpoint_history(run_dir: str) -> list[dict[str, Any]]:
         return []
     if checkpoint is None:
         return []
+    from raysal.loop.checkpoint import HISTORY  # here: the logging actors (this module) need no torch
+
     path = f"{checkpoint.path}/{HISTORY}"
     if checkpoint.filesystem.get_file_info(path).type != pyarrow.fs.FileType.File:
         return []

@@ -22,6 +22,7 @@ from omegaconf import OmegaConf
 from raysal.orchestration.train.compose import compose_cfg
 from raysal.orchestration.tune.summary import trial_overrides
 from raysal.orchestration.tune.trial import trial_run_overrides
+from raysal.search.finalists import ARM_KEY, Arm
 from raysal.search.optuna_params import CONTROL_KEY
 
 LEFT_OUT = ("name", "storage_path", "wandb")  # the Train run's bookkeeping: its W&B run is the search's
@@ -76,8 +77,12 @@ def trial_wandb_config(
     pins: tuple[str, ...] = (),
 ) -> tuple[dict[str, Any], list[str]]:  # fmt: skip
     """(config, tags) of a trial's W&B run: the whole run config it trains with (as `run_trial` composes it), and
-    the tag ``control`` for the LM-only control."""
+    its tags: ``control`` for the LM-only control; for a run of the finalists' stage its role (``finalist`` or
+    ``matched-control``), ``seed:<s>`` and ``finalist:<trial id>``."""
     chosen = trial_overrides(base, dict(trial_config), control)
     config = trial_run_config(trial_run_overrides(base, dict(trial_config), control, trial_id, trials_dir, pins),
                               chosen)  # fmt: skip
+    if ARM_KEY in trial_config:
+        arm = Arm.from_config(trial_config[ARM_KEY])
+        return config, [arm.role, f"seed:{arm.seed}", f"finalist:{arm.finalist}"]
     return config, (["control"] if trial_config.get(CONTROL_KEY) else [])
