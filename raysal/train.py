@@ -8,7 +8,6 @@ python -m raysal.train name=my-run                        # re-running the same 
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -17,6 +16,7 @@ import hydra
 import ray
 from omegaconf import DictConfig
 
+from raysal.orchestration.ray_fixes import ray_address
 from raysal.orchestration.train import preflight as checks  # checks.preflight: one name tests replace
 from raysal.orchestration.train.compose import CONFIG_DIR, compose_cfg
 from raysal.orchestration.train.confirm import confirm
@@ -44,7 +44,7 @@ def run(spec: RunSpec, sizes: DataSizes) -> dict:
     print(f"raysal: {sizes.describe()}", flush=True)
     t0 = time.perf_counter()
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True, runtime_env=JOB_RUNTIME_ENV)
+        ray.init(address=ray_address(), log_to_driver=True, runtime_env=JOB_RUNTIME_ENV)
     run_dir = spec.run_dir
     remove_stale_checkpoints(run_dir)  # a kill between a checkpoint and Ray's snapshot leaves orphans
     clear_reason(run_dir)  # a resumed run is judged on what it does now

@@ -71,7 +71,7 @@ def with_ray(shards: Path, model: Path, cpus: int) -> dict:
     from raysal.data.ray_dataset import coconut_dataset
     from raysal.orchestration.train.data import EncodeBatch
 
-    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ds = coconut_dataset(shards, "train2017", decode=False).map_batches(

@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     import ray
 
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     t0 = time.perf_counter()
     curves: dict[str, list[list[float]]] = {"raysal": [], "random": []}
     try:

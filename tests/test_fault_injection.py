@@ -149,7 +149,10 @@ def screenshot(html: Path, out: Path) -> np.ndarray:
 def another_ray():
     """A second Ray instance on this host: the condition under which Ray Train's placement-group cleaner died and a
     stopped trial's placement group starved the next trial (see raysal/orchestration/train/placement_groups.py)."""
-    code = "import ray, time; ray.init(num_cpus=1, include_dashboard=False); print('up', flush=True); time.sleep(3600)"
+    code = (
+        "import ray, time; ray.init(address='local', num_cpus=1, include_dashboard=False); print('up', flush=True); "
+        "time.sleep(3600)"
+    )
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         assert proc.stdout.readline().strip() == "up"

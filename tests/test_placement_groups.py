@@ -23,13 +23,13 @@ def two_rays():
     from raysal.orchestration.train.placement_groups import JOB_RUNTIME_ENV
 
     other = subprocess.Popen(
-        [sys.executable, "-c", "import ray, time; ray.init(num_cpus=1, include_dashboard=False); print('up', "
-         "flush=True); time.sleep(900)"],
+        [sys.executable, "-c", "import ray, time; ray.init(address='local', num_cpus=1, include_dashboard=False); "
+         "print('up', flush=True); time.sleep(900)"],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
     )  # fmt: skip
     try:
         assert other.stdout.readline().strip() == "up"
-        ray.init(num_cpus=2, runtime_env=JOB_RUNTIME_ENV, log_to_driver=False)
+        ray.init(address="local", num_cpus=2, runtime_env=JOB_RUNTIME_ENV, log_to_driver=False)
         yield
     finally:
         ray.shutdown()

@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from raysal.data.ray_dataset import coconut_dataset  # Ray Data's reader: the same reason
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
     try:
         ds = coconut_dataset(shards, "train2017")
         rows = ds.take_all()

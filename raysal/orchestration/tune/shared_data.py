@@ -11,6 +11,11 @@ splits and shuffles them as it would its own (Ray Train's `DataConfig`, the run'
 trial sees the same batches in the same order as with its own pipeline. A search whose space samples a model or data
 key (the processor or the prompt would differ per trial) encodes per trial, and says so. COCONut (118k images,
 ~40 GB encoded for LLaVA-1.5) keeps the per-trial pipelines: ``data.encode_once: false``.
+
+Only on one machine: a search on a cluster (more than one node, or an autoscaler's node types) encodes per trial,
+and says so. There the driver's materialization would wait for worker nodes before any trial asks for them (a
+cluster scaled to zero grows for trials, not for the driver), and the encoded blocks live on worker nodes, where a
+lost node takes them with it (blocks made by an actor pool are not rebuilt from lineage: Ray 2.60).
 """
 
 from __future__ import annotations
@@ -19,8 +24,11 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import ray
+
 from raysal.orchestration.train.data import run_datasets
 from raysal.orchestration.train.spec import RunSpec
+from raysal.orchestration.tune.capacity import autoscaler_max_resources
 from raysal.search.space import SearchSpec
 
 log = logging.getLogger("raysal.tune")
@@ -44,6 +52,11 @@ def shared_datasets(spec: SearchSpec, run_spec: RunSpec) -> dict[str, Any] | Non
     touched = _encoding_keys(spec)
     if touched:
         log.warning("data.encode_once: the space samples %s: every trial encodes its own data", ", ".join(touched))
+        return None
+    nodes = sum(1 for n in ray.nodes() if n["Alive"])
+    if nodes > 1 or autoscaler_max_resources():
+        log.warning("data.encode_once: a cluster (%d node(s)%s): every trial encodes its own data", nodes,
+                    ", autoscaling" if nodes == 1 else "")  # fmt: skip
         return None
     datasets = run_datasets(run_spec.data, run_spec.model["name_or_path"], model=run_spec.model)
     with ThreadPoolExecutor(max_workers=len(datasets)) as pool:  # side by side: each pipeline starts its own actor

@@ -19,6 +19,7 @@ from ray import tune
 from ray.tune.schedulers import FIFOScheduler
 
 from raysal import storage
+from raysal.orchestration.ray_fixes import ray_address
 from raysal.orchestration.train.placement_groups import JOB_RUNTIME_ENV
 from raysal.orchestration.train.spec import RunSpec
 from raysal.orchestration.tune import study_store as study_module
@@ -47,18 +48,20 @@ REUSE_ACTORS = True
 
 
 def connect_ray(verbose: bool) -> None:
-    """The cluster at RAY_ADDRESS (``ray job submit`` sets it), or a local one with the head's trial-driver
-    resource. The console shows raysal's one line per trial event (`ProgressLines`); -v brings back Ray's own
-    output: worker logs, status tables, Ray's INFO lines and its slow-callback warnings."""
+    """The cluster at RAY_ADDRESS (``ray job submit`` sets it) or the live one ``ray start`` recorded on this host
+    (`ray_address`), or a local one with the head's trial-driver resource. The console shows raysal's one line per
+    trial event (`ProgressLines`); -v brings back Ray's own output: worker logs, status tables, Ray's INFO lines and
+    its slow-callback warnings."""
     quiet: dict[str, Any] = {} if verbose else {"log_to_driver": False, "logging_level": logging.WARNING}
     if not verbose:
         optuna.logging.set_verbosity(optuna.logging.WARNING)  # "A new study created ...": raysal says it
     if ray.is_initialized():
         return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=JOB_RUNTIME_ENV, **quiet)
+    address = ray_address()
+    if address != "local":
+        ray.init(address=address, runtime_env=JOB_RUNTIME_ENV, **quiet)
     else:  # a local cluster: advertise the trial-driver resource the head node has on a real cluster
-        ray.init(resources={DRIVER_RESOURCE: 64}, runtime_env=JOB_RUNTIME_ENV, **quiet)
+        ray.init(address="local", resources={DRIVER_RESOURCE: 64}, runtime_env=JOB_RUNTIME_ENV, **quiet)
 
 
 def stop_on_sigterm() -> threading.Timer:
