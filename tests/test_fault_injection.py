@@ -213,7 +213,8 @@ def test_a_run_recovers_from_killed_train_workers_by_itself(tmp_path, cache):
 def test_a_stalled_trial_is_stopped_with_its_reason_and_releases_its_resources(tmp_path, cache):
     """A trial whose data pipeline can never be scheduled (an encode actor bigger than the free CPUs: the hang seen
     on 2-CPU machines) reports nothing: after trainer.stall_timeout_s it stops as "stalled", Optuna gets FAIL with
-    the reason, the search ends, and no placement group is left behind."""
+    the reason, the search ends, and no placement group is left behind. Each trial runs its own pipeline, as on
+    COCONut (``data.encode_once=false``: the demo data encoded once by the driver would leave the trial none)."""
     import optuna
 
     space = tmp_path / "istall.yaml"
@@ -226,7 +227,8 @@ max_concurrent_trials: 1
 control: null
 scheduler: {type: fifo}
 resources: {num_workers: 1, use_gpu: false, cpus_per_worker: 1, gpus_per_worker: 0}
-base_overrides: [trainer.max_steps=4, trainer.eval_every=2, trainer.stall_timeout_s=45, data.encode_cpus=3]
+base_overrides: [trainer.max_steps=4, trainer.eval_every=2, trainer.stall_timeout_s=45, data.encode_cpus=3,
+                 data.encode_once=false]
 space:
   optim.lr: {choice: [0.003]}
 """
