@@ -23,7 +23,7 @@ import torch
 IGNORE = -100  # labels at positions without a next-token loss (prompt, image tokens, padding)
 
 # What the HF model's forward takes; everything else in a batch is for the criteria and the metrics.
-MODEL_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_sizes")
+MODEL_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_sizes", "image_grid_thw", "mm_token_type_ids")
 
 
 class Sample(TypedDict, total=False):
@@ -38,6 +38,8 @@ class Sample(TypedDict, total=False):
     grounded_pos: np.ndarray  # (T,) int64: positions of label tokens that name ≥ 1 segment, ascending
     pixel_values: np.ndarray  # (3, H, W) uint8 | NeXT (P, 3, H, W) uint8: resized, cropped, not yet normalised
     image_sizes: np.ndarray  # (2,) int64, NeXT only: the original (height, width)
+    image_grid_thw: np.ndarray  # (3,) int64, Qwen only: (1, H'/p, W'/p) patches of the resized image
+    mm_token_type_ids: np.ndarray  # (L,) int64, Qwen only: 1 at image tokens (the model's M-RoPE positions need it)
     coverage: np.ndarray  # (I, S) float32: fraction of image token i's receptive field in segment s
     segment_ids: np.ndarray  # (S,) int32: the image's segments, the columns of coverage
     image_id: np.ndarray  # () int64: the dataset's image id (bookkeeping: which samples a rank saw)
@@ -53,8 +55,11 @@ class Batch(TypedDict, total=False):
     token_segments: torch.Tensor  # (B, L, K) int32, −1
     image_pos: torch.Tensor  # (B, I) long, −1 past a sample's image tokens
     grounded_pos: torch.Tensor  # (B, T) long, −1 past a sample's grounded tokens
-    pixel_values: torch.Tensor  # (B, 3, H, W) | (B, P, 3, H, W) uint8 (float32 after `to_device`), 0 pad
+    pixel_values: torch.Tensor  # (B, 3, H, W) | (B, P, 3, H, W) uint8 (float32 after `to_device`), 0 pad;
+    # Qwen after `to_device`: (Σ patches, 3·2·p·p) float32, the model's patch rows (`patchify`, below)
     image_sizes: torch.Tensor  # (B, 2) long, NeXT only
+    image_grid_thw: torch.Tensor  # (B, 3) long, Qwen only
+    mm_token_type_ids: torch.Tensor  # (B, L) long, Qwen only, 0 at padding
     coverage: torch.Tensor  # (B, I, S) float32, 0
     segment_ids: torch.Tensor  # (B, S) int32, −1
     image_id: torch.Tensor  # (B,) long, when the samples carry one
@@ -89,24 +94,38 @@ class PixelNorm:
     """The image processor's last two steps, done on the device: x · scale, then (x − mean) / std per channel.
 
     The processor runs with rescaling and normalisation off (`encode_sample`), so its output is the resized,
-    cropped uint8 image; these are its own settings, applied in the same order and in float32.
+    cropped uint8 image; these are its own settings, applied in the same order and in float32. Qwen's processor
+    then cuts the image into patch rows (`patchify`, below): ``patches`` = (patch, merge, temporal).
     """
 
     scale: float | None  # None: the processor does not rescale
     mean: tuple[float, ...] | None  # None: the processor does not normalise
     std: tuple[float, ...] | None
+    patches: tuple[int, int, int] | None = None
 
     @staticmethod
     def from_processor(processor: Any) -> PixelNorm:
         ip = getattr(processor, "image_processor", processor)
         scale = float(ip.rescale_factor) if getattr(ip, "do_rescale", True) else None
+        # the Qwen2-VL image processor's patch layout (its merge_size and temporal_patch_size say it has one)
+        patches = None
+        if getattr(ip, "merge_size", None) and getattr(ip, "temporal_patch_size", None):
+            patches = (int(ip.patch_size), int(ip.merge_size), int(ip.temporal_patch_size))
         if not getattr(ip, "do_normalize", True):
-            return PixelNorm(scale, None, None)
+            return PixelNorm(scale, None, None, patches)
         mean, std = _per_channel(ip.image_mean), _per_channel(ip.image_std)
-        return PixelNorm(scale, mean, std)
+        return PixelNorm(scale, mean, std, patches)
 
-    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
-        """(..., 3, H, W) uint8 → float32."""
+    def __call__(self, pixels: torch.Tensor, grid_thw: torch.Tensor | None = None) -> torch.Tensor:
+        """(..., 3, H, W) uint8 → float32; with ``patches``, (B, 3, H, W) + (B, 3) ``grid_thw`` → patch rows."""
+        x = self.normalise(pixels)
+        if self.patches is None:
+            return x
+        if grid_thw is None:
+            raise ValueError("Qwen pixels need the batch's image_grid_thw to be cut into patch rows")
+        return patchify_batch(x, grid_thw, *self.patches)
+
+    def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
         x = pixels.float()
         if self.scale is not None:
             x = x * self.scale
@@ -127,5 +146,43 @@ def to_device(batch: Mapping[str, torch.Tensor], device: torch.device | str, pix
     there (a batch already moved passes through unchanged)."""
     out = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
     if "pixel_values" in out and out["pixel_values"].dtype == torch.uint8:
-        out["pixel_values"] = pixels(out["pixel_values"])
+        out["pixel_values"] = pixels(out["pixel_values"], out.get("image_grid_thw"))
     return out
+
+
+# ------------------------------------------------------------------------------- Qwen2-VL's patch rows, both ways
+# The image processor hands the model an image as rows of patches, not as (3, H, W): row r is one p×p patch
+# flattened as (C, T, p, p), its T = 2 temporal copies identical for a still image, and rows come merge window by
+# merge window (the merger joins each m×m window's m² consecutive rows into one image token), windows row-major
+# (transformers' ``Qwen2VLImageProcessor*._preprocess``: reshape (C, gh/m, m, p, gw/m, m, p), permute to
+# (gh/m, gw/m, m, m, C, p, p), repeat T). A Qwen sample ships the resized image as (3, H', W') uint8 (half the bytes:
+# no temporal copy; a quarter of float32's) and `PixelNorm` makes the rows on the device after normalising, so
+# `unpatchify` and `patchify` are exact inverses of each other and of the processor (tests/test_qwen_batch.py).
+
+
+def unpatchify(rows: np.ndarray, grid_hw: tuple[int, int], patch: int, merge: int, temporal: int) -> np.ndarray:
+    """(gh·gw, C·T·p·p) processor rows → (C, gh·p, gw·p), the first temporal copy."""
+    gh, gw = grid_hw
+    c = rows.shape[1] // (temporal * patch * patch)
+    x = rows.reshape(gh // merge, gw // merge, merge, merge, c, temporal, patch, patch)[:, :, :, :, :, 0]
+    # (gh/m, gw/m, m_h, m_w, C, p_h, p_w) → (C, gh/m, m_h, p_h, gw/m, m_w, p_w)
+    return x.transpose(4, 0, 2, 5, 1, 3, 6).reshape(c, gh * patch, gw * patch)
+
+
+def patchify(image: torch.Tensor, patch: int, merge: int, temporal: int) -> torch.Tensor:
+    """(C, H', W') → (gh·gw, C·T·p·p) rows in the processor's order (H', W' multiples of p·m)."""
+    c, h, w = image.shape
+    gh, gw = h // patch, w // patch
+    x = image.reshape(c, gh // merge, merge, patch, gw // merge, merge, patch)
+    x = x.permute(1, 4, 2, 5, 0, 3, 6)  # (gh/m, gw/m, m_h, m_w, C, p_h, p_w)
+    x = x.unsqueeze(5).expand(-1, -1, -1, -1, -1, temporal, -1, -1)  # the temporal copies, after C
+    return x.reshape(gh * gw, c * temporal * patch * patch)
+
+
+def patchify_batch(images: torch.Tensor, grid_thw: torch.Tensor, patch: int, merge: int, temporal: int) -> torch.Tensor:
+    """(B, C, Hmax, Wmax) padded images + (B, 3) image_grid_thw → the rows of every image, concatenated: what the
+    model's ``pixel_values`` is for a batch (each image cropped to its own grid first)."""
+    out = []
+    for image, (_, gh, gw) in zip(images, grid_thw.tolist(), strict=True):
+        out.append(patchify(image[:, : gh * patch, : gw * patch], patch, merge, temporal))
+    return torch.cat(out)

@@ -54,6 +54,15 @@ def tiny_next(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_qwen(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Tiny Qwen2.5-VL and Qwen3-VL checkpoints, by model_type."""
+    from raysal.model.tiny import write_tiny
+
+    root = tmp_path_factory.mktemp("tiny")
+    return {arch: write_tiny(root / arch, arch) for arch in ("qwen2_5_vl", "qwen3_vl")}
+
+
+@pytest.fixture(scope="session")
 def small_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Shards of 40 small synthetic samples (32 train / 8 val) for model-side tests."""
     from raysal.data.shards import write_shards

@@ -127,3 +127,38 @@ def test_an_align_connector_is_refused_with_the_reason(tiny_llava, tmp_path, sma
     with pytest.raises(ExportError, match=r"model\.connector=align: the ALIGN connector is raysal's own module"):
         export_one(str(run), str(ckpt), {}, str(tmp_path / "export"), trial_id=None)
     assert not (tmp_path / "export").exists()
+
+
+@pytest.mark.parametrize("arch", ["qwen2_5_vl", "qwen3_vl"])
+def test_a_qwen_export_loads_with_transformers_and_answers_a_pope_question(arch, tiny_qwen, tmp_path, small_shards):
+    """The merged Qwen folder (LoRA and the trained merger merged in) loads with ``AutoModelForImageTextToText``,
+    computes what base + adapter computes, and answers a POPE question through its saved processor, whose config
+    names transformers' own processor class and carries the run's pixel limits."""
+    from transformers import AutoModelForImageTextToText
+
+    from raysal.loop.pope_eval import answer_logits
+    from raysal.metrics.pope import p_yes, yes_no_token_ids
+    from raysal.model.qwen_processor import IMAGE_ONLY
+
+    run, ckpt, peft_model = _run_folder(tmp_path, tiny_qwen[arch], small_shards)
+    config = storage.read_json(str(run / RUN_CONFIG))
+    config["model"] |= {"min_pixels": 3136, "max_pixels": 40000}  # the run's pins, not the checkpoint's
+    storage.write_json(str(run / RUN_CONFIG), config)
+    out = tmp_path / "export"
+    export_one(str(run), str(ckpt), {}, str(out), trial_id="t1")
+    merged = AutoModelForImageTextToText.from_pretrained(out, dtype=torch.float32).eval()
+    assert type(merged).__name__ == type(peft_model.base_model.model).__name__
+    saved = json.loads((out / "processor_config.json").read_text())
+    assert saved["processor_class"] == IMAGE_ONLY[arch].__name__  # transformers' name: AutoProcessor resolves it
+    assert saved["image_processor"]["size"] == {"shortest_edge": 3136, "longest_edge": 40000}
+    processor = IMAGE_ONLY[arch].from_pretrained(out)  # AutoProcessor needs torchvision (Qwen's video part)
+    batch = _inputs(processor)
+    with torch.no_grad():
+        want = peft_model.eval()(**batch, use_cache=False).logits
+        got = merged(**batch, use_cache=False).logits
+    assert (got - want).abs().max() < 1e-5
+    assert not any("lora" in n or "modules_to_save" in n for n, _ in merged.named_parameters())
+    image = (np.random.default_rng(0).random((90, 160, 3)) * 255).astype(np.uint8)
+    logits = answer_logits(merged, processor, image, ["Is there a circle in the image?"], device="cpu")
+    p, mass = p_yes(logits, *yes_no_token_ids(processor.tokenizer))
+    assert 0 <= float(p[0]) <= 1 and float(mass[0]) > 0

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from raysal.batch import MODEL_KEYS
 from raysal.data.decode import decode_image
 from raysal.data.pope_set import PopeImage, PopeSet
 from raysal.distributed import all_gather_objects, my_part
@@ -63,7 +64,7 @@ def answer_logits(
                     padding_side="right", input_data_format="channels_last")  # fmt: skip
     mask = enc["attention_mask"]  # (Q, L)
     last = mask.sum(1) - 1  # (Q,): right padded, so the last real token is the one that predicts the answer
-    inputs = {k: enc[k].to(device) for k in ("input_ids", "attention_mask", "pixel_values", "image_sizes") if k in enc}
+    inputs = {k: enc[k].to(device) for k in MODEL_KEYS if k in enc}
     with autocast or contextlib.nullcontext():
         if not share_prefix:
             keep, where = torch.unique(last, return_inverse=True)  # (K,) positions whose logits are computed at all
@@ -71,14 +72,22 @@ def answer_logits(
             return logits[torch.arange(len(texts), device=logits.device), where.to(logits.device)].float()
         ids, attn = inputs["input_ids"], inputs["attention_mask"]
         prefix = shared_prefix(enc["input_ids"], mask.sum(1))
-        images = {k: v[:1] for k, v in inputs.items() if k in ("pixel_values", "image_sizes")}
+        images = {k: v[:1] for k, v in inputs.items() if k in ("pixel_values", "image_sizes", "image_grid_thw")}
+        if "image_grid_thw" in inputs:  # Qwen: the first image's patch rows; the prefix's M-RoPE token types
+            images["pixel_values"] = inputs["pixel_values"][: int(inputs["image_grid_thw"][0].prod())]
+            images["mm_token_type_ids"] = inputs["mm_token_type_ids"][:1, :prefix]
         cache = model(input_ids=ids[:1, :prefix], attention_mask=attn[:1, :prefix], use_cache=True, logits_to_keep=1,
                       **images).cache  # fmt: skip
         rows = []
+        qwen = "image_grid_thw" in inputs
         for i in [*range(len(texts)), *[0] * max(0, forwards - len(texts))]:
             end = int(last[i]) + 1
-            out = model(input_ids=ids[i : i + 1, prefix:end], attention_mask=attn[i : i + 1, :end], cache=cache,
-                        use_cache=True, logits_to_keep=1)  # fmt: skip
+            # the row is unpadded up to `end` (right padding): its mask is all ones. Qwen (transformers 5.25) makes
+            # a cached forward's M-RoPE positions from the whole mask's length (one per token of the mask, not of
+            # the suffix); without a mask it continues from the cache with the prefix's offset, which is exact
+            mask_kw = {} if qwen else {"attention_mask": attn[i : i + 1, :end]}
+            out = model(input_ids=ids[i : i + 1, prefix:end], cache=cache, use_cache=True, logits_to_keep=1,
+                        **mask_kw)  # fmt: skip
             cache.crop(prefix - end)  # back to the shared part (a negative count: the tokens to drop)
             rows.append(out.logits[0, -1])  # (V,)
     return torch.stack(rows[: len(texts)]).float()  # (Q, V)

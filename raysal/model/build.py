@@ -1,7 +1,8 @@
-"""Build LLaVA-1.5 / LLaVA-NeXT for saliency-aligned LoRA finetuning.
+"""Build LLaVA-1.5 / LLaVA-NeXT / Qwen2.5-VL / Qwen3-VL for saliency-aligned LoRA finetuning.
 
-The same code path loads ``llava-hf/llava-1.5-7b-hf``, ``llava-hf/llava-v1.6-mistral-7b-hf`` or a local folder
-(the tiny checkpoints of `raysal.model.tiny` included): ``from_pretrained`` by hub id or path, nothing tiny-only.
+The same code path loads ``llava-hf/llava-1.5-7b-hf``, ``llava-hf/llava-v1.6-mistral-7b-hf``,
+``Qwen/Qwen2.5-VL-7B-Instruct``, ``Qwen/Qwen3-VL-8B-Instruct`` or a local folder (the tiny checkpoints of
+`raysal.model.tiny` included): ``from_pretrained`` by hub id or path, nothing tiny-only.
 """
 
 from __future__ import annotations
@@ -15,17 +16,23 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
-from transformers import AutoModelForImageTextToText, AutoProcessor, PreTrainedModel
+from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, PreTrainedModel
 
 from raysal import storage
 from raysal.model.align_connector import install_align_connector
+from raysal.model.qwen_processor import IMAGE_ONLY
 
-SUPPORTED = ("llava", "llava_next")
+LLAVA = ("llava", "llava_next")
+QWEN = ("qwen2_5_vl", "qwen3_vl")  # their projector ("merger") lives inside the vision tower
+SUPPORTED = LLAVA + QWEN
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
 LORA_TARGETS = {"qv": ("q_proj", "v_proj"), "qkvo": ATTENTION, "all-linear": ATTENTION + MLP}
 PROJECTOR = "multi_modal_projector"
-VISION = "vision_tower"
+# the modules that map vision features into the language model's embeddings, by family: LLaVA's projector; Qwen's
+# merger and (Qwen3-VL) its DeepStack mergers, which live inside the vision tower (LLaMA-Factory's projector too)
+PROJECTORS = (PROJECTOR, "visual.merger", "visual.deepstack_merger_list")
+VISION = (".vision_tower.", ".visual.")  # in a parameter's name: LLaVA's CLIP tower; Qwen's ViT with its merger
 NEWLINE = "image_newline"  # LLaVA-NeXT's learned row separator: trained with the projector (same input side)
 
 
@@ -78,6 +85,9 @@ def load_model(
     )
     if model.config.model_type not in SUPPORTED:
         raise ValueError(f"{name_or_path}: model_type {model.config.model_type!r} is not one of {SUPPORTED}")
+    if model.config.model_type in QWEN and (connector != "mlp" or connector_init is not None):
+        raise ValueError(f"{name_or_path}: model.connector / model.connector_init are LLaVA's (a projector between "
+                         "the towers); Qwen's merger lives in its vision tower")  # fmt: skip
     if connector == "align":
         install_align_connector(model)
     elif connector != "mlp":
@@ -95,8 +105,29 @@ def load_model(
     return model
 
 
-def load_processor(name_or_path: str):
-    return AutoProcessor.from_pretrained(name_or_path)
+def pixel_limits(model: dict) -> dict[str, int | None]:
+    """A model config's (``model.*``) pixel limits as `load_processor`'s keywords."""
+    return {"min_pixels": model.get("min_pixels"), "max_pixels": model.get("max_pixels")}
+
+
+def load_processor(name_or_path: str, min_pixels: int | None = None, max_pixels: int | None = None):
+    """The checkpoint's processor. Qwen: without its video part (`raysal.model.qwen_processor`), its image
+    processor's pixel limits set to ``min_pixels`` / ``max_pixels`` (the model config pins them, so training, the
+    evaluations and the export resize alike); LLaVA has none to set."""
+    model_type = AutoConfig.from_pretrained(name_or_path).model_type
+    if model_type not in QWEN:
+        if min_pixels is not None or max_pixels is not None:
+            raise ValueError(f"{name_or_path}: model.min_pixels / model.max_pixels are Qwen's pixel limits; a "
+                             f"{model_type} processor has a fixed size (set them to null)")  # fmt: skip
+        return AutoProcessor.from_pretrained(name_or_path)
+    processor = IMAGE_ONLY[model_type].from_pretrained(name_or_path)
+    ip = processor.image_processor
+    lo = int(min_pixels) if min_pixels is not None else int(ip.size["shortest_edge"])
+    hi = int(max_pixels) if max_pixels is not None else int(ip.size["longest_edge"])
+    if not 0 < lo <= hi:
+        raise ValueError(f"model.min_pixels={lo} / model.max_pixels={hi}: need 0 < min_pixels <= max_pixels")
+    ip.size = {"shortest_edge": lo, "longest_edge": hi}
+    return processor
 
 
 VISION_LORA = r".*vision_tower\..*encoder\.layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|out_proj)"
@@ -115,6 +146,18 @@ def lora_target_regex(targets: str | Sequence[str], vision: bool = False) -> str
     return f"({lm})|({VISION_LORA})" if vision else lm
 
 
+def _projector_keys(model: torch.nn.Module) -> list[str]:
+    """peft ``modules_to_save`` keys of the model's `PROJECTORS`: one per module (peft wraps a module, not a
+    ModuleList: each of Qwen3-VL's DeepStack mergers on its own)."""
+    keys = set()
+    for name, module in model.named_modules():
+        for p in PROJECTORS:
+            if name == p or name.endswith(f".{p}"):
+                many = isinstance(module, torch.nn.ModuleList)
+                keys |= {f"{p}.{i}" for i in range(len(module))} if many else {p}
+    return sorted(keys)
+
+
 def apply_lora(
     model: PreTrainedModel,
     *,
@@ -128,15 +171,25 @@ def apply_lora(
     """Freeze the base, add LoRA to the language model; optionally train the projector (saved with the adapter)."""
     if rank < 1:
         raise ValueError(f"lora rank must be >= 1, got {rank}")
+    projectors = None
+    if train_projector:  # peft trains a full copy of each; a name that matches nothing would be dropped silently
+        projectors = _projector_keys(model)
+        if not projectors:
+            raise ValueError(f"lora.train_projector: {type(model).__name__} has none of {PROJECTORS}")
     config = LoraConfig(
         r=rank,
         lora_alpha=alpha,
         lora_dropout=dropout,
         target_modules=lora_target_regex(targets, vision),
-        modules_to_save=[PROJECTOR] if train_projector else None,
+        modules_to_save=projectors,
         bias="none",
     )
     return get_peft_model(model, config)
+
+
+def is_projector(name: str) -> bool:
+    """A parameter of the vision → language mapping (`PROJECTORS`, NeXT's image newline): the projector's group."""
+    return NEWLINE in name or any(f".{p}." in f".{name}" for p in PROJECTORS)
 
 
 def prepare_full_finetune(
@@ -146,10 +199,10 @@ def prepare_full_finetune(
     layers, norm, lm_head); the projector (and NeXT's image newline) if ``train_projector``; the vision tower only
     if ``train_vision``. No adapters: checkpoints hold the model itself (`raysal.loop.checkpoint`)."""
     for name, p in model.named_parameters():
-        if VISION in name:
-            p.requires_grad_(train_vision)
-        elif PROJECTOR in name or NEWLINE in name:
+        if is_projector(name):  # first: Qwen's merger is inside its vision tower
             p.requires_grad_(train_projector)
+        elif any(v in f".{name}" for v in VISION):
+            p.requires_grad_(train_vision)
         else:
             p.requires_grad_(True)
     return model
@@ -161,8 +214,13 @@ CONNECTOR_META = "connector.json"
 
 def prepare_connector_stage(model: PreTrainedModel) -> PreTrainedModel:
     """The connector-only stage: every weight frozen but the connector's (and NeXT's image newline)."""
+    if model.config.model_type in QWEN:
+        raise ValueError(
+            "trainer.stage=connector is LLaVA's projector-only stage (a connector between the towers, saved on its "
+            "own); Qwen's merger lives in its vision tower: use lora.train_projector"
+        )
     for name, p in model.named_parameters():
-        p.requires_grad_(PROJECTOR in name or NEWLINE in name)
+        p.requires_grad_(is_projector(name))
     return model
 
 
@@ -217,7 +275,7 @@ def param_groups(
     main, projector = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (projector if PROJECTOR in name or NEWLINE in name else main).append(p)
+            (projector if is_projector(name) else main).append(p)
     if not main and not projector:
         raise ValueError("no trainable parameters: did apply_lora or prepare_full_finetune run?")
     core = getattr(model, "module", model)

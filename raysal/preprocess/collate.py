@@ -51,6 +51,9 @@ def collate_columns(
                 batch[key] = np.where(batch[key] >= 0, batch[key] + shift, -1)
     if "image_sizes" in columns:
         batch["image_sizes"] = np.stack([np.asarray(a) for a in columns["image_sizes"]])  # (B, 2)
+    if "image_grid_thw" in columns:  # Qwen: each image's patch grid, and text/image token types as the ids
+        batch["image_grid_thw"] = np.stack([np.asarray(a) for a in columns["image_grid_thw"]])  # (B, 3)
+        batch["mm_token_type_ids"] = _pad([np.asarray(a) for a in columns["mm_token_type_ids"]], 0, left)  # (B, L)
     if "image_id" in columns:
         batch["image_id"] = np.asarray([int(np.asarray(a)) for a in columns["image_id"]], np.int64)  # (B,)
     return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in batch.items()}  # type: ignore[return-value]

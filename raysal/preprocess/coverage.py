@@ -1,8 +1,9 @@
-"""Image-token × segment coverage: which fraction of each image token's 14×14 pixel cell each segment covers.
+"""Image-token × segment coverage: which fraction of each image token's pixel cell each segment covers.
 
 DESIGN.md §3.2. The (H, W) segment-id map is pushed through the *same* geometry as the pixels — pad-to-square,
 resize, centre crop (llava-1.5); base squash, best-pinpoint canvas with central padding, 336 tiles, token-unit
-unpadding and ``image_newline`` rows (LLaVA-NeXT) — read from the image processor's own config and computed with
+unpadding and ``image_newline`` rows (LLaVA-NeXT); per-side ``smart_resize`` and 2×2 patch merging (Qwen2.5-VL,
+Qwen3-VL) — read from the image processor's own config and computed with
 transformers' own size helpers. Nearest-neighbour resampling is done on 1-D index maps (every step is axis
 aligned, so rows and columns transform independently); only the final lookup is 2-D. Padding maps to index -1,
 which lands on a void row/column appended to the compact label map.
@@ -293,6 +294,43 @@ def coverage_llava_next(
     return cov
 
 
+# ------------------------------------------------------------------------------------------ Qwen2.5-VL / Qwen3-VL
+
+
+def qwen_resized_size(h: int, w: int, image_processor) -> tuple[int, int]:
+    """The (height, width) the Qwen2-VL image processor resizes an h×w image to: ``smart_resize`` rounds each side
+    on its own to a multiple of patch·merge (500×375 → 504×364 at patch 14), then scales both into
+    [min_pixels, max_pixels] (the processor's ``size.shortest_edge`` / ``size.longest_edge``, pixel counts)."""
+    # the PIL backend's copy: importing the torchvision one needs torchvision; both are the same function
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+    ip = image_processor
+    if not getattr(ip, "do_resize", True):
+        return h, w
+    size = _size_dict(ip.size, False, "size")
+    factor = int(ip.patch_size) * int(ip.merge_size)
+    return tuple(smart_resize(h, w, factor=factor, min_pixels=size["shortest_edge"], max_pixels=size["longest_edge"]))
+
+
+def _qwen(segment_map: np.ndarray, segment_ids: Sequence[int], image_processor) -> tuple[np.ndarray, tuple[int, int]]:
+    labels, n_seg = _compact_labels(segment_map, segment_ids)
+    h, w = labels.shape[0] - 1, labels.shape[1] - 1
+    nh, nw = qwen_resized_size(h, w, image_processor)
+    rows, cols = _resize(np.arange(h, dtype=np.int64), nh), _resize(np.arange(w, dtype=np.int64), nw)
+    # one image token = one merge window of merge×merge patches (the merger concatenates 4 consecutive patch rows
+    # of pixel_values, which the processor orders window by window): an (m·p)-pixel cell; windows row-major
+    cell = int(image_processor.patch_size) * int(image_processor.merge_size)
+    pooled = _pool(_gather(labels, [(rows, cols)]), n_seg, cell)[0]  # (nh / cell, nw / cell, S)
+    return pooled.reshape(-1, n_seg), (nh, nw)
+
+
+def coverage_qwen(segment_map: np.ndarray, segment_ids: Sequence[int], image_processor) -> np.ndarray:
+    """(I, S) float32 coverage for Qwen2.5-VL (patch 14) and Qwen3-VL (patch 16): I = (H'/p)·(W'/p) / merge² for
+    the smart-resized H'×W', token k = merge window (k // (W'/(p·m)), k % (W'/(p·m)))."""
+    cov, _ = _qwen(segment_map, segment_ids, image_processor)
+    return cov
+
+
 # ------------------------------------------------------------------------------------------------------ dispatch
 
 
@@ -303,13 +341,23 @@ def _expected_tokens_by_running(processor, h: int, w: int) -> int:
 
 
 def coverage(segment_map: np.ndarray, segment_ids: Sequence[int], processor) -> np.ndarray:
-    """(I, S) float32 coverage for a LlavaProcessor or LlavaNextProcessor; I is checked against the number of
-    image tokens the processor puts in ``input_ids`` for an image of this size."""
-    from transformers import LlavaNextProcessor, LlavaProcessor  # lazy classes of transformers: loaded on use
+    """(I, S) float32 coverage for a LlavaProcessor, LlavaNextProcessor, Qwen2_5_VLProcessor or Qwen3VLProcessor;
+    I is checked against the number of image tokens the processor puts in ``input_ids`` for an image of this size."""
+    # lazy classes of transformers: loaded on use
+    from transformers import LlavaNextProcessor, LlavaProcessor, Qwen2_5_VLProcessor, Qwen3VLProcessor
 
-    if not isinstance(processor, LlavaNextProcessor | LlavaProcessor):
-        raise TypeError(f"coverage supports LlavaProcessor and LlavaNextProcessor, got {type(processor).__name__}")
     h, w = np.shape(segment_map)[:2]
+    if isinstance(processor, Qwen2_5_VLProcessor | Qwen3VLProcessor):
+        ip = processor.image_processor
+        cov = coverage_qwen(segment_map, segment_ids, ip)
+        # the processor's own count (replace_image_token: image_grid_thw.prod() // merge²)
+        expected = ip.get_number_of_image_patches(h, w, {}) // int(ip.merge_size) ** 2
+        return _checked(cov, expected, h, w, processor)
+    if not isinstance(processor, LlavaNextProcessor | LlavaProcessor):
+        raise TypeError(
+            "coverage supports LlavaProcessor, LlavaNextProcessor, Qwen2_5_VLProcessor and Qwen3VLProcessor, got "
+            f"{type(processor).__name__}"
+        )
     patch = int(processor.patch_size)
     strategy = getattr(processor, "vision_feature_select_strategy", "default")
     n_add = int(getattr(processor, "num_additional_image_tokens", 0) or 0)
@@ -324,6 +372,10 @@ def coverage(segment_map: np.ndarray, segment_ids: Sequence[int], processor) -> 
         cov = _with_cls_rows(cov, n_add, strategy)
         # LlavaProcessor.replace_image_token's count for a (ph, pw) processed image
         expected = (ph // patch) * (pw // patch) + n_add - (strategy == "default")
+    return _checked(cov, expected, h, w, processor)
+
+
+def _checked(cov: np.ndarray, expected: int, h: int, w: int, processor) -> np.ndarray:
     if cov.shape[0] != expected:
         raise AssertionError(
             f"coverage has {cov.shape[0]} rows but the processor puts {expected} image tokens in input_ids for a "

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from raysal.batch import IGNORE, Sample
+from raysal.batch import IGNORE, Sample, unpatchify
 from raysal.preprocess.coverage import coverage
 
 DEFAULT_PROMPT = "Describe the image in detail."
@@ -110,6 +110,14 @@ def encode_sample(
         "coverage": cov.astype(np.float32),
         "segment_ids": np.asarray(segment_ids, np.int32),
     }
+    if "image_grid_thw" in enc:  # Qwen: patch rows (not batched) → the resized image; the grid and token types
+        ip = processor.image_processor
+        grid = np.asarray(enc["image_grid_thw"][0], np.int64)  # (3,) = (1, gh, gw)
+        rows = unpatchify(np.asarray(enc["pixel_values"]), (int(grid[1]), int(grid[2])), int(ip.patch_size),
+                          int(ip.merge_size), int(ip.temporal_patch_size))  # fmt: skip
+        out["pixel_values"] = _uint8(rows)  # (3, H', W')
+        out["image_grid_thw"] = grid
+        out["mm_token_type_ids"] = np.asarray(enc["mm_token_type_ids"][0], np.int64)  # (L,) 1 at image tokens
     if "image_sizes" in enc:
         out["image_sizes"] = np.asarray(enc["image_sizes"][0], np.int64)
     return out

@@ -39,7 +39,7 @@ from raysal.data.shards import shard_paths
 from raysal.loop.checkpoint import load_weights
 from raysal.loop.evaluate import evaluate
 from raysal.metrics.records import ItemRecords
-from raysal.model.build import load_processor, model_info
+from raysal.model.build import load_processor, model_info, pixel_limits
 from raysal.orchestration.train.assets import ensure_data, ensure_model
 from raysal.orchestration.train.checkpoint_fetch import fetch_for_resume
 from raysal.orchestration.train.spec import RunSpec
@@ -83,7 +83,7 @@ def evaluate_checkpoint(spec: RunSpec, checkpoint: Any, asked: Asked = Asked()) 
     device = torch.device("cuda" if spec.scaling["use_gpu"] and torch.cuda.is_available() else "cpu")
     ensure_model(spec.model)
     ensure_data(spec.data)
-    processor = load_processor(spec.model["name_or_path"])
+    processor = load_processor(spec.model["name_or_path"], **pixel_limits(spec.model))
     model = trainable_model(spec, device)
     for criterion in spec.criteria:  # modules a criterion trained (maskembed's decoder) are part of the weights
         if isinstance(criterion, AttachesModules):

@@ -15,7 +15,7 @@ from raysal.batch import PixelNorm, to_device
 from raysal.data.decode import decode_row
 from raysal.data.holdout import holdout_for
 from raysal.data.ray_dataset import coconut_dataset
-from raysal.model.build import load_processor
+from raysal.model.build import load_processor, pixel_limits
 from raysal.orchestration.train.assets import ensure_data, ensure_model
 from raysal.preprocess.batches import encode_row
 from raysal.preprocess.collate import Collate
@@ -28,7 +28,7 @@ class EncodeBatch:
     def __init__(self, processor_path: str, prompt: str, model: dict[str, Any] | None = None) -> None:
         if model is not None:
             ensure_model(model)
-        self.processor = load_processor(processor_path)
+        self.processor = load_processor(processor_path, **pixel_limits(model or {}))
         self.prompt = prompt
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[np.ndarray]]:

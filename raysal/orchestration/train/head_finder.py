@@ -21,7 +21,7 @@ from raysal.batch import PixelNorm
 from raysal.data.decode import decode_row
 from raysal.data.holdout import holdout_for
 from raysal.data.shards import shard_paths
-from raysal.model.build import load_model, load_processor, model_info
+from raysal.model.build import load_model, load_processor, model_info, pixel_limits
 from raysal.orchestration.train import preflight as checks  # checks.preflight: one name tests replace
 from raysal.orchestration.train.errors import ConfigError
 from raysal.orchestration.train.spec import RunSpec
@@ -76,7 +76,7 @@ def find_heads(spec: RunSpec) -> str:
     checks.preflight(spec)  # the model folder and the shards exist (the demo's are made on first use)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     name = spec.model["name_or_path"]
-    processor = load_processor(name)
+    processor = load_processor(name, **pixel_limits(spec.model))
     samples = validation_samples(spec.data, processor, int(finder["samples"]))
     model = load_model(name, dtype=spec.model["dtype"], device=device)
     enable_capture(model)

@@ -33,7 +33,7 @@ from raysal import storage
 from raysal.data.holdout import holdout_for
 from raysal.data.shards import shard_paths
 from raysal.loop.checkpoint import ADAPTER, MODEL
-from raysal.model.build import load_model, load_processor
+from raysal.model.build import load_model, load_processor, pixel_limits
 from raysal.model.chat_template import accept_string_content
 from raysal.orchestration.train.checkpoint_fetch import fetch_folder, folders
 
@@ -128,7 +128,7 @@ def export_one(run_dir: str, checkpoint: Any, metrics: dict[str, float], out: st
         model = merged_model(config, checkpoint, work)
         folder = work / "merged"
         model.save_pretrained(folder)
-        processor = load_processor(config["model"]["name_or_path"])
+        processor = load_processor(config["model"]["name_or_path"], **pixel_limits(config["model"]))
         # evaluation harnesses (lmms-eval's llava_hf) render string contents with the tokenizer's template
         processor.chat_template = accept_string_content(processor.chat_template)
         processor.tokenizer.chat_template = accept_string_content(processor.tokenizer.chat_template or

@@ -228,6 +228,8 @@ def check_values(c: dict) -> None:
     _number(c, "data.val_max_images", int, low=1, optional=True)
     _number(c, "data.val_min_images", int, low=1)
     _choice(c, "model.padding_side", ("left", "right"))
+    _number(c, "model.min_pixels", int, low=1, optional=True)
+    _number(c, "model.max_pixels", int, low=1, optional=True)
     try:
         resolve_dtype(str(_get(c, "model.dtype")), "cpu")
     except ValueError as e:

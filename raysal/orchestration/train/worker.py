@@ -32,6 +32,7 @@ from raysal.model.build import (
     apply_lora,
     load_model,
     load_processor,
+    pixel_limits,
     prepare_connector_stage,
     prepare_full_finetune,
 )
@@ -116,7 +117,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # it loads, the synthetic shards before the probe set reads them
     ensure_model(spec.model)
     ensure_data(spec.data)
-    processor = load_processor(spec.model["name_or_path"])
+    processor = load_processor(spec.model["name_or_path"], **pixel_limits(spec.model))
     fsdp = spec.strategy == "fsdp"
     model = wrapped_model(trainable_model(spec, device), spec, device)
     train_batches, val_batches = batch_sources(spec, processor, device)
