@@ -27,11 +27,14 @@ def _eager_reference(att_layers, layers, heads, t):
     return torch.stack(out)
 
 
-@pytest.mark.parametrize("arch", ["llava", "llava_next"])
+@pytest.mark.parametrize("arch", ["llava", "llava_next", "qwen2_5_vl", "qwen3_vl"])
 @pytest.mark.parametrize("padding_side", ["left", "right"])
 @pytest.mark.parametrize("heads", [(0, 2, 3), "all"])
-def test_capture_equals_eager_values_and_gradients(arch, padding_side, heads, tiny_llava, tiny_next, small_shards):
-    ckpt = tiny_llava if arch == "llava" else tiny_next
+def test_capture_equals_eager_values_and_gradients(arch, padding_side, heads, request, small_shards):
+    """Also Qwen2.5-VL and Qwen3-VL: M-RoPE positions, 4 query heads on 2 KV heads, Qwen3-VL's DeepStack layers
+    (0 and 1 get vision features added after their attention)."""
+    llava = {"llava": "tiny_llava", "llava_next": "tiny_next"}
+    ckpt = request.getfixturevalue(llava[arch]) if arch in llava else request.getfixturevalue("tiny_qwen")[arch]
     batch = _batch(ckpt, small_shards, padding_side)
     model = load_model(str(ckpt), dtype="float32")
     assert batch["attention_mask"].eq(0).any(), "the batch must be padded"

@@ -2,7 +2,7 @@
 
 What the family adds: patch rows instead of an image (`raysal.batch.patchify`), ``image_grid_thw``,
 ``mm_token_type_ids`` (Qwen3-VL refuses a forward without them; Qwen2.5-VL silently falls back to 1-D positions),
-M-RoPE positions through padding, the ChatML template, grouped-query heads and (Qwen3-VL) DeepStack.
+M-RoPE positions through padding, the ChatML template. The capture on both families: tests/test_capture.py.
 """
 
 from __future__ import annotations
@@ -12,12 +12,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from raysal.attention.capture import AttentionCapture, enable_capture
-from raysal.attention.targets import grounding_targets
 from raysal.batch import IGNORE, PixelNorm, model_inputs, patchify, to_device, unpatchify
 from raysal.data.decode import decode_row
 from raysal.data.shards import shard_files
-from raysal.model.build import load_model, load_processor, model_info
+from raysal.model.build import load_model, load_processor
 from raysal.preprocess.batches import encode_row
 from raysal.preprocess.collate import collate
 
@@ -72,59 +70,6 @@ def test_pixels_made_on_the_device_equal_the_processors_rows(arch, tiny_qwen, sm
     _, gh, gw = ref[0]["image_grid_thw"][0]
     image = unpatchify(one, (int(gh), int(gw)), p, m, t)
     assert torch.equal(patchify(torch.from_numpy(image), p, m, t), torch.from_numpy(one))
-
-
-def _eager_reference(att_layers, layers, heads, t):
-    """(B, ℓ, h, T, I) gathered from full eager maps."""
-    out = []
-    for b in range(t.query_pos.shape[0]):
-        a = torch.stack([att_layers[i][b, list(heads)] for i in layers])  # (ℓ, h, L, L)
-        out.append(a[:, :, t.query_pos[b]][:, :, :, t.key_pos[b]])
-    return torch.stack(out)
-
-
-@pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("padding_side", ["left", "right"])
-def test_capture_equals_eager_values_and_gradients(arch, padding_side, tiny_qwen, small_shards):
-    """M-RoPE positions, grouped-query heads (4 query heads on 2 KV heads), Qwen3-VL's DeepStack layers (0 and 1
-    get vision features added after their attention): the captured probabilities and their gradients equal eager
-    attention's; the logits equal eager's."""
-    proc = load_processor(str(tiny_qwen[arch]))
-    samples = [encode_row(r, proc) for r in rows(small_shards, 3)]
-    batch = to_device(collate(samples, proc.tokenizer.pad_token_id, padding_side), "cpu",
-                      PixelNorm.from_processor(proc))  # fmt: skip
-    assert batch["attention_mask"].eq(0).any(), "the batch must be padded"
-    model = load_model(str(tiny_qwen[arch]), dtype="float32")
-    t = grounding_targets(batch, query_offset=-1)
-    layers, heads = (1, 3), tuple(range(model_info(model).n_heads))
-    weights = torch.rand(len(layers), len(heads), *t.region.shape, generator=torch.Generator().manual_seed(0))
-    weights = weights.permute(2, 0, 1, 3, 4) * t.token_valid[:, None, None, :, None] * t.key_valid[:, None, None, None]
-
-    def grads_of(loss):
-        model.zero_grad()
-        loss.backward()
-        return {n: p.grad.clone() for n, p in model.named_parameters() if "language_model" in n and p.grad is not None}
-
-    model.set_attn_implementation("eager")
-    out_e = model(**model_inputs(batch), output_attentions=True)
-    ref = _eager_reference(out_e.attentions, layers, heads, t)
-    g_eager = grads_of((ref * weights).sum())
-
-    enable_capture(model)
-    with AttentionCapture(layers, heads, t.query_pos, t.key_pos) as cap:
-        out_c = model(**model_inputs(batch))
-        probs = cap.stacked()
-        g_capture = grads_of((probs * weights).sum())
-
-    valid = t.token_valid[:, None, None, :, None] & t.key_valid[:, None, None, None, :]
-    assert probs.shape == ref.shape
-    assert (probs - ref)[valid.expand_as(probs)].abs().max() <= 1e-5
-    keep = batch["attention_mask"].bool()
-    assert (out_c.logits - out_e.logits)[keep].abs().max() <= 1e-4
-    assert g_eager.keys() == g_capture.keys() and g_eager
-    for name in g_eager:
-        assert torch.allclose(g_capture[name], g_eager[name], atol=1e-5, rtol=1e-4), name
-    assert any("layers.3.self_attn.k_proj" in n and g.abs().sum() > 0 for n, g in g_capture.items())
 
 
 @pytest.mark.parametrize("arch", ARCHS)
