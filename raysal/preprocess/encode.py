@@ -99,6 +99,12 @@ def encode_sample(
     if cov.shape[0] != n_image:
         raise ValueError(f"coverage has {cov.shape[0]} rows but input_ids hold {n_image} image tokens")
     grounded = (token_segments >= 0).any(1) & (labels != IGNORE)  # (L,)
+    pixels = enc["pixel_values"][0]  # (3, H, W) | NeXT (P, 3, H, W)
+    if "image_grid_thw" in enc:  # Qwen: patch rows, not batched → the resized image (3, H', W')
+        ip = processor.image_processor
+        grid = np.asarray(enc["image_grid_thw"][0], np.int64)  # (3,) = (1, gh, gw)
+        pixels = unpatchify(np.asarray(enc["pixel_values"]), (int(grid[1]), int(grid[2])), int(ip.patch_size),
+                            int(ip.merge_size), int(ip.temporal_patch_size))  # fmt: skip
     out: Sample = {
         "input_ids": ids.astype(np.int64),
         "attention_mask": np.ones_like(ids, dtype=np.int64),
@@ -106,16 +112,11 @@ def encode_sample(
         "token_segments": token_segments,
         "image_pos": np.nonzero(ids == image_token_id)[0].astype(np.int64),  # (I,) = coverage rows, in order
         "grounded_pos": np.nonzero(grounded)[0].astype(np.int64),  # (T,)
-        "pixel_values": _uint8(enc["pixel_values"][0]),
+        "pixel_values": _uint8(pixels),
         "coverage": cov.astype(np.float32),
         "segment_ids": np.asarray(segment_ids, np.int32),
     }
-    if "image_grid_thw" in enc:  # Qwen: patch rows (not batched) → the resized image; the grid and token types
-        ip = processor.image_processor
-        grid = np.asarray(enc["image_grid_thw"][0], np.int64)  # (3,) = (1, gh, gw)
-        rows = unpatchify(np.asarray(enc["pixel_values"]), (int(grid[1]), int(grid[2])), int(ip.patch_size),
-                          int(ip.merge_size), int(ip.temporal_patch_size))  # fmt: skip
-        out["pixel_values"] = _uint8(rows)  # (3, H', W')
+    if "image_grid_thw" in enc:
         out["image_grid_thw"] = grid
         out["mm_token_type_ids"] = np.asarray(enc["mm_token_type_ids"][0], np.int64)  # (L,) 1 at image tokens
     if "image_sizes" in enc:
