@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -60,6 +61,18 @@ def tiny_qwen(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
     root = tmp_path_factory.mktemp("tiny")
     return {arch: write_tiny(root / arch, arch) for arch in ("qwen2_5_vl", "qwen3_vl")}
+
+
+@pytest.fixture
+def tiny_of(request: pytest.FixtureRequest) -> Callable[[str], Path]:
+    """The tiny checkpoint of a model_type (llava, llava_next, qwen2_5_vl, qwen3_vl), made once a session."""
+
+    def get(arch: str) -> Path:
+        if arch in ("qwen2_5_vl", "qwen3_vl"):
+            return request.getfixturevalue("tiny_qwen")[arch]
+        return request.getfixturevalue({"llava": "tiny_llava", "llava_next": "tiny_next"}[arch])
+
+    return get
 
 
 @pytest.fixture(scope="session")

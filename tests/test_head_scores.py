@@ -1,5 +1,5 @@
 """The head finder's scores (`raysal.attention.head_scores`): a head planted to look at the named regions ranks
-first, on tiny LLaVA and LLaVA-NeXT (GQA)."""
+first, on tiny LLaVA, LLaVA-NeXT (GQA), Qwen2.5-VL and Qwen3-VL (M-RoPE, GQA)."""
 
 from __future__ import annotations
 
@@ -51,9 +51,9 @@ class PlantedHead:
         return capture_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
-@pytest.mark.parametrize("arch", ["llava", "llava_next"])
-def test_the_finder_ranks_the_planted_head_first(arch, tiny_llava, tiny_next, small_shards):
-    path = tiny_llava if arch == "llava" else tiny_next
+@pytest.mark.parametrize("arch", ["llava", "llava_next", "qwen2_5_vl", "qwen3_vl"])
+def test_the_finder_ranks_the_planted_head_first(arch, tiny_of, small_shards):
+    path = tiny_of(arch)
     proc = load_processor(str(path))
     samples = load_encoded(small_shards, "val2017", proc, limit=6)
     batches = batch_factory(samples, 3, proc.tokenizer.pad_token_id, PixelNorm.from_processor(proc), shuffle=False)
@@ -72,9 +72,10 @@ def test_the_finder_ranks_the_planted_head_first(arch, tiny_llava, tiny_next, sm
     assert top["amr"] > 2.0 and top["amr"] > second["amr"] + 0.5 and top["pointing"] > 0.8, rows[:3]
     assert top["entropy"] < second["entropy"]  # concentrated where the random heads are nearly uniform
     assert table.tokens > 0 and table.images == 6 and len(rows) == info.n_layers * info.n_heads
-    # without the plant, nothing stands out: every head's AMR is near chance
+    # without the plant, nothing comes near it: random heads are near chance (AMR 1.0 on LLaVA, NeXT and Qwen2.5-VL;
+    # up to 1.5 on the tiny Qwen3-VL, whose random heads are less uniform), the planted one at 15-27
     plain = score_heads(model, batches(0), info.n_layers, info.n_heads).ranked()
-    assert plain[0]["amr"] < 1.5
+    assert plain[0]["amr"] < top["amr"] / 5, (top["amr"], plain[:3])
 
 
 def test_heads_entry_point_writes_the_ranked_table_and_figure(storage_root, cache, monkeypatch, capsys):

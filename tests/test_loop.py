@@ -17,6 +17,10 @@ from raysal.preprocess.batches import batch_factory, load_encoded
 
 @pytest.fixture(scope="module")
 def data(tiny_llava, small_shards):
+    return _data(tiny_llava, small_shards)
+
+
+def _data(tiny_llava, small_shards):
     proc = load_processor(str(tiny_llava))
     train = load_encoded(small_shards, "train2017", proc, limit=12)
     val = load_encoded(small_shards, "val2017", proc, limit=4)
@@ -61,8 +65,9 @@ def test_reports_namespaced_metrics_and_loadable_checkpoints(data, tmp_path):
             assert torch.equal(p, trained[n]), n
 
 
-def test_resume_continues_exactly(data, tmp_path):
-    ckpt, train, _ = data
+@pytest.mark.parametrize("arch", ["llava", "qwen2_5_vl", "qwen3_vl"])
+def test_resume_continues_exactly(arch, tiny_of, small_shards, tmp_path):
+    ckpt, train, _ = _data(tiny_of(arch), small_shards)
     straight = fresh(ckpt)
     ref = fit(straight, CRITERIA, train, None, cfg(eval_every=3), checkpoint_dir=tmp_path / "a")
 

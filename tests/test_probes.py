@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from transformers import AutoProcessor
 
 from raysal.attention.capture import CAPTURE_IMPL, CapturePlan, enable_capture
 from raysal.attention.selection import resolve_heads, resolve_layers
-from raysal.model.build import load_model, model_info
+from raysal.model.build import load_model, load_processor, model_info
 from raysal.probes.phrase_maps import phrase_maps
 from raysal.probes.probe_set import select_probes
 from raysal.probes.render import png_bytes, render
@@ -30,10 +29,10 @@ def test_probe_set_is_deterministic_and_grounded(small_shards):
     assert held and all(in_holdout(p.sample.image_id, 0.3) for p in held)
 
 
-@pytest.mark.parametrize("arch", ["llava", "llava_next"])
-def test_phrase_maps_render_on_the_original_image(arch, tiny_llava, tiny_next, small_shards):
-    path = tiny_llava if arch == "llava" else tiny_next
-    processor = AutoProcessor.from_pretrained(path)
+@pytest.mark.parametrize("arch", ["llava", "llava_next", "qwen2_5_vl", "qwen3_vl"])
+def test_phrase_maps_render_on_the_original_image(arch, tiny_of, small_shards):
+    path = tiny_of(arch)
+    processor = load_processor(str(path))
     model = load_model(str(path), dtype="float32").eval()
     enable_capture(model)
     model.set_attn_implementation({"text_config": CAPTURE_IMPL})
