@@ -6,8 +6,18 @@ from raysal.orchestration.train.compose import CONFIG_DIR, compose_cfg
 from raysal.orchestration.train.spec import spec_from_cfg
 
 GROUP_OPTIONS = {
-    "model": ["llava-1.5-7b", "llava-v1.6-mistral-7b", "qwen2.5-vl-7b", "qwen3-vl-8b", "tiny", "tiny-next",
-              "tiny-captioned", "tiny-next-captioned", "tiny-qwen2.5-vl", "tiny-qwen3-vl"],
+    "model": [
+        "llava-1.5-7b",
+        "llava-v1.6-mistral-7b",
+        "qwen2.5-vl-7b",
+        "qwen3-vl-8b",
+        "tiny",
+        "tiny-next",
+        "tiny-captioned",
+        "tiny-next-captioned",
+        "tiny-qwen2.5-vl",
+        "tiny-qwen3-vl",
+    ],
     "data": ["coconut", "synthetic", "demo"],
     "criterion@criteria.base": ["lm", "cal"],
     "criterion@criteria.align": ["kl", "mse", "mass", "bce_dice", "seed_kl"],

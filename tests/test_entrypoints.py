@@ -263,9 +263,22 @@ def test_train_on_the_coconut_defaults_evaluates_the_holdout_it_printed(tmp_path
 
     shards = storage.join(s3_server.new_prefix(), "shards")
     storage.upload(single_split, shards)
-    res = run(["raysal.train", "experiment=demo", "data=coconut", format_override("data.shards", shards),
-               "trainer.batch_size=4", "trainer.max_steps=4", "trainer.eval_every=2", f"storage_path={tmp_path}",
-               "name=coco", "data.confirm_holdout=0.05"], cache, extra_env=KEYS)  # 900 images: 1 % confirms too few
+    res = run(
+        [
+            "raysal.train",
+            "experiment=demo",
+            "data=coconut",
+            format_override("data.shards", shards),
+            "trainer.batch_size=4",
+            "trainer.max_steps=4",
+            "trainer.eval_every=2",
+            f"storage_path={tmp_path}",
+            "name=coco",
+            "data.confirm_holdout=0.05",
+        ],
+        cache,
+        extra_env=KEYS,
+    )  # 900 images: 1 % confirms too few
     assert res.returncode == 0, res.stderr[-3000:]
     m = HOLDOUT.search(res.stdout)
     assert m, res.stdout[-2000:]

@@ -318,8 +318,12 @@ def test_runners_up_are_compared_with_the_best_directly_not_by_overlapping_inter
     control = base * rng.uniform(0.5, 1.5, 40)  # the control: far from both, noisily
     noisy = base * 2.0 * rng.uniform(0.8, 1.2, 40)
     noisy *= 0.99 * (base * 2.0).mean() / noisy.mean()  # 1 % below the best on average, noisily
-    records = {"c": _amr_records(list(control)), "a": _amr_records(list(base * 2.0)),
-               "b": _amr_records(list(base * 1.9)), "d": _amr_records(list(noisy))}
+    records = {
+        "c": _amr_records(list(control)),
+        "a": _amr_records(list(base * 2.0)),
+        "b": _amr_records(list(base * 1.9)),
+        "d": _amr_records(list(noisy)),
+    }
     rows = _with_records([row(t, 0.0, 0.8, 0.1, control=t == "c") for t in records], records)  # fmt: skip
     best, decision = choose_best(rows, "val/amr", "max", None, (), records)
     assert best["trial_id"] == "a"

@@ -192,8 +192,20 @@ def test_the_report_shows_the_confirmations_decision_each_run_and_each_harm(sear
     """The Confirmation section: the decision and why, each pooled comparison with its interval, per-seed values
     and degrees of freedom, a harm named; every run of the stage with its role, seed, checkpoint and replay."""
     summary = json.loads((search / "summary.json").read_text())
-    comp = {"kind": "difference", "trial": 0.31, "control": 0.30, "estimate": 0.01, "lo": 0.002, "hi": 0.06,
-            "images": 120, "seeds": 3, "per_seed": [0.01, 0.02, 0.0], "se": 0.01, "df": 2.5, "seed_share": 0.4}
+    comp = {
+        "kind": "difference",
+        "trial": 0.31,
+        "control": 0.30,
+        "estimate": 0.01,
+        "lo": 0.002,
+        "hi": 0.06,
+        "images": 120,
+        "seeds": 3,
+        "per_seed": [0.01, 0.02, 0.0],
+        "se": 0.01,
+        "df": 2.5,
+        "seed_share": 0.4,
+    }
     summary["confirmation"] = {
         "finalists": {"t4": {"confirmed": True, "why": "every condition holds", "seeds": 3, "images": 32,
                              "comparisons": {FPR: comp}, "harms": [FPR]}},

@@ -59,8 +59,17 @@ def _decided(confirmed: bool) -> dict:
                                           "images": 90}}  # fmt: skip
     why = "every condition holds" if confirmed else "val/pope/adversarial/fpr +0.060 [+0.020, +0.100]: not shown " \
         "within the 0.05 margin"  # fmt: skip
-    return {"confirmed": confirmed, "why": why, "seeds": 3, "images": 90, "pope_images": 80, "comparisons": comps,
-            "harms": ["val/pope/adversarial/fpr"], "correction": None, "failed": [] if confirmed else [why]}
+    return {
+        "confirmed": confirmed,
+        "why": why,
+        "seeds": 3,
+        "images": 90,
+        "pope_images": 80,
+        "comparisons": comps,
+        "harms": ["val/pope/adversarial/fpr"],
+        "correction": None,
+        "failed": [] if confirmed else [why],
+    }
 
 
 def test_the_verdict_leads_with_the_confirmations_decision_and_its_reason():
@@ -120,5 +129,7 @@ def test_every_run_of_the_finalists_stage_is_tagged_with_its_role_seed_and_the_d
         {"run": "x_00001", "finalist": "a", "role": "matched-control", "seed": 1}]}  # fmt: skip
     roles = trial_roles(s)
     assert roles["a"] == ["best", "worse:val/lm_loss", "confirmed"] and roles["c"] == ["control"]
-    assert roles["x_00000"] == ["finalist", "seed:1", "confirmed"] and roles["x_00001"][:2] == ["matched-control",
-                                                                                                 "seed:1"]
+    assert roles["x_00000"] == ["finalist", "seed:1", "confirmed"] and roles["x_00001"][:2] == [
+        "matched-control",
+        "seed:1",
+    ]
