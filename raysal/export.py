@@ -30,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     for d in done:
         print(f"raysal: exported {d.name}{f' (trial {d.trial_id})' if d.trial_id else ''} to {d.folder}")
+        print(f"raysal: lmms-eval: python -m lmms_eval {d.lmms_eval} --tasks pope")
     return 0
 
 

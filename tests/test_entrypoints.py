@@ -237,6 +237,8 @@ def test_search_on_the_coconut_defaults_adapter_wandb_and_no_key_on_disk(tmp_pat
     exported = run(["raysal.export", str(folder), "--out", str(tmp_path / "export")], cache)
     assert exported.returncode == 0, exported.stderr[-3000:]
     assert f"raysal: exported control (trial {summary['control']})" in exported.stdout
+    best = tmp_path / "export" / "best"
+    assert f"raysal: lmms-eval: python -m lmms_eval --model llava_hf --model_args pretrained={best}," in exported.stdout
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     for out in (tmp_path / "export", user / "exports" / "criteria"):

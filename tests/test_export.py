@@ -85,7 +85,8 @@ def test_the_exported_folder_answers_as_lmms_eval_llava_hf_asks(arch, request, t
     model_dir = request.getfixturevalue("tiny_llava" if arch == "llava" else "tiny_next")
     run, ckpt, _ = _run_folder(tmp_path, model_dir, small_shards)
     out = tmp_path / "export"
-    export_one(str(run), str(ckpt), {}, str(out), trial_id="t1")
+    _, lmms = export_one(str(run), str(ckpt), {}, str(out), trial_id="t1")
+    assert lmms == f"--model llava_hf --model_args pretrained={out},dtype=bfloat16,device_map=cuda:0"
     model = AutoModelForImageTextToText.from_pretrained(out, dtype=torch.float32).eval()
     processor = AutoProcessor.from_pretrained(out)
     processor.tokenizer.padding_side = "left"  # as lmms-eval sets it
@@ -162,3 +163,59 @@ def test_a_qwen_export_loads_with_transformers_and_answers_a_pope_question(arch,
     logits = answer_logits(merged, processor, image, ["Is there a circle in the image?"], device="cpu")
     p, mass = p_yes(logits, *yes_no_token_ids(processor.tokenizer))
     assert 0 <= float(p[0]) <= 1 and float(mass[0]) > 0
+
+
+@pytest.mark.parametrize("arch", ["qwen2_5_vl", "qwen3_vl"])
+def test_a_qwen_export_answers_as_lmms_eval_qwen_classes_ask(arch, tiny_qwen, tmp_path, small_shards):
+    """lmms-eval's ``qwen2_5_vl`` / ``qwen3_vl`` classes load the folder with ``AutoProcessor.from_pretrained(folder,
+    min_pixels=…, max_pixels=…)`` (their defaults, 200,704 and 1,605,632, unless ``--model_args`` gives the run's
+    pins), render the processor's template on a system turn ("You are a helpful assistant.") and the user's image
+    part then the question, and have ``qwen_vl_utils.process_vision_info`` resize the image first (smart_resize by
+    28 / 32 within those limits; Qwen3-VL's class then calls the processor with ``do_resize=False``). Built as they
+    build them (transformers alone: qwen_vl_utils imports torchvision): given the pins, the image reaches the
+    model on the grid raysal trained with; the prompt is raysal's (Qwen2.5-VL's template adds that system turn
+    itself; Qwen3-VL's does not: lmms-eval's prompt has one more turn, the same for every arm); generation works."""
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+    from raysal.loop.pope_eval import _messages
+    from raysal.model.qwen_processor import IMAGE_ONLY
+
+    pins = {"min_pixels": 3136, "max_pixels": 40000}
+    run, ckpt, _ = _run_folder(tmp_path, tiny_qwen[arch], small_shards)
+    config = storage.read_json(str(run / RUN_CONFIG))
+    config["model"] |= pins
+    storage.write_json(str(run / RUN_CONFIG), config)
+    out = tmp_path / "export"
+    _, lmms = export_one(str(run), str(ckpt), {}, str(out), trial_id="t1")
+    assert lmms == (f"--model {arch} --model_args pretrained={out},device_map=cuda:0,min_pixels=3136,max_pixels=40000")
+    model = AutoModelForImageTextToText.from_pretrained(out, dtype=torch.float32).eval()
+    ours = load_processor(str(out), **pins)  # what raysal trains and evaluates with
+    theirs = IMAGE_ONLY[arch].from_pretrained(out, **pins)  # AutoProcessor's class, less its video part
+    image = (np.random.default_rng(0).random((90, 160, 3)) * 255).astype(np.uint8)
+    question = "Is there a circle in the image?"
+
+    system = {"role": "system", "content": "You are a helpful assistant."}
+    part = {"type": "image", "image": Image.fromarray(image), **pins}
+    messages = [system, {"role": "user", "content": [part, {"type": "text", "text": question}]}]
+    text = theirs.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    own = ours.apply_chat_template(_messages(question), tokenize=False, add_generation_prompt=True)
+    turn = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    assert text == (own if arch == "qwen2_5_vl" else turn + own), (text, own)
+    assert question in text and text.count("<|image_pad|>") == 1
+
+    factor = 28 if arch == "qwen2_5_vl" else 32  # qwen_vl_utils: image_patch_size 14 / 16, times the 2x2 merge
+    h, w = smart_resize(image.shape[0], image.shape[1], factor=factor, **pins)
+    resized = Image.fromarray(image).resize((w, h))  # PIL's default filter, as qwen_vl_utils' fetch_image
+    extra = {"do_resize": False} if arch == "qwen3_vl" else {"padding": True}
+    inputs = theirs(text=[text], images=[resized], return_tensors="pt", **extra)
+    trained = ours(text=[own], images=[image], return_tensors="pt", input_data_format="channels_last")
+    assert inputs["image_grid_thw"].tolist() == trained["image_grid_thw"].tolist()
+    n_image = int((inputs["input_ids"] == model.config.image_token_id).sum())
+    assert n_image == int(trained["image_grid_thw"].prod()) // 4 > 0, "the image reached the model, every token"
+    with torch.inference_mode():
+        ids = model.generate(**inputs, max_new_tokens=4, do_sample=False, pad_token_id=theirs.tokenizer.pad_token_id)
+    assert ids.shape[1] > inputs["input_ids"].shape[1]
+    answer = theirs.batch_decode(ids[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)[0]
+    assert isinstance(answer, str)

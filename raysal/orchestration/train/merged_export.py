@@ -33,7 +33,7 @@ from raysal import storage
 from raysal.data.holdout import holdout_for
 from raysal.data.shards import shard_paths
 from raysal.loop.checkpoint import ADAPTER, MODEL
-from raysal.model.build import load_model, load_processor, pixel_limits
+from raysal.model.build import QWEN, load_model, load_processor, pixel_limits
 from raysal.model.chat_template import accept_string_content
 from raysal.orchestration.train.checkpoint_fetch import fetch_folder, folders
 
@@ -53,6 +53,22 @@ class Exported:
     name: str  # best | control | the run's name
     trial_id: str | None
     folder: str  # where it was written
+    lmms_eval: str  # lmms-eval's --model and --model_args for it
+
+
+# lmms-eval's model class for each family; device_map must be given (its default, "", transformers 5 refuses)
+LMMS_EVAL = {"llava": "llava_hf", "llava_next": "llava_hf", "qwen2_5_vl": "qwen2_5_vl", "qwen3_vl": "qwen3_vl"}
+
+
+def lmms_eval_args(model_type: str, folder: str, processor: Any) -> str:
+    """``--model … --model_args …`` that evaluate ``folder`` as raysal trained it. Qwen: the pixel limits the run
+    resized with, which lmms-eval's Qwen classes would otherwise replace by their own (200,704 and 1,605,632
+    pixels: another image grid than the one trained on); they take no dtype (bfloat16 is fixed)."""
+    if model_type not in QWEN:
+        return f"--model {LMMS_EVAL[model_type]} --model_args pretrained={folder},dtype=bfloat16,device_map=cuda:0"
+    size = processor.image_processor.size  # {"shortest_edge": min_pixels, "longest_edge": max_pixels}
+    return (f"--model {LMMS_EVAL[model_type]} --model_args pretrained={folder},device_map=cuda:0,"
+            f"min_pixels={size['shortest_edge']},max_pixels={size['longest_edge']}")  # fmt: skip
 
 
 def run_config(run_dir: str) -> dict[str, Any]:
@@ -120,8 +136,10 @@ def merged_model(config: dict[str, Any], checkpoint: Any, work: Path) -> Any:
     return PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
 
 
-def export_one(run_dir: str, checkpoint: Any, metrics: dict[str, float], out: str, *, trial_id: str | None) -> str:
-    """Write one merged folder to ``out`` (a local path or a URI) → ``out``."""
+def export_one(
+    run_dir: str, checkpoint: Any, metrics: dict[str, float], out: str, *, trial_id: str | None
+) -> tuple[str, str]:
+    """Write one merged folder to ``out`` (a local path or a URI) → ``out`` and lmms-eval's arguments for it."""
     config = run_config(run_dir)
     with tempfile.TemporaryDirectory(prefix="raysal-export-") as tmp:
         work = Path(tmp)
@@ -135,12 +153,13 @@ def export_one(run_dir: str, checkpoint: Any, metrics: dict[str, float], out: st
                                                                   processor.chat_template)  # fmt: skip
         processor.save_pretrained(folder)
         (folder / TRAIN_IDS).write_text("".join(f"{i}\n" for i in train_image_ids(config["data"])))
+        lmms = lmms_eval_args(model.config.model_type, out, processor)
         info = {"run": run_dir, "trial_id": trial_id, "checkpoint": _label(checkpoint),
-                "base": config["model"]["name_or_path"], "metrics": metrics}  # fmt: skip
+                "base": config["model"]["name_or_path"], "metrics": metrics, "lmms_eval": lmms}  # fmt: skip
         (folder / EXPORT_INFO).write_text(json.dumps(info, indent=2, default=str))
         storage.replace_dir(folder, out)
     log.info("exported %s to %s", run_dir, out)
-    return out
+    return out, lmms
 
 
 def export(source: str, out: str) -> list[Exported]:
@@ -169,10 +188,10 @@ def export(source: str, out: str) -> list[Exported]:
                 continue
             run_dir = storage.join(trials, trial)
             ckpt, metrics = judged_checkpoint(run_dir)
-            done.append(Exported(name, trial, export_one(run_dir, ckpt, metrics, storage.join(out, name),
-                                                         trial_id=trial)))  # fmt: skip
+            done.append(Exported(name, trial, *export_one(run_dir, ckpt, metrics, storage.join(out, name),
+                                                          trial_id=trial)))  # fmt: skip
         return done
     config = run_config(source)
     objective = config["trainer"]["objective"]
     ckpt, metrics = best_checkpoint(source, objective["metric"], objective["mode"])
-    return [Exported(config.get("name") or "run", None, export_one(source, ckpt, metrics, out, trial_id=None))]
+    return [Exported(config.get("name") or "run", None, *export_one(source, ckpt, metrics, out, trial_id=None))]
