@@ -24,14 +24,15 @@ from raysal.orchestration.tune.wandb_callback import checkpoint_history
 @pytest.mark.integration
 @pytest.mark.slow  # fault injection: .ci/run runs it after the default suite
 def test_killed_search_resumes_without_rerunning_finished_trials(tmp_path, cache, postgres, another_ray):
-    """With the study in a team's PostgreSQL (``optuna_storage``): the database is what the resumed driver reads;
-    the folder gets its snapshot at the end (the study in the search folder survives a kill in test_cluster.py).
-    With another Ray instance on the host, no placement group is left behind."""
+    """On a tiny Qwen2.5-VL (``experiment=demo model=tiny-qwen2.5-vl``: the control + 2 trials; the LLaVA searches
+    are test_cluster.py's), with the study in a team's PostgreSQL (``optuna_storage``): the database is what the
+    resumed driver reads; the folder gets its snapshot at the end (the study in the search folder survives a kill in
+    test_cluster.py). With another Ray instance on the host, no placement group is left behind."""
     import optuna
 
     space = space_file(tmp_path, 2, "iresume")  # + the control: 3 trials
     db = postgres.url
-    common = [*SMALL, f"storage_path={tmp_path}", f"optuna_storage={db}"]
+    common = [*SMALL, "model=tiny-qwen2.5-vl", f"storage_path={tmp_path}", f"optuna_storage={db}"]
     cmd = [sys.executable, "-m", "raysal.tune", str(space), *common]
     log = open(tmp_path / "first_run.log", "w")  # noqa: SIM115 - closed below, after the process ends
     proc = subprocess.Popen(cmd, env={**ENV, "RAYSAL_CACHE": str(cache)}, stdout=log, stderr=subprocess.STDOUT)
@@ -73,6 +74,11 @@ def test_killed_search_resumes_without_rerunning_finished_trials(tmp_path, cache
     after = {d.name: sorted(p.name for p in d.glob("checkpoint_[0-9]*")) for d in trials_dir.iterdir()}
     unchanged = [name for name, ckpts in before.items() if ckpts and after.get(name) == ckpts]
     assert unchanged, (before, after)
+    # the best trial's replay command runs the same family with the same pixel limits
+    from raysal.orchestration.train.compose import compose_cfg
+
+    replay = compose_cfg(summary["best"]["replay"].split()[3:]).model
+    assert (replay.tiny, replay.min_pixels, replay.max_pixels) == ("qwen2_5_vl", 3136, 200704), replay
     # the search's report, as a person sees it: rendered by a real headless browser
     report = tmp_path / "iresume" / "report.html"
     assert f"raysal: report {report}" in res.stdout
@@ -171,13 +177,13 @@ def _train_worker_pids() -> list[int]:
 @pytest.mark.slow  # fault injection: .ci/run runs it after the default suite
 def test_a_run_recovers_from_killed_train_workers_by_itself(tmp_path, cache):
     """Issue 29's acceptance, on `file://` storage: the demo run (README's `python -m raysal.train
-    experiment=demo`, 30 steps, an evaluation every 5) whose Train worker is SIGKILLed after its first checkpoint
+    experiment=demo`, 15 steps, an evaluation every 5) whose Train worker is SIGKILLed after its first checkpoint
     and again after a later one restores from its latest checkpoint each time (Ray Train FailureConfig), never
-    stops as "diverged" (its random-init model lives near ln(V)), and finishes at step 30 with rc 0, a best
+    stops as "diverged" (its random-init model lives near ln(V)), and finishes at step 15 with rc 0, a best
     checkpoint and its adapter exported. Waits on progress (a new checkpoint folder), never on a wall clock."""
     import ray.train
 
-    cmd = [sys.executable, "-m", "raysal.train", "experiment=demo", "trainer.max_steps=30", "trainer.eval_every=5",
+    cmd = [sys.executable, "-m", "raysal.train", "experiment=demo", "trainer.max_steps=15", "trainer.eval_every=5",
            f"storage_path=file://{tmp_path}", "name=ikill"]  # fmt: skip
     log = open(tmp_path / "run.log", "w")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(cmd, env={**ENV, "RAYSAL_CACHE": str(cache)}, stdout=log, stderr=subprocess.STDOUT)
@@ -202,10 +208,10 @@ def test_a_run_recovers_from_killed_train_workers_by_itself(tmp_path, cache):
     assert "raysal: run ikill finished" in text and "diverged" not in text
     assert text.count("[FailurePolicy] RETRY") >= 2
     result = ray.train.Result.from_path(f"file://{run_dir}")
-    assert result.metrics["train/step"] == 30
+    assert result.metrics["train/step"] == 15
     assert result.get_best_checkpoint("val/amr", "max") is not None and (run_dir / "best_adapter").is_dir()
     steps = [r["train/step"] for r in checkpoint_history(f"file://{run_dir}")]
-    assert steps == [5, 10, 15, 20, 25, 30], steps  # every evaluation once, the resumed ones included
+    assert steps == [5, 10, 15], steps  # every evaluation once, the resumed ones included
 
 
 @pytest.mark.integration
