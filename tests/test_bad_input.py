@@ -85,6 +85,8 @@ CASES: dict[str, Callable[[dict], tuple[str, list[str]]]] = {
     "objective-typo": _train("trainer.objective.metric=val/arm"),
     "lm-and-cal": _train("criterion@criteria.base=cal", "+criterion@criteria.extra=lm"),
     "layer-out-of-range": _train("criteria.align.layers=[99]"),
+    "maskembed-on-qwen": _train("model=tiny-qwen2.5-vl", "+criterion@criteria.extra=maskembed", "lora.vision=true"),
+    "connector-on-qwen": _train("model=tiny-qwen3-vl", "model.connector=align"),
     "gpu-without-gpu-share": _train("scaling.use_gpu=true", "scaling.gpus_per_worker=0"),
     "no-manifest": _coconut("data.shards=/nowhere"),
     "missing-split": _coconut("data.val_split=val2017"),

@@ -76,6 +76,8 @@ def test_the_finder_ranks_the_planted_head_first(arch, tiny_of, small_shards):
     # up to 1.5 on the tiny Qwen3-VL, whose random heads are less uniform), the planted one at 15-27
     plain = score_heads(model, batches(0), info.n_layers, info.n_heads).ranked()
     assert plain[0]["amr"] < top["amr"] / 5, (top["amr"], plain[:3])
+    if arch != "qwen3_vl":
+        assert plain[0]["amr"] < 1.5
 
 
 def test_heads_entry_point_writes_the_ranked_table_and_figure(storage_root, cache, monkeypatch, capsys):

@@ -92,6 +92,9 @@ class MaskEmbedCriterion:
     name: str = "maskembed"
     needs: ClassVar[frozenset[str]] = frozenset({"model"})
     replaces_lm: ClassVar[bool] = False
+    # the projector's input at one feature layer of a fixed patch grid: LLaVA's; Qwen's vision tower resizes each
+    # image to its own grid and merges patches inside the tower (no projector input to mask and rebuild)
+    families: ClassVar[tuple[str, ...]] = ("llava", "llava_next")
 
     def __post_init__(self) -> None:
         if not 0.0 < self.mask_ratio < 1.0:
@@ -105,6 +108,9 @@ class MaskEmbedCriterion:
         core = _core(model)
         if hasattr(core, HEAD):
             return
+        if core.config.model_type not in self.families:
+            raise ValueError(f"maskembed: LLaVA's vision tower and projector only ({', '.join(self.families)}), "
+                             f"not {core.config.model_type}")  # fmt: skip
         if not isinstance(core.config.vision_feature_layer, int):
             raise ValueError("maskembed: needs one vision feature layer (vision_feature_layer is a list here)")
         vision, projector = core.model.vision_tower, core.model.multi_modal_projector

@@ -26,7 +26,7 @@ from raysal.attention.selection import resolve_heads, resolve_layers, resolve_se
 from raysal.criteria.protocol import AttentionSelection, LayerSelection
 from raysal.data.holdout import holdout_for
 from raysal.data.shards import MANIFEST, SCHEMA
-from raysal.model.build import SUPPORTED
+from raysal.model.build import QWEN, SUPPORTED
 from raysal.orchestration.train.assets import ensure_data, ensure_model
 from raysal.orchestration.train.errors import ConfigError
 from raysal.orchestration.train.spec import RunSpec
@@ -101,14 +101,23 @@ def _model_config(name: str) -> Any | None:
 
 
 def check_model(spec: RunSpec) -> None:
-    """The model exists (a folder with config.json, or a hub id), is LLaVA / LLaVA-NeXT, and every criterion's and
-    the evaluation protocol's layers and heads exist in it."""
+    """The model exists (a folder with config.json, or a hub id), is of a supported family, every criterion and
+    model option applies to that family (`families` of a criterion), and every criterion's and the evaluation
+    protocol's layers and heads exist in it."""
     name = str(spec.model["name_or_path"])
     config = _model_config(name)
     if config is None:
         return
     if config.model_type not in SUPPORTED:
         raise ConfigError(f"model.name_or_path={name}: model_type {config.model_type!r} is not one of {SUPPORTED}")
+    if config.model_type in QWEN and (spec.model.get("connector", "mlp") != "mlp" or spec.model.get("connector_init")):
+        raise ConfigError(f"model.connector / model.connector_init: LLaVA's (a projector between the towers); "
+                          f"{config.model_type}'s merger lives in its vision tower ({name})")  # fmt: skip
+    for c in spec.criteria:
+        families = getattr(c, "families", None)
+        if families is not None and config.model_type not in families:
+            raise ConfigError(f"criteria ({c.name}): runs on {', '.join(families)} only, not {config.model_type} "
+                              f"({name})")  # fmt: skip
     text = config.text_config
     n_layers, n_heads = int(text.num_hidden_layers), int(text.num_attention_heads)
     for c in spec.criteria:
