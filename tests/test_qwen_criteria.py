@@ -1,6 +1,6 @@
 """Every shipped criterion (configs/criterion/*.yaml, as Hydra instantiates it) trains a step on both tiny Qwen
-families beside the LM loss (cal: in its place), at every named layer selection: a finite loss term of its own and a gradient that
-reaches the LoRA weights (M-RoPE positions, grouped-query heads, Qwen3-VL's DeepStack layers)."""
+families beside the LM loss (cal: in its place), at every named layer selection: a finite loss term of its own and
+a gradient that reaches the LoRA weights (M-RoPE positions, grouped-query heads, Qwen3-VL's DeepStack layers)."""
 
 from __future__ import annotations
 
