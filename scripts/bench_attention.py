@@ -4,17 +4,26 @@ capture, side by side in one run. No download: the model is built from a config 
     python scripts/bench_attention.py --preset cpu-small --json bench_attention_cpu.json
     python scripts/bench_attention.py --preset llava-1.5-7b --json a.json      # GPU (bf16)
     python scripts/bench_attention.py --preset llava-next-7b --json b.json     # GPU (bf16), 640×480 → 2340 image tokens
+    python scripts/bench_attention.py --preset cpu-small-qwen --json q.json    # the small LM as Qwen2.5-VL
+    python scripts/bench_attention.py --preset qwen2.5-vl-7b --json c.json     # GPU (bf16), 640×480 → 391 image tokens
 
 Each method runs in its own subprocess so that its peak memory is its own: CUDA ``max_memory_allocated`` on a GPU,
 the peak-RSS increase over the built model (``ru_maxrss``) on a CPU. Times: forward + backward + optimizer step,
 after warm-up, median and 10/90 % quantiles over the repetitions. A method that runs out of memory is recorded as
 ``oom``. Needs torch/transformers/peft only (no Ray), so it runs on a bare GPU machine.
+
+Qwen2.5-VL presets: the image is the 7B model config's (`configs/model/qwen2.5-vl-7b.yaml`: min_pixels 3136,
+max_pixels 1003520) resize of a 640×480 image, 34×46 patches of 14 px → 391 image tokens after the 2×2 merger;
+the batch carries the processor's float patch rows and ``image_grid_thw``, the image tokens between
+``<|vision_start|>`` and ``<|vision_end|>``, and ``mm_token_type_ids`` (M-RoPE's positions). ``maskembed`` is
+LLaVA's (a CLIP tower's patch features at the projector's input): skipped on Qwen, whose merger is inside the tower.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import statistics
@@ -43,7 +52,7 @@ from raysal.criteria.protocol import AttachesModules
 from raysal.criteria.seed_kl import SeedKLCriterion
 from raysal.loop.evaluate import evaluate
 from raysal.loop.step import plan_step, train_step
-from raysal.model.build import apply_lora, model_info
+from raysal.model.build import QWEN, apply_lora, load_processor, model_info
 
 H100_BF16_PEAK = 989e12  # dense bf16 FLOP/s of an H100 SXM (NVIDIA datasheet); A100: 312e12
 
@@ -63,6 +72,21 @@ SMALL_LM = {"hidden_size": 512, "intermediate_size": 1376, "num_hidden_layers": 
             "num_key_value_heads": 8, "vocab_size": 8192}  # fmt: skip
 SMALL_VISION = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2}
 CLIP_L = {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16}
+# Qwen2.5-VL: M-RoPE sections (temporal, height, width) summing to head_dim / 2, in the 7B model's 1 : 1.5 : 1.5
+QWEN_SMALL_LM = {**SMALL_LM, "num_key_value_heads": 2, "rope_parameters": {"rope_type": "default",
+                 "mrope_section": [8, 12, 12], "rope_theta": 1e6}}  # fmt: skip
+QWEN_SMALL_VISION = {"depth": 2, "hidden_size": 64, "intermediate_size": 128, "num_heads": 2,
+                     "fullatt_block_indexes": [1]}  # fmt: skip
+# Qwen/Qwen2.5-VL-7B-Instruct's config.json: Qwen2.5-7B (28 layers, 28 query heads on 4 KV heads) and its ViT
+# (32 blocks, window attention but in blocks 7/15/23/31; the merger 4 × 1280 → 3584)
+QWEN25_7B = {"hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28,
+             "num_key_value_heads": 4, "vocab_size": 152064,
+             "rope_parameters": {"rope_type": "default", "mrope_section": [16, 24, 24], "rope_theta": 1e6}}  # fmt: skip
+QWEN25_VIT = {"depth": 32, "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16,
+              "fullatt_block_indexes": [7, 15, 23, 31]}  # fmt: skip
+QWEN_PIXELS = (3136, 1003520)  # configs/model/qwen2.5-vl-7b.yaml: min_pixels, max_pixels
+# the Qwen presets' special tokens: small ids, below the random text's (≥ 10)
+QWEN_IDS = {"image_token_id": 3, "video_token_id": 4, "vision_start_token_id": 5, "vision_end_token_id": 6}
 PRESETS = {
     # fits this project's 2-core CPU machine: 8 layers, hidden 512, the real 576-token image grid
     "cpu-small": Preset("llava", SMALL_LM, SMALL_VISION, batch=2, caption_tokens=96),
@@ -75,13 +99,21 @@ PRESETS = {
     "llava-next-7b": Preset("llava_next", {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
                             "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 32064},
                             CLIP_L, batch=2, caption_tokens=160, gpu_only=True),
+    # the cpu-small LM (GQA, 2 KV heads) as Qwen2.5-VL: M-RoPE, a 2-block window-attention ViT with its merger,
+    # the 7B config's pixel limits (640×480 → 391 image tokens)
+    "cpu-small-qwen": Preset("qwen2_5_vl", QWEN_SMALL_LM, QWEN_SMALL_VISION, batch=2, caption_tokens=96),
+    "qwen2.5-vl-7b": Preset("qwen2_5_vl", QWEN25_7B, QWEN25_VIT, batch=4, caption_tokens=160, gpu_only=True),
 }  # fmt: skip
+MASKEMBED_QWEN = (
+    "maskembed is LLaVA's (a CLIP tower's patch features at the projector's input, its "
+    "vision_feature_layer); Qwen's merger is inside its vision tower: not run on a Qwen preset"
+)
 
 
-def methods(n_layers: int) -> dict[str, list]:
-    """(a) plain, (b) the seed's eager method, (c) raysal capture at several selections."""
+def methods(n_layers: int, arch: str = "llava") -> dict[str, list]:
+    """(a) plain, (b) the seed's eager method, (c) raysal capture at several selections (Qwen: no maskembed)."""
     last2 = [n_layers - 2, n_layers - 1]
-    return {
+    out = {
         "plain_sdpa": [LMCriterion()],
         "seed_eager": [LMCriterion(), SeedKLCriterion(weight=0.5, layers="all")],
         "capture_kl_2layers": [LMCriterion(), KLCriterion(weight=0.5, layers=last2, heads="all")],
@@ -91,9 +123,14 @@ def methods(n_layers: int) -> dict[str, list]:
         # vision forward), a 1-layer decoder
         "maskembed": [LMCriterion(), MaskEmbedCriterion(weight=1.0, mask_ratio=0.5)],
     }
+    if arch in QWEN:
+        del out["maskembed"]
+    return out
 
 
 def build(preset: Preset, device: torch.device, dtype: torch.dtype):
+    if preset.arch in QWEN:
+        return build_qwen(preset, device, dtype)
     from transformers import (
         CLIPVisionConfig,
         LlamaConfig,
@@ -124,29 +161,66 @@ def build(preset: Preset, device: torch.device, dtype: torch.dtype):
     return model
 
 
-def make_batch(preset: Preset, device: torch.device, dtype: torch.dtype, seed: int = 0) -> dict:
-    """A batch with the real image-token layout (from the real image processor geometry) and random text."""
+def build_qwen(preset: Preset, device: torch.device, dtype: torch.dtype):
+    """Qwen2.5-VL from a config (random weights): the preset's LM and ViT, the merger into the LM's width."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    text = {**preset.text, "max_position_embeddings": 8192, "tie_word_embeddings": False, "pad_token_id": 0,
+            "bos_token_id": 1, "eos_token_id": 2, "rms_norm_eps": 1e-6}  # fmt: skip
+    vision = {"patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 112,
+              "out_hidden_size": preset.text["hidden_size"], **preset.vision}  # fmt: skip
+    cfg = Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=False, **QWEN_IDS)
+    with torch.device(device):
+        model = Qwen2_5_VLForConditionalGeneration(cfg).to(dtype)
+    model.config._attn_implementation = "sdpa"
+    model.set_attn_implementation("sdpa")
+    return model
+
+
+@functools.cache
+def _image(arch: str) -> tuple[dict, int]:
+    """The image's model inputs as the arch's processor makes them for a 640×480 image, and its image tokens."""
     from transformers import AutoProcessor
 
     from raysal.model.tiny import write_tiny
 
-    with tempfile.TemporaryDirectory() as d:
-        proc = AutoProcessor.from_pretrained(write_tiny(Path(d) / "t", preset.arch))
     img = np.zeros((480, 640, 3), np.uint8)
+    with tempfile.TemporaryDirectory() as d:
+        path = write_tiny(Path(d) / "t", arch)
+        if arch in QWEN:  # the tiny processor with the 7B config's pixel limits: the 7B geometry
+            ip = load_processor(str(path), *QWEN_PIXELS).image_processor
+            enc = ip(images=img, return_tensors="pt")  # pixel_values (patches, 3·2·14·14), image_grid_thw (1, 3)
+            return dict(enc), int(enc["image_grid_thw"].prod()) // ip.merge_size**2
+        proc = AutoProcessor.from_pretrained(path)
     enc = proc(text="<image>", images=img, return_tensors="pt")
-    n_image = int((enc["input_ids"] == proc.tokenizer.convert_tokens_to_ids("<image>")).sum())
+    return dict(enc), int((enc["input_ids"] == proc.tokenizer.convert_tokens_to_ids("<image>")).sum())
+
+
+def make_batch(preset: Preset, device: torch.device, dtype: torch.dtype, seed: int = 0) -> dict:
+    """A batch with the real image-token layout (from the real image processor geometry) and random text. Qwen: the
+    image tokens between <|vision_start|> and <|vision_end|>, the processor's patch rows once per sample."""
+    enc, n_image = _image(preset.arch)  # cached: tensors only read below (copied per batch)
+    qwen = preset.arch in QWEN
     g = torch.Generator().manual_seed(seed)
     B, P, T = preset.batch, preset.prompt_tokens, preset.caption_tokens
     vocab = preset.text["vocab_size"]
     text = torch.randint(10, vocab, (B, P + T), generator=g)
-    ids = torch.cat([text[:, :P], torch.full((B, n_image), 3), text[:, P:]], 1)  # (B, L)
+    image = torch.full((B, n_image), QWEN_IDS["image_token_id"] if qwen else 3)
+    if qwen:
+        start, end = (torch.full((B, 1), QWEN_IDS[k]) for k in ("vision_start_token_id", "vision_end_token_id"))
+        ids = torch.cat([text[:, :P], start, image, end, text[:, P:]], 1)  # (B, L)
+        first = P + 1  # the first image token
+    else:
+        ids = torch.cat([text[:, :P], image, text[:, P:]], 1)  # (B, L)
+        first = P
     L = ids.shape[1]
+    c0 = L - T  # the first caption token
     labels = torch.full_like(ids, -100)
-    labels[:, P + n_image :] = ids[:, P + n_image :]
+    labels[:, c0:] = ids[:, c0:]
     S = 6
     segs = torch.full((B, L, 1), -1, dtype=torch.int32)
     named = torch.rand(B, T, generator=g) < 0.6  # ~60 % of caption tokens name a segment
-    segs[:, P + n_image :, 0] = torch.where(named, torch.randint(1, S + 1, (B, T), generator=g), -1).int()
+    segs[:, c0:, 0] = torch.where(named, torch.randint(1, S + 1, (B, T), generator=g), -1).int()
     cov = torch.rand(B, n_image, S, generator=g)
     cov = cov / cov.sum(-1, keepdim=True)  # (B, I, S)
     rows = [torch.nonzero(r).squeeze(1) for r in (segs >= 0).any(-1) & (labels != -100)]  # as encode_sample finds
@@ -155,10 +229,15 @@ def make_batch(preset: Preset, device: torch.device, dtype: torch.dtype, seed: i
         grounded[i, : len(r)] = r
     batch = {
         "input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels, "token_segments": segs,
-        "image_pos": torch.arange(P, P + n_image).expand(B, n_image).clone(), "grounded_pos": grounded,
-        "pixel_values": enc["pixel_values"].expand(B, *enc["pixel_values"].shape[1:]).clone().to(dtype),
+        "image_pos": torch.arange(first, first + n_image).expand(B, n_image).clone(), "grounded_pos": grounded,
         "coverage": cov, "segment_ids": torch.arange(1, S + 1).expand(B, S).int(),
     }  # fmt: skip
+    if qwen:  # every sample's patch rows, concatenated (as `raysal.batch.patchify_batch`), and its grid
+        batch["pixel_values"] = enc["pixel_values"].repeat(B, 1).to(dtype)
+        batch["image_grid_thw"] = enc["image_grid_thw"].expand(B, 3).clone()
+        batch["mm_token_type_ids"] = (ids == QWEN_IDS["image_token_id"]).long()  # 1 at image tokens
+    else:
+        batch["pixel_values"] = enc["pixel_values"].expand(B, *enc["pixel_values"].shape[1:]).clone().to(dtype)
     if "image_sizes" in enc:
         batch["image_sizes"] = enc["image_sizes"].expand(B, 2).clone()
     return {k: v.to(device) for k, v in batch.items()}, n_image
@@ -218,11 +297,15 @@ def _pope_shared(model, inputs: dict) -> None:
     """`raysal.loop.pope_eval.answer_logits` on the bench's layout: the template's and the image's tokens once (one
     row, cached), then each question's own POPE_TEXT_TOKENS on the cache, one at a time, the cache cropped back."""
     ids, mask, cut = inputs["input_ids"], inputs["attention_mask"], inputs["input_ids"].shape[1] - POPE_TEXT_TOKENS
-    images = {k: inputs[k][:1] for k in ("pixel_values", "image_sizes") if k in inputs}
+    images = {k: inputs[k][:1] for k in ("pixel_values", "image_sizes", "image_grid_thw") if k in inputs}
+    qwen = "image_grid_thw" in inputs
+    if qwen:  # as answer_logits: the first image's patch rows, the prefix's token types; rows without a mask
+        images["pixel_values"] = inputs["pixel_values"][: int(inputs["image_grid_thw"][0].prod())]
+        images["mm_token_type_ids"] = inputs["mm_token_type_ids"][:1, :cut]
     cache = model(input_ids=ids[:1, :cut], attention_mask=mask[:1, :cut], use_cache=True, logits_to_keep=1,
                   **images).cache  # fmt: skip
     for i in range(len(ids)):
-        row = {"input_ids": ids[i : i + 1, cut:], "attention_mask": mask[i : i + 1]}
+        row = {"input_ids": ids[i : i + 1, cut:]} | ({} if qwen else {"attention_mask": mask[i : i + 1]})
         model(**row, cache=cache, use_cache=True, logits_to_keep=1)
         cache.crop(-POPE_TEXT_TOKENS)
 
@@ -240,6 +323,8 @@ def run_one(
     preset_name: str, method: str, reps: int, warmup: int, device_name: str, checkpointing: bool, profile: bool = False
 ) -> dict:
     preset = PRESETS[preset_name]
+    if method == "maskembed" and preset.arch in QWEN:
+        raise ValueError(f"{preset_name}: {MASKEMBED_QWEN}")
     device = torch.device(device_name)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)
@@ -247,7 +332,7 @@ def run_one(
     if checkpointing:  # as the 7B configs train: the layer inputs are kept, the rest is recomputed in backward
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = apply_lora(base, rank=16, alpha=32, targets="qv", vision=method == "maskembed")
-    criteria = methods(preset.text["num_hidden_layers"]).get(method, [LMCriterion()])  # evaluations: no criteria
+    criteria = methods(preset.text["num_hidden_layers"], preset.arch).get(method, [LMCriterion()])  # eval: none
     for c in criteria:  # maskembed's decoder
         if isinstance(c, AttachesModules):
             c.attach(model)
@@ -289,15 +374,17 @@ def run_one(
             tensors = tensor_peak(lambda: _evals(model, batch, info, method, autocast, device, 0, 1, []))
         else:
             tensors = tensor_peak(lambda: _steps(model, batch, criteria, plan, opt, autocast, device, 0, 1, []))
-    lm = model.base_model.model.model.language_model
-    n_params = sum(p.numel() for n, p in lm.named_parameters() if "embed" not in n and "lora" not in n)
-    n_vision = sum(p.numel() for p in model.base_model.model.model.vision_tower.parameters())
+    core = model.base_model.model.model
+    n_params = sum(p.numel() for n, p in core.language_model.named_parameters() if "embed" not in n and "lora" not in n)
+    vision = core.visual if preset.arch in QWEN else core.vision_tower  # Qwen: the ViT with its merger
+    n_vision = sum(p.numel() for n, p in vision.named_parameters() if "lora" not in n)
     q = np.quantile(times, [0.1, 0.9]).tolist()
     return {
         "status": "ok", "median_s": statistics.median(times), "p10_s": q[0], "p90_s": q[1], "reps": reps,
         "peak_mem_bytes": peak, "peak_total_bytes": peak_total, "mem_kind": kind, "peak_tensor_bytes": tensors,
         "tokens": int(batch["input_ids"].numel()), "batch": int(batch["input_ids"].shape[0]), "image_tokens": n_image,
         "grounded_tokens": int(batch["grounded_pos"].shape[1]), "lm_params": n_params,
+        "vision_tokens": int(batch["image_grid_thw"][0].prod()) if "image_grid_thw" in batch else 0,
         "vision_params": n_vision, **({"profile": table} if table else {}),
     }  # fmt: skip
 
@@ -329,7 +416,10 @@ def main() -> int:
     if preset.gpu_only and not args.device.startswith("cuda"):
         ap.error(f"preset {args.preset} has 7B shapes: run it on a GPU (--device cuda)")
     results = {}
-    for name in [*methods(preset.text["num_hidden_layers"]), *EVAL_METHODS]:
+    if preset.arch in QWEN:
+        results["maskembed"] = {"status": "skipped", "reason": MASKEMBED_QWEN}
+        print(f"{'maskembed':<28} skipped ({MASKEMBED_QWEN})", flush=True)
+    for name in [*methods(preset.text["num_hidden_layers"], preset.arch), *EVAL_METHODS]:
         cmd = [sys.executable, __file__, "--preset", args.preset, "--method", name, "--reps", str(args.reps),
                "--warmup", str(args.warmup), "--device", args.device]  # fmt: skip
         if not args.checkpointing:
@@ -357,8 +447,8 @@ def main() -> int:
         "seed_eager_over_capture_kl_2layers_peak_mem": ratio(seed, cap, "peak_mem_bytes"),
         "seed_eager_over_capture_kl_2layers_time": ratio(seed, cap, "median_s"),
         "capture_all_layers_over_plain_time": ratio(results["capture_kl_all_layers"], plain, "median_s"),
-        "maskembed_over_plain_time": ratio(results["maskembed"], plain, "median_s"),
-        "maskembed_over_plain_peak_mem": ratio(results["maskembed"], plain, "peak_mem_bytes"),
+        "maskembed_over_plain_time": ratio(results.get("maskembed", {}), plain, "median_s"),
+        "maskembed_over_plain_peak_mem": ratio(results.get("maskembed", {}), plain, "peak_mem_bytes"),
         # evaluation (all layers x all heads, reduced on the fly) against a training step at the same batch
         "evaluation_over_capture_kl_2layers_peak_mem": ratio(results["evaluation"], cap, "peak_mem_bytes"),
         "evaluation_over_plain_peak_mem": ratio(results["evaluation"], plain, "peak_mem_bytes"),

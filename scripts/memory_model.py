@@ -2,6 +2,7 @@
 
     python scripts/memory_model.py                                   # the 7B tables (LoRA; full finetuning, FSDP)
     python scripts/memory_model.py --validate --json docs/memory_model.json   # against the CPU presets
+    python scripts/memory_model.py --validate --presets cpu-small-qwen          # one CPU preset (~2 min)
     python scripts/memory_model.py --compare docs/bench_attention_next_7b_gpu.json   # against a GPU run of a preset
 
 Full finetuning sharded with FSDP2 over N GPUs is `predict_full` (its docstring; validated with
@@ -20,10 +21,19 @@ Methods add: the capture keeps its maps (B, ℓ, h, T, I) and their gradient (2 
 checkpointing — backward reaches every captured layer's attention at once, so ℓ − 1 captured layers are recomputed
 up to their attention before their turn (softmax rows (B, h, T, L) and their gradient, the image columns, the fp32
 key, the layer's q/k/v and LoRA dropout: ≈ 4·d per token). The seed's eager method keeps every layer's
-(B, H, L, L) map and its gradient, plus the recomputed layer's scores and the causal mask. Evaluation holds no
+(B, H, L, L) map and its gradient — from the loss phase on: the criterion's backward makes every map's gradient at
+once, before the first layer's — plus, recomputing, the layer's scores and the causal mask. Evaluation holds no
 checkpoint and no KV cache: the logits and the loss (the fp32 copy on bf16, the contiguous copy cross_entropy
 takes, the log-softmax: 8 or 12 bytes per logit beyond the logits) or one layer's forward, whichever is larger.
 A POPE image (`pope_image`: its questions in one batch, logits at the answer row) is one layer's forward.
+
+Qwen2.5-VL (``family="qwen"``): its ViT runs on P = 4·I patches per image (14 px, merged 2×2 into the image
+tokens), and with gradient checkpointing the frozen tower still leaves tensors alive through the whole training
+step: one (P, d_v) per vision block (the checkpointed blocks' inputs) and three more (the patch embedding, its
+window-ordered copy, the merger's norm), the tower's rotary tables (2·P·d_v/h_v) and the merged image features
+(I·d), per sample; read off the profiler's trace on `cpu-small-qwen` by varying the tower's depth (+1 (P, d_v) per
+block), width and heads. ``output_attentions=True`` (the seed's method) also reaches the tower, whose attention
+returns no weights: transformers records each block's attention output instead, one more (P, d_v) per block.
 
 The per-layer coefficients (11.2·d, 2·d_kv, 6·f per token; the capture's 4·d) were read off the profiler's
 live-tensor trace of the small fp32 model (vary one dimension, difference the exact peaks); `--validate` checks
@@ -44,6 +54,9 @@ GIB = 2**30
 H100_BF16_PEAK = 989e12  # dense bf16 FLOP/s of an H100 SXM (NVIDIA datasheet)
 ASSUMED_MFU = 0.4  # for the full-finetuning time column, until a GPU has measured it
 CLIP_L_336 = 303.5e6  # vision tower parameters (CLIP ViT-L/14-336)
+# Qwen2.5-VL-7B's ViT (32 blocks, width 1280) and its merger (2×2 patches → 3584), counted on the built model
+QWEN25_VIT, QWEN25_MERGER = 631_975_680, 44_574_464
+SEVEN_B = ("llava-1.5-7b", "llava-next-7b", "qwen2.5-vl-7b")
 METHODS = ("plain_sdpa", "capture_kl_2layers", "seed_eager", "evaluation", "pope_image")
 POPE_QUESTIONS, POPE_TEXT_TOKENS = 12, 14  # as `scripts/bench_attention.py`: one image's questions, one batch
 
@@ -63,6 +76,11 @@ class Shapes:
     dtype_bytes: int = 2  # activations: 2 for bf16 (a GPU run), 4 for fp32 (the CPU presets)
     captured_layers: int = 2  # ℓ of the capture method
     params: float = 0.0  # weights, for the "fits" column (bytes = params × dtype_bytes)
+    family: str = "llava"  # "qwen": Qwen2.5-VL, whose vision tower's tensors are modelled (below)
+    vision_tokens: int = 0  # P: the vision tower's tokens per sample (Qwen: patches before the 2×2 merger)
+    vision_hidden: int = 0  # d_v
+    vision_layers: int = 0  # ℓ_v: vision blocks
+    vision_heads: int = 1  # h_v
 
 
 def predict(s: Shapes, method: str) -> dict[str, float]:
@@ -95,7 +113,9 @@ def predict(s: Shapes, method: str) -> dict[str, float]:
         return _peak(phases)
     checkpoints = n * E * d * b
     layer = E * (11.2 * d + 2 * d_kv + 6 * f) * b + (2 * E * d * 4 if b < 4 else 0)
-    phases = {"loss": logits + checkpoints + 4 * E * d * b, "recompute": checkpoints + E * V * b + layer}
+    vision = vision_kept(s)  # Qwen: what the frozen vision tower leaves alive through the step (0 for LLaVA)
+    phases = {"loss": logits + checkpoints + 4 * E * d * b + vision,
+              "recompute": checkpoints + E * V * b + layer + vision}  # fmt: skip
     if method.startswith("capture"):
         ell, h = s.captured_layers, s.heads
         maps = s.batch * h * s.grounded * s.image_tokens * 4  # (B, h, T, I) fp32, one layer
@@ -108,10 +128,24 @@ def predict(s: Shapes, method: str) -> dict[str, float]:
         att = s.batch * s.heads * s.tokens**2 * b  # (B, H, L, L), one layer
         scores = s.batch * s.heads * s.tokens**2 * 4 if b < 4 else att  # eager's fp32 softmax of the layer recomputed
         mask = s.batch * s.tokens**2 * b  # the causal mask eager attention materialises
-        phases = {"loss": phases["loss"] + n * att, "recompute": phases["recompute"] + 2 * n * att + scores + mask}
+        # Qwen: output_attentions reaches the vision tower, whose blocks' attention outputs transformers records
+        records = s.vision_layers * s.batch * s.vision_tokens * s.vision_hidden * b if s.family == "qwen" else 0
+        phases = {"loss": phases["loss"] + 2 * n * att + records,
+                  "recompute": phases["recompute"] + 2 * n * att + scores + mask + records}  # fmt: skip
     elif method != "plain_sdpa":
         raise ValueError(f"unknown method {method!r} (known: {', '.join(METHODS)})")
     return _peak(phases)
+
+
+def vision_kept(s: Shapes) -> float:
+    """Bytes the frozen Qwen vision tower leaves alive through a checkpointed training step (the module
+    docstring): (ℓ_v + 3) tensors of (P, d_v), the rotary tables and the merged image features, per sample."""
+    if s.family != "qwen":
+        return 0.0
+    P, dv = s.batch * s.vision_tokens, s.vision_hidden
+    return ((s.vision_layers + 3) * P * dv + 2 * P * (dv // s.vision_heads) + s.batch * s.image_tokens * s.hidden) * (
+        s.dtype_bytes
+    )
 
 
 def predict_full(
@@ -160,11 +194,14 @@ def predict_full(
 def table_full_ft(gpu_gib: float = 80.0) -> list[dict]:
     """7B full finetuning with the capture (2 layers) on 4 and 8 GPUs, batch 1/2/8 per GPU; time from FLOPs."""
     rows = []
-    for name in ("llava-1.5-7b", "llava-next-7b"):
+    for name in SEVEN_B:
         for world in (4, 8):
             for batch in (1, 2, 8):
                 s = seven_b(name, batch)
-                p = predict_full(s, world, projector=1024 * s.hidden + s.hidden * s.hidden)
+                if s.family == "qwen":  # the merger trains with the language model (`raysal.model.build.PROJECTORS`)
+                    p = predict_full(s, world, vision=QWEN25_VIT, projector=QWEN25_MERGER)
+                else:
+                    p = predict_full(s, world, projector=1024 * s.hidden + s.hidden * s.hidden)
                 tokens = batch * s.tokens
                 # forward 2·P·tokens, backward 4·P·tokens (weights and activations), recompute 2·P·tokens;
                 # linear layers only (attention adds ~10 % at NeXT's 2.5 k tokens)
@@ -200,13 +237,34 @@ def lm_params(d: int, f: int, n: int, H: int, kv: int, V: int) -> float:
 
 def seven_b(name: str, batch: int) -> Shapes:
     """The 7B shapes of `scripts/bench_attention.py`'s presets: 24 prompt tokens, 160 caption tokens of which 60 %
-    are grounded; LLaVA-1.5: 576 image tokens; LLaVA-NeXT: a 640×480 image → 2,340 (anyres + newlines)."""
+    are grounded; LLaVA-1.5: 576 image tokens; LLaVA-NeXT: a 640×480 image → 2,340 (anyres + newlines);
+    Qwen2.5-VL-7B: a 640×480 image at the model config's pixel limits → 34×46 patches → 391 image tokens, between
+    <|vision_start|> and <|vision_end|>."""
+    if name == "qwen2.5-vl-7b":
+        d, f, n, H, kv, V, I = 3584, 18944, 28, 28, 4, 152064, 391
+        params = lm_params(d, f, n, H, kv, V) + QWEN25_VIT + QWEN25_MERGER
+        return Shapes(batch, 24 + 2 + I + 160, I, 96, d, f, n, H, kv, V, 2, 2, params, family="qwen",
+                      vision_tokens=4 * I, vision_hidden=1280, vision_layers=32, vision_heads=16)  # fmt: skip
     if name == "llava-1.5-7b":
         d, f, H, kv, I = 4096, 11008, 32, 32, 576
-    else:
+    elif name == "llava-next-7b":
         d, f, H, kv, I = 4096, 14336, 32, 8, 2340
+    else:
+        raise ValueError(f"no 7B shapes for {name!r} (known: {', '.join(SEVEN_B)})")
     params = lm_params(d, f, 32, H, kv, 32064) + CLIP_L_336 + 1024 * d + d * d  # + the 2-layer projector
     return Shapes(batch, 24 + I + 160, I, 96, d, f, 32, H, kv, 32064, 2, 2, params)
+
+
+def bench_shapes(preset, r: dict) -> Shapes:
+    """The fp32 shapes of one `scripts/bench_attention.py` CPU run (``preset``: its Preset, ``r``: its result)."""
+    t, v, b = preset.text, preset.vision, r["batch"]  # pope_image: one image's questions in one batch
+    s = Shapes(b, r["tokens"] // b, r["image_tokens"], r["grounded_tokens"], t["hidden_size"], t["intermediate_size"],
+               t["num_hidden_layers"], t["num_attention_heads"], t["num_key_value_heads"], t["vocab_size"],
+               dtype_bytes=4)  # fmt: skip
+    if preset.arch.startswith("qwen"):
+        s = replace(s, family="qwen", vision_tokens=r["vision_tokens"], vision_hidden=v["hidden_size"],
+                    vision_layers=v["depth"], vision_heads=v["num_heads"])  # fmt: skip
+    return s
 
 
 def pope_shapes(s: Shapes) -> Shapes:
@@ -217,7 +275,7 @@ def pope_shapes(s: Shapes) -> Shapes:
 
 def table_7b(gpu_gib: float = 80.0) -> list[dict]:
     rows = []
-    for name in ("llava-1.5-7b", "llava-next-7b"):
+    for name in SEVEN_B:
         for batch in (1, 2, 8):
             s = seven_b(name, batch)
             weights = s.params * s.dtype_bytes
@@ -254,20 +312,19 @@ def measure(preset: str, method: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def validate() -> dict:
+CPU_PRESETS = ("cpu-small", "cpu-small-next", "cpu-small-qwen")
+
+
+def validate(presets: tuple[str, ...] = CPU_PRESETS) -> dict:
+    """Every method of ``presets`` measured and predicted; with cpu-small, the FSDP full-finetuning steps too."""
     sys.path.insert(0, str(Path(__file__).parent))
     from bench_attention import PRESETS
 
     rows = []
-    for preset in ("cpu-small", "cpu-small-next"):
-        p = PRESETS[preset]
+    for preset in presets:
         for method in METHODS:
             r = measure(preset, method)
-            t = p.text
-            batch = r.get("batch", p.batch)  # pope_image: one image's questions
-            s = Shapes(batch, r["tokens"] // batch, r["image_tokens"], r["grounded_tokens"], t["hidden_size"],
-                       t["intermediate_size"], t["num_hidden_layers"], t["num_attention_heads"],
-                       t["num_key_value_heads"], t["vocab_size"], dtype_bytes=4)  # fmt: skip
+            s = bench_shapes(PRESETS[preset], r)
             pred = predict(s, method)
             rows.append({"preset": preset, "method": method, "shapes": asdict(s), "measured": r["peak_tensor_bytes"],
                          "predicted": pred["peak"], "phase": pred["phase"],
@@ -277,6 +334,8 @@ def validate() -> dict:
             print(f"{preset:<15} {method:<20} measured {mib[0]:8.1f} MiB  predicted {mib[1]:8.1f} MiB "
                   f"({e['phase']})  {100 * e['error']:+5.1f} %", flush=True)  # fmt: skip
     for world, method in ((1, "capture_kl_2layers"), (2, "capture_kl_2layers"), (1, "plain_sdpa")):
+        if "cpu-small" not in presets:
+            break
         r = measure_full("cpu-small", world, method)
         rows.append({"preset": "cpu-small", "method": f"full_ft_{method}_world{world}", "measured": r["step_bytes"],
                      "predicted": r["predicted"]["step"], "phase": r["predicted"]["phase"],
@@ -315,7 +374,9 @@ def compare(path: Path) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--validate", action="store_true", help="measure the CPU presets and compare (~8 min)")
+    ap.add_argument("--validate", action="store_true", help="measure the CPU presets and compare (~11 min)")
+    ap.add_argument("--presets", nargs="+", choices=CPU_PRESETS, default=list(CPU_PRESETS),
+                    help="with --validate: only these (cpu-small brings the full-finetuning rows)")  # fmt: skip
     ap.add_argument("--compare", type=Path, nargs="+", help="bench_attention.py JSON of a 7B preset run on a GPU")
     ap.add_argument("--json", type=Path, help="write the table (and the validation) here")
     args = ap.parse_args()
@@ -329,7 +390,7 @@ def main() -> int:
     print()
     print_full_ft(out["full_ft_7b"])
     if args.validate:
-        out["validation"] = validate()
+        out["validation"] = validate(tuple(args.presets))
         print(f"\nlargest error: {100 * out['validation']['max_abs_error']:.1f} %")
     if args.json:
         args.json.write_text(json.dumps(out, indent=2))

@@ -10,24 +10,26 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "scripts"))
 
-from bench_attention import PRESETS, SMALL_VISION, Preset, run_one
-from memory_model import Shapes, predict
+from bench_attention import PRESETS, QWEN_SMALL_VISION, SMALL_VISION, Preset, run_one
+from memory_model import bench_shapes, predict
 
-MICRO = Preset("llava", {"hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 4,
-                         "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 4096},
-               SMALL_VISION, batch=2, caption_tokens=64)  # fmt: skip
+MICRO_LM = {"hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 4, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "vocab_size": 4096}  # fmt: skip
+MICRO = {
+    "llava": Preset("llava", MICRO_LM, SMALL_VISION, batch=2, caption_tokens=64),
+    # Qwen2.5-VL: M-RoPE (sections summing to head_dim / 2), a 2-block window-attention ViT, the 7B's 391 image tokens
+    "qwen2_5_vl": Preset("qwen2_5_vl", {**MICRO_LM, "rope_parameters": {"rope_type": "default",
+                         "mrope_section": [8, 12, 12], "rope_theta": 1e6}}, QWEN_SMALL_VISION, batch=2,
+                         caption_tokens=64),
+}  # fmt: skip
 
 
+@pytest.mark.parametrize("arch", sorted(MICRO))
 @pytest.mark.parametrize("method", ["plain_sdpa", "capture_kl_2layers", "seed_eager", "evaluation", "pope_image"])
-def test_memory_model_predicts_the_measured_peak(method, monkeypatch):
-    monkeypatch.setitem(PRESETS, "micro", MICRO)
+def test_memory_model_predicts_the_measured_peak(method, arch, monkeypatch):
+    monkeypatch.setitem(PRESETS, "micro", MICRO[arch])
     r = run_one("micro", method, reps=1, warmup=1, device_name="cpu", checkpointing=True)
-    t = MICRO.text
-    b = r["batch"]  # pope_image: one image's questions in one batch
-    s = Shapes(b, r["tokens"] // b, r["image_tokens"], r["grounded_tokens"], t["hidden_size"],
-               t["intermediate_size"], t["num_hidden_layers"], t["num_attention_heads"], t["num_key_value_heads"],
-               t["vocab_size"], dtype_bytes=4)  # fmt: skip
-    predicted = predict(s, method)["peak"]
+    predicted = predict(bench_shapes(MICRO[arch], r), method)["peak"]
     assert abs(predicted / r["peak_tensor_bytes"] - 1) <= 0.15, (predicted, r["peak_tensor_bytes"])
 
 
