@@ -14,6 +14,9 @@ from wandb_records import read_run
 ENV = {**os.environ, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
 # 24 images: 5 in val2017, too few to give half of them to the confirmation hold-out (the demo does, on 192)
 SMALL = ["experiment=demo", "data.synthetic.images=24", "trainer.batch_size=4", "data.confirm_holdout=0"]
+# POPE, the readout and the probes off: for a fault-injection test that checks none of them (each evaluation and
+# the first report come sooner)
+NO_EXTRAS = ["trainer.pope.images=0", "trainer.readout.images=0", "trainer.probes.images=0"]
 
 FAKE_KEY = "f" * 8 + "0123456789abcdef" * 2  # 40 characters, like a W&B key; offline mode never checks it
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import optuna
 import pytest
 from cluster_fixture import KEYS, RayCluster
-from entrypoint_runs import ENV, SMALL, descendants, space_file
+from entrypoint_runs import ENV, NO_EXTRAS, SMALL, descendants, space_file
 from wandb_records import read_run
 
 from raysal import storage
@@ -248,9 +248,8 @@ def test_a_search_waits_for_nodes_and_rides_out_a_node_lost_for_longer_than_the_
         space = space_file(tmp_path, 1, "sgrow", concurrency="", cpus_per_worker=2)  # + the control: 2 trials
         own_disk = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
                     'mount -t tmpfs raysal-driver "$0" && exec "$@"', str(cache)]  # fmt: skip
-        cmd = [*own_disk, sys.executable, "-m", "raysal.tune", str(space), *SMALL, f"trainer.stall_timeout_s={stall}",
-               "trainer.pope.images=0", "trainer.readout.images=0", "trainer.probes.images=0",
-               format_override("storage_path", root)]  # fmt: skip
+        cmd = [*own_disk, sys.executable, "-m", "raysal.tune", str(space), *SMALL, *NO_EXTRAS,
+               f"trainer.stall_timeout_s={stall}", format_override("storage_path", root)]  # fmt: skip
         log_file = tmp_path / "search.log"
         log = open(log_file, "w")  # noqa: SIM115 - closed below
         proc = subprocess.Popen(cmd, env=_env(cluster, cache), stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
@@ -304,7 +303,7 @@ def test_storage_lost_during_a_report_and_a_checkpoint_is_ridden_out(cluster, s3
     import ray.train
 
     root = s3_server.new_prefix()
-    cmd = [sys.executable, "-m", "raysal.train", *SMALL, "trainer.max_steps=8", "trainer.eval_every=2",
+    cmd = [sys.executable, "-m", "raysal.train", *SMALL, *NO_EXTRAS, "trainer.max_steps=8", "trainer.eval_every=2",
            "trainer.keep_checkpoints=10", "trainer.max_failures=10", format_override("storage_path", root),
            "name=ioutage"]  # fmt: skip
     run_dir = storage.join(root, "ioutage")
@@ -346,7 +345,7 @@ def test_a_run_resumed_on_another_node_continues_the_run_it_replaces(s3_server, 
     evaluations it reports what the same run reports uninterrupted (same seed): the same weights, optimizer,
     scheduler, RNG and the same batches from the checkpoint's position on (Ray Data in order)."""
     root = s3_server.new_prefix()
-    cmd = [sys.executable, "-m", "raysal.train", *SMALL, "trainer.max_steps=15", "trainer.eval_every=5",
+    cmd = [sys.executable, "-m", "raysal.train", *SMALL, *NO_EXTRAS, "trainer.max_steps=9", "trainer.eval_every=3",
            "trainer.keep_checkpoints=5", format_override("storage_path", root)]  # fmt: skip
     runs: dict[str, dict[int, dict[str, float]]] = {}
     for name in ("whole", "resumed"):
@@ -360,7 +359,7 @@ def test_a_run_resumed_on_another_node_continues_the_run_it_replaces(s3_server, 
             deadline = time.time() + 1200
             while name == "resumed" and proc.poll() is None and time.time() < deadline:
                 time.sleep(0.5)
-                if storage.exists(run_dir) and "checkpoint_0000005" in storage.list_names(run_dir, dirs=True):
+                if storage.exists(run_dir) and "checkpoint_0000003" in storage.list_names(run_dir, dirs=True):
                     cluster.remove(cluster.workers[0])  # the node and everything on it, as a preemption
                     time.sleep(10)
                     cluster.add_worker(2)
@@ -374,8 +373,8 @@ def test_a_run_resumed_on_another_node_continues_the_run_it_replaces(s3_server, 
         assert code == 0 and f"raysal: run {name} finished" in text, text[-4000:]
         runs[name] = _history(run_dir)
     assert "[FailurePolicy] RETRY" in text, "the node loss did not restart the run's worker group: " + text[-3000:]
-    assert sorted(runs["whole"]) == sorted(runs["resumed"]) == [5, 10, 15]
-    for step in (5, 10, 15):
+    assert sorted(runs["whole"]) == sorted(runs["resumed"]) == [3, 6, 9]
+    for step in (3, 6, 9):
         for key in ("val/lm_loss", "val/amr", "train/loss"):
             whole, resumed = runs["whole"][step][key], runs["resumed"][step][key]
             assert resumed == pytest.approx(whole, rel=1e-4, abs=1e-5), (step, key, whole, resumed)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from entrypoint_runs import ENV, SMALL, descendants, run, space_file, wandb_runs
+from entrypoint_runs import ENV, NO_EXTRAS, SMALL, descendants, run, space_file, wandb_runs
 from test_entrypoints import check_tune_and_optuna, check_wandb_sweep
 
 from raysal.orchestration.tune.wandb_callback import checkpoint_history
@@ -121,7 +121,7 @@ space:
   optim.lr: {choice: [1.0e6]}
 """
     )
-    res = run(["raysal.tune", str(space), *SMALL, f"storage_path={tmp_path}"], cache)
+    res = run(["raysal.tune", str(space), *SMALL, *NO_EXTRAS, f"storage_path={tmp_path}"], cache)
     assert res.returncode == 0, res.stderr[-3000:]
     summary = json.loads((tmp_path / "idiverge" / "summary.json").read_text())
     assert summary["trials"] == 3
