@@ -123,7 +123,7 @@ def methods(n_layers: int, arch: str = "llava") -> dict[str, list]:
         # vision forward), a 1-layer decoder
         "maskembed": [LMCriterion(), MaskEmbedCriterion(weight=1.0, mask_ratio=0.5)],
     }
-    if arch in QWEN:
+    if arch not in MaskEmbedCriterion.families:
         del out["maskembed"]
     return out
 
@@ -323,7 +323,7 @@ def run_one(
     preset_name: str, method: str, reps: int, warmup: int, device_name: str, checkpointing: bool, profile: bool = False
 ) -> dict:
     preset = PRESETS[preset_name]
-    if method == "maskembed" and preset.arch in QWEN:
+    if method == "maskembed" and preset.arch not in MaskEmbedCriterion.families:
         raise ValueError(f"{preset_name}: {MASKEMBED_QWEN}")
     device = torch.device(device_name)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -416,7 +416,7 @@ def main() -> int:
     if preset.gpu_only and not args.device.startswith("cuda"):
         ap.error(f"preset {args.preset} has 7B shapes: run it on a GPU (--device cuda)")
     results = {}
-    if preset.arch in QWEN:
+    if preset.arch not in MaskEmbedCriterion.families:
         results["maskembed"] = {"status": "skipped", "reason": MASKEMBED_QWEN}
         print(f"{'maskembed':<28} skipped ({MASKEMBED_QWEN})", flush=True)
     for name in [*methods(preset.text["num_hidden_layers"], preset.arch), *EVAL_METHODS]:
